@@ -1,0 +1,142 @@
+"""Redis connection settings shared by every sluice process.
+
+The URL carries scheme (``redis://`` or ``rediss://`` for TLS), user, password and db; the
+password may also come from ``SLUICE_REDIS_PASSWORD``. Credentials never reach logs: use
+``redact_url`` whenever a URL is printed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from redis.exceptions import AuthenticationError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+DEFAULT_URL = "redis://127.0.0.1:6379/0"
+PASSWORD_ENV = "SLUICE_REDIS_PASSWORD"
+
+T = TypeVar("T")
+
+# Errors worth a retry: the server went away or is (re)loading its AOF.
+TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionResetError, OSError)
+
+
+class RedisUnavailable(RuntimeError):
+    """Redis could not be reached (or refused our credentials); the message names the URL,
+    redacted."""
+
+
+def redact_url(url: str) -> str:
+    """``redis://user:secret@host/0`` -> ``redis://user:***@host/0``."""
+    parts = urlsplit(url)
+    if parts.password is None and "@" not in parts.netloc:
+        return url
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    netloc = f"{user}:***@{hostport}" if user else f":***@{hostport}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def validate_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(
+            f"redis URL {redact_url(url)!r}: scheme must be redis://, rediss:// (TLS) or unix://"
+        )
+    return url
+
+
+def make_client(url: str = DEFAULT_URL, *, socket_timeout: float | None = 30.0) -> aioredis.Redis:
+    """A ``redis.asyncio`` client for ``url`` (binary replies; no command is sent yet)."""
+    validate_url(url)
+    kwargs: dict[str, object] = {
+        "decode_responses": False,
+        "socket_connect_timeout": 5.0,
+        "socket_timeout": socket_timeout,
+        "health_check_interval": 30,
+    }
+    env_pw = os.environ.get(PASSWORD_ENV)
+    if env_pw and urlsplit(url).password is None:
+        kwargs["password"] = env_pw
+    client: aioredis.Redis = aioredis.Redis.from_url(url, **kwargs)
+    return client
+
+
+async def connect(url: str = DEFAULT_URL, *, socket_timeout: float | None = 30.0) -> aioredis.Redis:
+    """Make a client and PING it once; fail fast with ``RedisUnavailable`` on a wrong password
+    or an unreachable server."""
+    client = make_client(url, socket_timeout=socket_timeout)
+    try:
+        await client.ping()
+    except AuthenticationError as e:
+        await client.aclose()
+        raise RedisUnavailable(
+            f"Redis at {redact_url(url)} refused the credentials ({e}); check the password in the "
+            f"URL or ${PASSWORD_ENV}"
+        ) from None
+    except ResponseError as e:
+        await client.aclose()
+        if "NOAUTH" in str(e) or "WRONGPASS" in str(e):
+            raise RedisUnavailable(
+                f"Redis at {redact_url(url)} needs a password ({e}): put it in the URL or "
+                f"${PASSWORD_ENV}"
+            ) from None
+        raise
+    except TRANSIENT as e:
+        await client.aclose()
+        raise RedisUnavailable(f"cannot reach Redis at {redact_url(url)}: {e}") from None
+    return client
+
+
+async def with_retries(
+    op: Callable[[], Awaitable[T]],
+    *,
+    what: str,
+    attempts: int = 8,
+    base_delay: float = 0.05,
+    max_delay: float = 2.0,
+) -> T:
+    """Run ``op`` and retry transient Redis errors with jittered exponential backoff.
+
+    After ``attempts`` failures raises ``RedisUnavailable`` naming ``what``: a write that cannot
+    be confirmed is reported, never dropped.
+    """
+    delay = base_delay
+    last: BaseException | None = None
+    for _ in range(attempts):
+        try:
+            return await op()
+        except TRANSIENT as e:
+            last = e
+        except ResponseError as e:
+            if not str(e).startswith("LOADING"):
+                raise
+            last = e
+        await asyncio.sleep(delay * (0.5 + random.random()))
+        delay = min(delay * 2, max_delay)
+    raise RedisUnavailable(f"{what}: Redis unavailable after {attempts} attempts: {last}")
+
+
+def key(run: str, *parts: str) -> str:
+    """The run's key namespace: ``sluice:{run}:part:part``.
+
+    The braces are a Redis Cluster hash tag: every key of a run lives in one slot, so the Lua
+    scripts that touch several of them stay valid on a cluster.
+    """
+    check_run_name(run)
+    return ":".join(("sluice", "{" + run + "}", *parts))
+
+
+def check_run_name(run: str) -> str:
+    if not run or len(run) > 128 or any(c in run for c in " :{}*?[]\n\t"):
+        raise ValueError(
+            f"run name {run!r} must be 1-128 characters without spaces, ':', braces or glob characters"
+        )
+    return run

@@ -1,0 +1,301 @@
+"""``RedisTrajectoryBuffer``: trajectory groups on a Redis stream with a consumer group.
+
+Guarantees (each proved by a test in ``tests/test_buffer.py``):
+
+* ``put`` either returns the entry id of a stored group or raises ``RedisUnavailable``; a retried
+  put of the same ``group_id`` (after a lost reply) stores it once.
+* Each entry is delivered to exactly one consumer of the consumer group; it stays pending until
+  ``ack``; ``reclaim`` hands entries that sat unacknowledged on a dead consumer to a live one.
+* ``ack`` removes the entry (XACK + XDEL in one transaction): Redis memory is bounded by what is
+  in flight, not by history.
+* An entry that fails to decode is moved to the dead-letter stream with its reason and raw bytes
+  and acknowledged; consumers never see it and never crash on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
+from redis.exceptions import ResponseError
+
+from buffer.codec import CodecError, decode_group, encode_group
+from buffer.connection import connect, key, with_retries
+from buffer.schema import TrajectoryGroup
+
+log = logging.getLogger("sluice.buffer")
+
+CONSUMER_GROUP = "trainers"
+DEDUP_TTL_S = 7 * 24 * 3600
+DEAD_LETTER_MAXLEN = 10_000
+# A blocking read longer than this is split so the socket timeout never fires mid-block.
+_MAX_BLOCK_MS = 5_000
+
+# KEYS[1] stream, KEYS[2] dedup key; ARGV[1] payload, ARGV[2] group id, ARGV[3] dedup ttl.
+# Stores the entry once per group id and returns its stream id (the old one on a retry).
+_PUT_LUA = """
+local old = redis.call('GET', KEYS[2])
+if old then return old end
+local id = redis.call('XADD', KEYS[1], '*', 'd', ARGV[1], 'g', ARGV[2])
+redis.call('SET', KEYS[2], id, 'EX', tonumber(ARGV[3]))
+return id
+"""
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """A group handed to this consumer; ``entry_id`` is what ``ack`` takes."""
+
+    entry_id: str
+    group: TrajectoryGroup
+
+
+@dataclass(frozen=True)
+class BufferStats:
+    length: int
+    """Entries in the stream (delivered-but-unacked included)."""
+    pending: int
+    """Entries delivered to a consumer and not yet acknowledged."""
+    dead_letter: int
+    """Entries in the dead-letter stream."""
+    bytes: int
+    """Memory Redis reports for the stream key."""
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "length": self.length,
+            "pending": self.pending,
+            "dead_letter": self.dead_letter,
+            "bytes": self.bytes,
+        }
+
+
+def default_consumer_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class RedisTrajectoryBuffer:
+    """The run's trajectory stream. Create with ``await RedisTrajectoryBuffer.open(url, run)``."""
+
+    def __init__(
+        self, client: aioredis.Redis, run: str, consumer: str | None = None, *, owns_client: bool = False
+    ) -> None:
+        self.redis = client
+        self.run = run
+        self.consumer = consumer or default_consumer_name()
+        self.stream_key = key(run, "stream")
+        self.dead_key = key(run, "deadletter")
+        self._owns_client = owns_client
+        self._put_script = client.register_script(_PUT_LUA)
+        self._group_ready = False
+
+    @classmethod
+    async def open(cls, url: str, run: str, consumer: str | None = None) -> RedisTrajectoryBuffer:
+        client = await connect(url, socket_timeout=(_MAX_BLOCK_MS / 1000) + 10)
+        return cls(client, run, consumer, owns_client=True)
+
+    async def close(self) -> None:
+        if self._owns_client:
+            await self.redis.aclose()
+
+    async def __aenter__(self) -> RedisTrajectoryBuffer:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ---------------------------------------------------------------- producer side
+    async def put(self, group: TrajectoryGroup) -> str:
+        """Store one group; returns its stream entry id. Raises ``RedisUnavailable`` if the
+        write cannot be confirmed after retries (never drops silently)."""
+        payload = encode_group(group)
+        return await self.put_encoded(payload, group.group_id)
+
+    async def put_encoded(self, payload: bytes, group_id: str) -> str:
+        dedup = key(self.run, "put", group_id)
+
+        async def op() -> Any:
+            return await self._put_script(
+                keys=[self.stream_key, dedup], args=[payload, group_id, DEDUP_TTL_S]
+            )
+
+        entry = await with_retries(op, what=f"put group {group_id}")
+        return entry.decode() if isinstance(entry, bytes) else str(entry)
+
+    # ---------------------------------------------------------------- consumer side
+    async def ensure_group(self) -> None:
+        """Create the consumer group (from the start of the stream) if it does not exist."""
+        if self._group_ready:
+            return
+
+        async def op() -> None:
+            try:
+                await self.redis.xgroup_create(self.stream_key, CONSUMER_GROUP, id="0", mkstream=True)
+            except ResponseError as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
+
+        await with_retries(op, what="create consumer group")
+        self._group_ready = True
+
+    async def get_batch(self, n_groups: int, block_ms: int = 1000) -> list[Delivered]:
+        """Up to ``n_groups`` new groups for this consumer; blocks (server side, no polling)
+        until ``n_groups`` arrived or ``block_ms`` passed. Returns what it has (maybe [])."""
+        if n_groups <= 0:
+            raise ValueError(f"n_groups must be positive, got {n_groups}")
+        await self.ensure_group()
+        out: list[Delivered] = []
+        deadline = time.monotonic() + block_ms / 1000
+        while len(out) < n_groups:
+            remaining_ms = int((deadline - time.monotonic()) * 1000)
+            block = max(1, min(remaining_ms, _MAX_BLOCK_MS)) if remaining_ms > 0 else None
+            got = await self._read(">", n_groups - len(out), block)
+            out.extend(got)
+            if remaining_ms <= 0:
+                break
+        return out
+
+    async def own_pending(self, count: int = 1000) -> list[Delivered]:
+        """Entries already delivered to this consumer name and not acked (after a restart with
+        the same consumer name)."""
+        await self.ensure_group()
+        return await self._read("0", count, None)
+
+    async def _read(self, start: str, count: int, block: int | None) -> list[Delivered]:
+        async def op() -> Any:
+            return await self.redis.xreadgroup(
+                CONSUMER_GROUP, self.consumer, {self.stream_key: start}, count=count, block=block
+            )
+
+        resp = await with_retries(op, what="read batch")
+        if not resp:
+            return []
+        entries = resp[0][1]
+        return await self._decode_entries(entries)
+
+    async def _decode_entries(self, entries: Sequence[Any]) -> list[Delivered]:
+        out: list[Delivered] = []
+        for entry_id, fields in entries:
+            eid = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+            if fields is None:  # deleted while pending: nothing to deliver, just settle it
+                await self.ack([eid])
+                continue
+            payload = fields.get(b"d")
+            try:
+                if payload is None:
+                    raise CodecError("stream entry has no 'd' payload field")
+                group = decode_group(payload)
+            except CodecError as e:
+                await self.dead_letter(eid, payload or b"", str(e))
+                continue
+            out.append(Delivered(eid, group))
+        return out
+
+    async def dead_letter(self, entry_id: str, payload: bytes, reason: str) -> None:
+        """Move an entry to the dead-letter stream (raw bytes + reason) and settle it."""
+        log.warning("dead-lettering entry %s of run %s: %s", entry_id, self.run, reason)
+
+        async def op() -> None:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.xadd(
+                    self.dead_key,
+                    {"d": payload, "reason": reason, "entry": entry_id, "t": str(time.time())},
+                    maxlen=DEAD_LETTER_MAXLEN,
+                    approximate=True,
+                )
+                pipe.xack(self.stream_key, CONSUMER_GROUP, entry_id)
+                pipe.xdel(self.stream_key, entry_id)
+                await pipe.execute()
+
+        await with_retries(op, what=f"dead-letter {entry_id}")
+
+    async def ack(
+        self, entry_ids: Sequence[str], also: Callable[[Pipeline], None] | None = None
+    ) -> int:
+        """Acknowledge and delete entries, in one MULTI/EXEC with whatever ``also`` queues on the
+        pipeline (e.g. the trainer's checkpoint pointer). Returns how many were pending."""
+        if not entry_ids and also is None:
+            return 0
+
+        async def op() -> int:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                if entry_ids:
+                    pipe.xack(self.stream_key, CONSUMER_GROUP, *entry_ids)
+                    pipe.xdel(self.stream_key, *entry_ids)
+                if also is not None:
+                    also(pipe)
+                res = await pipe.execute()
+            return int(res[0]) if entry_ids else 0
+
+        return await with_retries(op, what=f"ack {len(entry_ids)} entries")
+
+    async def reclaim(self, min_idle_ms: int, count: int = 100) -> list[Delivered]:
+        """Take over entries pending on any consumer for at least ``min_idle_ms`` (a dead
+        trainer's batch) and return them decoded, now owned by this consumer."""
+        await self.ensure_group()
+        out: list[Delivered] = []
+        start = "0-0"
+        while len(out) < count:
+            cursor = start
+
+            async def op() -> Any:
+                return await self.redis.xautoclaim(
+                    self.stream_key,
+                    CONSUMER_GROUP,
+                    self.consumer,
+                    min_idle_time=min_idle_ms,
+                    start_id=cursor,
+                    count=count - len(out),
+                )
+
+            resp = await with_retries(op, what="reclaim")
+            nxt, claimed = resp[0], resp[1]
+            deleted = resp[2] if len(resp) > 2 else []
+            if deleted:
+                ids = [d.decode() if isinstance(d, bytes) else str(d) for d in deleted]
+                await self.ack(ids)
+            out.extend(await self._decode_entries(claimed))
+            start = nxt.decode() if isinstance(nxt, bytes) else str(nxt)
+            if start == "0-0":
+                break
+        return out
+
+    # ---------------------------------------------------------------- observability
+    async def stats(self) -> BufferStats:
+        async def op() -> BufferStats:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.xlen(self.stream_key)
+                pipe.xlen(self.dead_key)
+                pipe.memory_usage(self.stream_key)
+                length, dead, mem = await pipe.execute()
+            pending = 0
+            try:
+                info = await self.redis.xpending(self.stream_key, CONSUMER_GROUP)
+                pending = int(info["pending"])
+            except ResponseError:  # no group yet (NOGROUP) or no stream
+                pending = 0
+            return BufferStats(int(length), pending, int(dead), int(mem or 0))
+
+        return await with_retries(op, what="buffer stats")
+
+    async def dead_letters(self, count: int = 100) -> list[dict[str, str]]:
+        """The newest dead-lettered entries: entry id, reason and time (payload left out)."""
+        rows = await self.redis.xrevrange(self.dead_key, count=count)
+        out = []
+        for _, f in rows:
+            out.append(
+                {
+                    "entry": f.get(b"entry", b"").decode(),
+                    "reason": f.get(b"reason", b"").decode(errors="replace"),
+                    "time": f.get(b"t", b"").decode(),
+                }
+            )
+        return out
+

@@ -1,0 +1,25 @@
+"""Benchmarks: each prints a table and writes JSON, measuring against a baseline in the same run."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+# name -> (module under benchmarks/, help)
+BENCHES: dict[str, tuple[str, str]] = {
+    "buffer": ("benchmarks.buffer_bench", "buffer put/get throughput vs raw redis-py on the same bytes"),
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    for name, (module, help_text) in BENCHES.items():
+        mod = importlib.import_module(module)
+        bp = sub.add_parser(name, help=help_text, description=(mod.__doc__ or help_text).strip())
+        mod.add_arguments(bp)
+        bp.set_defaults(_bench_module=module)
+
+
+def run(args: argparse.Namespace) -> int:
+    mod = importlib.import_module(args._bench_module)
+    return int(mod.run(args) or 0)
