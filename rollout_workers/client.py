@@ -289,7 +289,7 @@ class SGLangClient:
         return {"Authorization": f"Bearer {key}"} if key else {}
 
     def _sleep_for(self, attempt: int) -> float:
-        base = min(self.max_backoff, self.backoff * (2 ** (attempt - 1)))
+        base = min(self.max_backoff, self.backoff * 2.0 ** (attempt - 1))
         return base * (0.5 + random.random() / 2)
 
     async def _request(
