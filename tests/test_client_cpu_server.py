@@ -54,9 +54,17 @@ def long_sampling() -> SamplingParams:
     return SamplingParams(LONG, ignore_eos=True, sampling_seed=5)
 
 
-async def started(task: asyncio.Task[GenerateResult], seconds: float = 0.4) -> None:
-    """Let a long generate get going (and check it did not finish or fail early)."""
-    await asyncio.sleep(seconds)
+_pace: list[float] = []
+
+
+async def started(task: asyncio.Task[GenerateResult], client: SGLangClient) -> None:
+    """Let a long generate get about a quarter of the way (timed from this machine's decode
+    speed, measured once) and check it did not finish or fail early."""
+    if not _pace:
+        probe = await client.generate([1, 2], SamplingParams(200, ignore_eos=True))
+        assert probe.e2e_latency is not None
+        _pace.append(probe.e2e_latency / 200)
+    await asyncio.sleep(min(2.0, max(0.2, 0.25 * LONG * _pace[0])))
     assert not task.done(), "the long generate ended before it could be interrupted"
 
 
@@ -82,7 +90,7 @@ async def test_generate_and_model_info(server: ServerHandle) -> None:
 async def test_pause_abort_then_resubmit_completes(server: ServerHandle) -> None:
     async with server.client() as c:
         gen = asyncio.create_task(c.generate(PROMPT, long_sampling()))
-        await started(gen)
+        await started(gen, c)
         await c.pause("abort")
         try:
             part = await asyncio.wait_for(gen, 10)
@@ -102,7 +110,7 @@ async def test_pause_abort_then_resubmit_completes(server: ServerHandle) -> None
 async def test_abort_by_rid_returns_partial(server: ServerHandle) -> None:
     async with server.client() as c:
         gen = asyncio.create_task(c.generate(PROMPT, long_sampling(), rid="abort-me-1"))
-        await started(gen)
+        await started(gen, c)
         await c.abort("abort-me-1")
         part = await asyncio.wait_for(gen, 10)
     assert part.aborted and part.rid == "abort-me-1" and 0 < part.num_tokens < LONG
@@ -117,7 +125,7 @@ async def test_update_weights_with_abort_all_changes_version(
         new = old + 1
         target = models[1] if (await c.model_info())["model_path"] == str(models[0]) else models[0]
         gens = [asyncio.create_task(c.generate(PROMPT, long_sampling())) for _ in range(2)]
-        await started(gens[0])
+        await started(gens[0], c)
         resp = await c.update_weights_from_disk(str(target), new, abort_all_requests=True)
         assert resp["success"] is True
         parts = await asyncio.wait_for(asyncio.gather(*gens), 10)
@@ -163,7 +171,7 @@ async def test_killed_server_is_server_dead(models: tuple[Path, Path], tmp_path:
     try:
         async with handle.client(connect_retries=1, backoff=0.01) as c:
             gen = asyncio.create_task(c.generate(PROMPT, long_sampling()))
-            await started(gen)
+            await started(gen, c)
             handle.kill()
             with pytest.raises(ServerDead, match="connection dropped"):
                 await asyncio.wait_for(gen, 10)
