@@ -15,6 +15,8 @@ import sys
 # name -> (module, one-line help). Add a line here to add a command.
 COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("sluice.commands.bench", "throughput benchmarks (buffer, engine, ...)"),
+    "serve": ("sluice.commands.serve", "CPU reference inference server (SGLang HTTP subset)"),
+    "model": ("sluice.commands.model", "tiny random-init models (sluice model init DIR ...)"),
 }
 
 

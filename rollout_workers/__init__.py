@@ -1,0 +1,1 @@
+"""Rollout workers: the SGLang-protocol client, server launching, the CPU reference server, tasks."""

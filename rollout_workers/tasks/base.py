@@ -1,0 +1,73 @@
+"""The task contract: a vocabulary of token ids, a deterministic prompt set, a reward in [0, 1].
+
+Tasks need no tokenizer: prompts are token ids and the reward reads token ids. Every built-in
+task uses the same special ids as ``rollout_workers.models.init_tiny_model``'s defaults
+(``PAD=0, BOS=1, EOS=2``), so ``sluice model init DIR --task NAME`` makes a matching model.
+
+Invariants (tests/test_tasks.py):
+- ``prompts(split)`` depends only on the task's options (seed included): two instances built
+  with the same options return equal prompts, and prompt ids are unique within a split.
+- ``reward(prompt, output_ids)`` is a float in [0, 1] for any list of ints, however malformed.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Split = Literal["train", "eval"]
+SPLITS: tuple[str, ...] = ("train", "eval")
+
+PAD, BOS, EOS = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt: ``id`` unique within its split, ``input_ids`` (token ids, BOS first for the
+    built-in tasks), ``answer`` (JSON-able, what the reward compares against)."""
+
+    id: str
+    input_ids: list[int]
+    answer: Any
+
+
+class Task(ABC):
+    """A task owns its vocabulary, prompt generator and reward function."""
+
+    name: str
+    vocab_size: int
+    eos_token_id: int
+    bos_token_id: int = BOS
+    pad_token_id: int = PAD
+    max_new_tokens: int
+
+    @abstractmethod
+    def prompts(self, split: Split) -> Sequence[Prompt]:
+        """The prompts of ``split`` ("train" or "eval"), deterministic from the task's seed."""
+
+    @abstractmethod
+    def reward(self, prompt: Prompt, output_ids: list[int]) -> float:
+        """Score ``output_ids`` (the generated tokens, EOS included if any) in [0, 1]."""
+
+    def describe(self) -> dict[str, Any]:
+        """Summary for logs and reports."""
+        return {
+            "name": self.name,
+            "vocab_size": self.vocab_size,
+            "eos_token_id": self.eos_token_id,
+            "max_new_tokens": self.max_new_tokens,
+        }
+
+
+def check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+def until_eos(output_ids: list[int], eos: int) -> tuple[list[int], bool]:
+    """The tokens before the first ``eos`` and whether an ``eos`` was present."""
+    if eos in output_ids:
+        return list(output_ids[: output_ids.index(eos)]), True
+    return list(output_ids), False
