@@ -1,0 +1,181 @@
+"""The decoupled-PPO loss with behaviour-importance correction, as a pure function
+``LossInputs -> LossOutputs``.
+
+Per token, with current log-prob ``θ`` (carries the gradient), proximal log-prob ``p``
+(recomputed by the trainer before the step, no gradient) and behaviour log-prob ``b`` (from the
+inference server, possibly from several policy versions)::
+
+    r = exp(θ - p)                      # trust-region ratio, clipped
+    w = exp(p - b)                      # behaviour correction, truncated or masked, no gradient
+    loss_t = -w * min(r * A, clip(r, 1 - eps_low, 1 + eps_high) * A)
+    with dual clip c (A < 0 only):  loss_t = -w * max(min(...), c * A)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from staleness.weights import WeightLevel, WeightMode, behaviour_weights
+
+Aggregation = Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"]
+AGGREGATIONS: tuple[str, ...] = ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean")
+
+
+@dataclass(frozen=True)
+class LossInputs:
+    """One micro-batch of B padded samples of up to T generated tokens."""
+
+    logp: torch.Tensor
+    """[B, T] float: log-probs of the sampled tokens under the policy being trained (θ);
+    the only input gradients flow through."""
+    prox_logp: torch.Tensor
+    """[B, T] float: proximal log-probs, the same tokens under the weights at the start of this
+    step (p). Treated as constants."""
+    behav_logp: torch.Tensor
+    """[B, T] float: behaviour log-probs the inference server reported when sampling (b)."""
+    advantages: torch.Tensor
+    """[B, T] per token, or [B] per sample (broadcast over its tokens). Treated as constants."""
+    mask: torch.Tensor
+    """[B, T] float: 1 on generated tokens, 0 on padding."""
+    eps_low: float = 0.2
+    """Lower clip: r is clipped at 1 - eps_low (0 <= eps_low < 1)."""
+    eps_high: float = 0.2
+    """Upper clip: r is clipped at 1 + eps_high (>= 0; "clip-higher" uses e.g. 0.28)."""
+    dual_clip: float | None = None
+    """Dual-clip constant c > 1 (tokens with A < 0 lose at most -c * A); None = off."""
+    is_mode: WeightMode = "none"
+    """Behaviour-weight mode: "none", "truncate" (cap at ``is_cap``), "mask" (keep [lo, hi])."""
+    is_level: WeightLevel = "token"
+    """Behaviour-weight level: "token" or "sequence" (geometric mean over the sample)."""
+    is_cap: float | None = None
+    """Truncation cap C for ``is_mode="truncate"``."""
+    is_lo: float | None = None
+    """Lower bound of kept weights for ``is_mode="mask"``."""
+    is_hi: float | None = None
+    """Upper bound of kept weights for ``is_mode="mask"``."""
+    aggregation: Aggregation = "token_mean"
+    """How per-token losses become one number (see ``decoupled_ppo_loss``)."""
+
+
+@dataclass(frozen=True)
+class LossOutputs:
+    loss: torch.Tensor
+    """0-dim: the aggregated loss, differentiable w.r.t. ``LossInputs.logp``."""
+    per_token_loss: torch.Tensor
+    """[B, T]: ``-w * objective`` per token; 0 on padding and on masked-out tokens."""
+    weights: torch.Tensor
+    """[B, T]: the behaviour weights applied (detached)."""
+    mask: torch.Tensor
+    """[B, T]: the effective mask after behaviour masking."""
+    metrics: dict[str, float]
+    """``loss``, ``clip_frac`` (valid tokens whose clipped term was the active one, i.e. got no
+    gradient), ``dual_clip_frac``, ``approx_kl`` (mean k3 ``(r - 1) - log r``), ``ratio_mean``,
+    ``ratio_max``, ``tokens``, and the behaviour-weight metrics (``w_mean``, ``w_max``,
+    ``w_min``, ``w_frac_masked``, ``w_frac_truncated``)."""
+
+
+def _check(inp: LossInputs) -> None:
+    m = inp.mask
+    if m.dim() != 2:
+        raise ValueError(f"LossInputs.mask must be [B, T]; got shape {tuple(m.shape)}")
+    for name in ("logp", "prox_logp", "behav_logp"):
+        t = getattr(inp, name)
+        if t.shape != m.shape:
+            raise ValueError(
+                f"LossInputs.{name} has shape {tuple(t.shape)}, expected {tuple(m.shape)}"
+            )
+    a = inp.advantages
+    if a.shape != m.shape and a.shape != m.shape[:1]:
+        raise ValueError(
+            f"LossInputs.advantages has shape {tuple(a.shape)}; expected [B, T]={tuple(m.shape)} "
+            f"or [B]={tuple(m.shape[:1])}"
+        )
+    if not 0 <= inp.eps_low < 1:
+        raise ValueError(f"LossInputs.eps_low={inp.eps_low} must be in [0, 1)")
+    if not inp.eps_high >= 0:
+        raise ValueError(f"LossInputs.eps_high={inp.eps_high} must be >= 0")
+    if inp.dual_clip is not None and not inp.dual_clip > 1:
+        raise ValueError(f"LossInputs.dual_clip={inp.dual_clip} must be > 1 (or None for off)")
+    if inp.aggregation not in AGGREGATIONS:
+        raise ValueError(
+            f"LossInputs.aggregation={inp.aggregation!r}; allowed: {', '.join(AGGREGATIONS)}"
+        )
+
+
+def decoupled_ppo_loss(inp: LossInputs) -> LossOutputs:
+    """The loss of one micro-batch (formula in the module docstring).
+
+    Aggregation over the input mask ``m`` (tokens removed by behaviour masking contribute 0 but
+    still count in the denominators, so masking never up-weights the tokens that remain; rows
+    with no valid token are left out of the sample means):
+
+    * ``token_mean``: ``sum_bt loss * m / sum_bt m``;
+    * ``seq_mean_token_sum``: mean over samples of ``sum_t loss * m`` (Dr. GRPO style);
+    * ``seq_mean_token_mean``: mean over samples of ``sum_t loss * m / sum_t m`` (GRPO).
+
+    Invariants: with ``w == 1`` and ``θ == p`` the loss is ``-mean(A)`` under the chosen
+    aggregation and its gradient is the vanilla policy gradient; the gradient is 0 on tokens
+    whose clipped term is active. An all-zero mask gives a zero loss that still backpropagates.
+    """
+    _check(inp)
+    m = inp.mask.to(inp.logp.dtype)
+    valid = m > 0
+    bw = behaviour_weights(
+        inp.prox_logp,
+        inp.behav_logp,
+        m,
+        inp.is_mode,
+        inp.is_level,
+        cap=inp.is_cap,
+        lo=inp.is_lo,
+        hi=inp.is_hi,
+    )
+    adv = inp.advantages.detach().to(inp.logp.dtype)
+    if adv.dim() == 1:
+        adv = adv.unsqueeze(-1).expand_as(m)
+    adv = torch.where(valid, adv, torch.zeros_like(adv))
+
+    log_ratio = torch.where(valid, inp.logp - inp.prox_logp.detach(), torch.zeros_like(inp.logp))
+    ratio = torch.exp(log_ratio)
+    surr1 = ratio * adv
+    surr2 = torch.clamp(ratio, 1.0 - inp.eps_low, 1.0 + inp.eps_high) * adv
+    objective = torch.minimum(surr1, surr2)
+    dual_active = torch.zeros_like(valid)
+    if inp.dual_clip is not None:
+        floor = inp.dual_clip * adv
+        dual_active = (adv < 0) & (floor > objective) & valid
+        objective = torch.where(dual_active, floor, objective)
+    per_token = -bw.weights * objective * m
+
+    if inp.aggregation == "token_mean":
+        loss = per_token.sum() / m.sum().clamp_min(1.0)
+    else:
+        rows = m.sum(-1)
+        row_valid = (rows > 0).to(m.dtype)
+        per_row = per_token.sum(-1)
+        if inp.aggregation == "seq_mean_token_mean":
+            per_row = per_row / rows.clamp_min(1.0)
+        loss = (per_row * row_valid).sum() / row_valid.sum().clamp_min(1.0)
+
+    with torch.no_grad():
+        n = int(valid.sum().item())
+        metrics: dict[str, float] = {"loss": float(loss.detach().item()), "tokens": float(n)}
+        if n:
+            r = ratio.detach()[valid]
+            clipped = (surr2.detach() < surr1.detach()) & valid
+            lr = log_ratio.detach()[valid]
+            metrics["clip_frac"] = int(clipped.sum().item()) / n
+            metrics["dual_clip_frac"] = int(dual_active.sum().item()) / n
+            metrics["approx_kl"] = float((torch.expm1(lr) - lr).mean().item())
+            metrics["ratio_mean"] = float(r.mean().item())
+            metrics["ratio_max"] = float(r.max().item())
+        else:
+            for k in ("clip_frac", "dual_clip_frac", "approx_kl", "ratio_mean", "ratio_max"):
+                metrics[k] = 0.0
+        metrics.update(bw.metrics)
+    return LossOutputs(
+        loss=loss, per_token_loss=per_token, weights=bw.weights, mask=bw.mask, metrics=metrics
+    )
