@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("sluice.commands.bench", "throughput benchmarks (buffer, engine, ...)"),
     "serve": ("sluice.commands.serve", "CPU reference inference server (SGLang HTTP subset)"),
     "model": ("sluice.commands.model", "tiny random-init models (sluice model init DIR ...)"),
+    "status": ("sluice.commands.status", "a run's version, staleness gate, workers and buffer"),
+    "run": ("sluice.commands.run", "change a live run's settings (sluice run set-eta N)"),
 }
 
 

@@ -1,0 +1,227 @@
+"""Show a run's policy version, staleness gate, workers and trajectory buffer.
+
+The Redis URL comes from --redis-url, else $SLUICE_REDIS_URL, else the config default
+(redis://127.0.0.1:6379/0); it is printed with its password redacted. Without --run, the only
+run in that Redis is shown; if there are several, they are listed and the command exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
+URL_ENV = "SLUICE_REDIS_URL"
+
+
+class CommandError(RuntimeError):
+    """A problem the user can fix (wrong run, unreachable Redis); printed without a traceback."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def add_redis_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--redis-url",
+        default=None,
+        help=f"Redis URL (default: ${URL_ENV}, else the config default redis://127.0.0.1:6379/0)",
+    )
+    p.add_argument("--run", default=None, help="run name (default: the only run in that Redis)")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_redis_arguments(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object (per refresh)")
+    p.add_argument("--watch", action="store_true", help="refresh until interrupted")
+    p.add_argument(
+        "--interval", type=float, default=2.0, help="seconds between refreshes with --watch"
+    )
+    p.add_argument(
+        "--count",
+        type=int,
+        default=0,
+        help="with --watch: stop after this many refreshes (0 = never)",
+    )
+
+
+def resolve_url(args: argparse.Namespace) -> str:
+    if args.redis_url:
+        return str(args.redis_url)
+    env = os.environ.get(URL_ENV)
+    if env:
+        return env
+    from sluice.config import RedisConfig
+
+    return RedisConfig.model_validate({}).url
+
+
+async def connect_and_pick_run(url: str, run: str | None) -> tuple[aioredis.Redis, str]:
+    """A client for ``url`` and the run to act on (``run``, or the only one there)."""
+    from buffer.connection import RedisUnavailable, check_run_name, connect, redact_url
+    from staleness import list_runs
+
+    if run is not None:
+        try:
+            check_run_name(run)
+        except ValueError as e:
+            raise CommandError(f"--run: {e}") from None
+    try:
+        client = await connect(url)
+    except (RedisUnavailable, ValueError) as e:
+        raise CommandError(str(e), code=2) from None
+    try:
+        runs = await list_runs(client)
+        if run is None:
+            if len(runs) == 1:
+                return client, runs[0]
+            if not runs:
+                raise CommandError(f"no sluice run in Redis at {redact_url(url)}")
+            raise CommandError(
+                f"{len(runs)} runs in Redis at {redact_url(url)}; pick one with --run:\n  "
+                + "\n  ".join(runs)
+            )
+        if run not in runs:
+            listed = ", ".join(runs) if runs else "none"
+            raise CommandError(
+                f"no run {run!r} in Redis at {redact_url(url)} (runs there: {listed})"
+            )
+        return client, run
+    except BaseException:
+        await client.aclose()
+        raise
+
+
+async def collect(client: aioredis.Redis, run: str, url: str) -> dict[str, Any]:
+    """The snapshot and buffer stats of ``run`` as one JSON-able object."""
+    from buffer import RedisTrajectoryBuffer, redact_url
+    from staleness import VersionManager
+
+    vm = await VersionManager.from_client(client, run)
+    snap = (await vm.snapshot()).as_dict()
+    snap["buffer"] = (await RedisTrajectoryBuffer(client, run).stats()).as_dict()
+    snap["redis"] = redact_url(url)
+    return snap
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def render(d: dict[str, Any]) -> Any:
+    """Rich renderables for one status object."""
+    from rich.console import Group
+    from rich.table import Table
+
+    gate = Table(title=f"run {d['run']}  ({d['redis']})", show_header=False, title_justify="left")
+    gate.add_column("what", style="bold")
+    gate.add_column("value")
+    gate.add_row("version", str(d["version"]))
+    gate.add_row("eta (staleness limit)", str(d["eta"]))
+    gate.add_row("batch_groups (B)", str(d["batch_groups"]))
+    gate.add_row("capacity (may start now)", str(d["capacity"]))
+    gate.add_row("admitted", str(d["admitted"]))
+    gate.add_row("finished", str(d["finished"]))
+    by = ", ".join(f"{k}={v}" for k, v in sorted(d["rejected_by"].items()))
+    gate.add_row("rejected", f"{d['rejected']}" + (f"  ({by})" if by else ""))
+    gate.add_row("in flight", str(d["inflight"]))
+    if d["late"]:
+        gate.add_row("late (after reap)", str(d["late"]))
+    w = d["weights"]
+    if w:
+        gate.add_row(
+            "weights",
+            f"v{w['version']} {w['fmt']} {w['location']} ({_age(d['time'] - w['time'])} ago)",
+        )
+    else:
+        gate.add_row("weights", "none published (version 0 = initial weights)")
+    b = d["buffer"]
+    gate.add_row(
+        "buffer",
+        f"length {b['length']}, pending {b['pending']}, dead-letter {b['dead_letter']}, "
+        f"{b['bytes'] / 1e6:.2f} MB",
+    )
+
+    workers = Table(title="workers", title_justify="left")
+    for col in ("id", "in flight", "last heartbeat", "state"):
+        workers.add_column(col)
+    for wk in d["workers"]:
+        workers.add_row(
+            wk["id"],
+            str(wk["inflight"]),
+            f"{_age(wk['seconds_since_heartbeat'])} ago",
+            "alive" if wk["alive"] else "[red]expired (reap pending)[/red]",
+        )
+    holders = {wk["id"] for wk in d["workers"]}
+    for wid, n in sorted(d["inflight_by_worker"].items()):
+        if wid not in holders:
+            workers.add_row(wid, str(n), "never", "[red]no heartbeat (reap pending)[/red]")
+    if not d["workers"] and not d["inflight_by_worker"]:
+        workers.add_row("(none)", "", "", "")
+    return Group(gate, workers)
+
+
+async def _main(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.live import Live
+
+    from staleness import RunNotFound
+
+    url = resolve_url(args)
+    if args.interval <= 0:
+        raise CommandError(f"--interval={args.interval} must be > 0 seconds")
+    client, run = await connect_and_pick_run(url, args.run)
+    console = Console()
+    try:
+        if not args.watch:
+            d = await collect(client, run, url)
+            if args.json:
+                print(json.dumps(d, sort_keys=True))
+            else:
+                console.print(render(d))
+            return 0
+        n = 0
+        if args.json:
+            while True:
+                print(json.dumps(await collect(client, run, url), sort_keys=True), flush=True)
+                n += 1
+                if args.count and n >= args.count:
+                    return 0
+                await asyncio.sleep(args.interval)
+        with Live(
+            render(await collect(client, run, url)), console=console, auto_refresh=False
+        ) as live:
+            n = 1
+            while not args.count or n < args.count:
+                await asyncio.sleep(args.interval)
+                live.update(render(await collect(client, run, url)), refresh=True)
+                n += 1
+        return 0
+    except RunNotFound as e:
+        raise CommandError(str(e)) from None
+    finally:
+        await client.aclose()
+
+
+def run(args: argparse.Namespace) -> int:
+    from buffer.connection import RedisUnavailable
+
+    try:
+        return asyncio.run(_main(args))
+    except CommandError as e:
+        print(f"sluice status: {e}", file=sys.stderr)
+        return e.code
+    except RedisUnavailable as e:  # its message carries the URL redacted
+        print(f"sluice status: {e}", file=sys.stderr)
+        return 2
