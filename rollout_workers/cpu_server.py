@@ -207,35 +207,38 @@ def sample_rows(logits: torch.Tensor, reqs: list[Req]) -> tuple[list[int], list[
     """Pick one token per row of ``logits [n, V]`` and its reported log-prob.
 
     The log-prob is ``log_softmax(logits / T)`` of the full distribution (T=1 when T=0), as
-    SGLang reports it; sampling then applies top-k and top-p to ``softmax(logits / T)`` and
-    draws with the request's own generator, or takes the argmax when T=0.
+    SGLang reports it. T=0 takes the argmax. T>0 applies top-k then top-p to
+    ``softmax(logits / T)`` and inverts the row's CDF at one uniform draw from the request's
+    own generator (so a ``sampling_seed`` reproduces whatever else is in the batch).
     """
     temps = torch.tensor(
         [r.sampling.temperature if r.sampling.temperature > 0 else 1.0 for r in reqs],
         dtype=logits.dtype,
     )
-    scaled = logits / temps[:, None]
-    logp = torch.log_softmax(scaled, dim=-1)
-    tokens: list[int] = []
-    for i, r in enumerate(reqs):
-        s = r.sampling
-        if s.temperature == 0:
-            tokens.append(int(torch.argmax(logits[i])))
-            continue
-        probs = torch.softmax(scaled[i], dim=-1)
+    logp = torch.log_softmax(logits / temps[:, None], dim=-1)
+    tokens = torch.argmax(logits, dim=-1)
+    rows = [i for i, r in enumerate(reqs) if r.sampling.temperature > 0]
+    if rows:
+        probs = logp[rows].exp()
         vocab = probs.shape[-1]
-        if 0 < s.top_k < vocab:
-            kth = torch.topk(probs, s.top_k).values[-1]
-            probs = torch.where(probs >= kth, probs, torch.zeros_like(probs))
-        if s.top_p < 1.0:
-            sorted_p, order = torch.sort(probs, descending=True)
-            csum = torch.cumsum(sorted_p, dim=-1)
-            drop = (csum - sorted_p) > s.top_p * csum[-1]
-            sorted_p = torch.where(drop, torch.zeros_like(sorted_p), sorted_p)
-            probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
-        tokens.append(int(torch.multinomial(probs, 1, generator=r.generator)))
-    lps = logp.gather(1, torch.tensor(tokens, dtype=torch.long)[:, None])[:, 0].tolist()
-    return tokens, lps
+        for j, i in enumerate(rows):
+            s = reqs[i].sampling
+            if 0 < s.top_k < vocab:
+                kth = torch.topk(probs[j], s.top_k).values[-1]
+                probs[j] = torch.where(probs[j] >= kth, probs[j], 0.0)
+            if s.top_p < 1.0:
+                sorted_p, order = torch.sort(probs[j], descending=True)
+                csum = torch.cumsum(sorted_p, dim=-1)
+                drop = (csum - sorted_p) > s.top_p * csum[-1]
+                probs[j] = torch.zeros_like(sorted_p).scatter(
+                    0, order, sorted_p.masked_fill(drop, 0.0)
+                )
+        u = torch.cat([torch.rand(1, generator=reqs[i].generator) for i in rows])
+        cdf = torch.cumsum(probs.double(), dim=-1)
+        picked = torch.searchsorted(cdf, (u.double() * cdf[:, -1])[:, None], right=True)[:, 0]
+        tokens[rows] = picked.clamp(max=vocab - 1)
+    lps = logp.gather(1, tokens[:, None])[:, 0]
+    return tokens.tolist(), lps.tolist()
 
 
 # --------------------------------------------------------------------------------------------
