@@ -103,6 +103,10 @@ class BadRequest(ValueError):
     """A request refused with HTTP 400; the message names what was wrong."""
 
 
+class EngineFailure(RuntimeError):
+    """The model forward raised; the affected requests are answered 500."""
+
+
 # --------------------------------------------------------------------------------------------
 # Requests and sampling
 
@@ -482,6 +486,16 @@ class CPUServer:
         if not self._has_work():
             self.idle.set()
 
+    def _fail(self, reqs: list[Req], message: str) -> None:
+        """Answer ``reqs`` with HTTP 500 and drop the running batch (its cache may be torn)."""
+        self.engine.remove(set(self.engine.rows))
+        for r in reqs:
+            self.inflight.pop(r.rid, None)
+            if not r.future.done():
+                r.future.set_exception(EngineFailure(message))
+        if not self._has_work():
+            self.idle.set()
+
     def _abort(self, reqs: list[Req], message: str = "Aborted") -> None:
         """Finish ``reqs`` now with their partial outputs (caller holds the lock)."""
         running = {r for r in reqs if r in self.engine.rows}
@@ -510,7 +524,12 @@ class CPUServer:
                     continue
                 room = max(0, self.engine.max_batch - len(self.engine.rows))
                 admitted, self.waiting = self.waiting[:room], self.waiting[room:]
-                finished = await self._in_executor(self.engine.step, admitted)
+                try:
+                    finished = await self._in_executor(self.engine.step, admitted)
+                except Exception as e:  # the model failed: fail these requests, keep serving
+                    log.exception("engine step failed")
+                    self._fail(list(self.engine.rows) + admitted, f"engine step failed: {e!r}")
+                    continue
                 self._finish(finished)
             await asyncio.sleep(0)
 
@@ -659,6 +678,8 @@ class CPUServer:
                 self.idle.clear()
                 self.work.set()
             done = await req.future
+        except EngineFailure as e:
+            return _error(500, str(e))
         except asyncio.CancelledError:
             # The client went away: free the slot (under the lock, between two steps).
             asyncio.get_running_loop().create_task(self._abort_later([req]))
