@@ -42,24 +42,23 @@ def _arr(a: npt.NDArray[Any], dtype: str) -> dict[str, Any]:
 
 
 def encode_group(g: TrajectoryGroup) -> bytes:
-    """Serialize a group. Raises ``CodecError`` for a group that would not decode."""
-    samples = []
+    """Serialize a group. Raises ``CodecError`` for a group that would not decode.
+
+    Per-sample arrays are concatenated into one array per field plus a length array, so that
+    decoding is a handful of ``frombuffer`` views whatever the group size.
+    """
     for s in g.samples:
         if not (s.output_ids.shape == s.behaviour_logp.shape == s.token_versions.shape):
             raise CodecError(
                 f"sample {s.index}: output_ids {s.output_ids.shape}, behaviour_logp "
                 f"{s.behaviour_logp.shape} and token_versions {s.token_versions.shape} differ"
             )
-        samples.append(
-            {
-                "o": _arr(s.output_ids, "<i4"),
-                "l": _arr(s.behaviour_logp, "<f4"),
-                "v": _arr(s.token_versions, "<i4"),
-                "r": float(s.reward),
-                "f": s.finish_reason,
-                "i": int(s.index),
-            }
-        )
+    lens = np.fromiter((s.num_tokens for s in g.samples), dtype="<i4", count=len(g.samples))
+
+    def cat(name: str, dtype: str) -> dict[str, Any]:
+        parts = [getattr(s, name) for s in g.samples]
+        return _arr(np.concatenate(parts) if parts else np.zeros(0), dtype)
+
     doc = {
         "sv": g.schema_version,
         "run": g.run_id,
@@ -71,7 +70,13 @@ def encode_group(g: TrajectoryGroup) -> bytes:
         "ct": float(g.created_at),
         "ft": float(g.finished_at),
         "m": dict(g.metadata),
-        "s": samples,
+        "len": _arr(lens, "<i4"),
+        "o": cat("output_ids", "<i4"),
+        "l": cat("behaviour_logp", "<f4"),
+        "v": cat("token_versions", "<i4"),
+        "r": [float(s.reward) for s in g.samples],
+        "f": [s.finish_reason for s in g.samples],
+        "i": [int(s.index) for s in g.samples],
     }
     out: bytes = msgpack.packb(doc, use_bin_type=True)
     return out
@@ -130,9 +135,6 @@ def decode_group(payload: bytes) -> TrajectoryGroup:
     if sv != SCHEMA_VERSION:
         raise CodecError(f"unknown schema version {sv!r} (this build reads {SCHEMA_VERSION})")
     where = "group"
-    raw_samples = _field(doc, "s", list, where)
-    if not 1 <= len(raw_samples) <= MAX_SAMPLES_PER_GROUP:
-        raise CodecError(f"group: {len(raw_samples)} samples, allowed 1..{MAX_SAMPLES_PER_GROUP}")
     meta = _field(doc, "m", dict, where)
     if len(meta) > MAX_METADATA_ITEMS:
         raise CodecError(f"group: metadata has {len(meta)} items, allowed {MAX_METADATA_ITEMS}")
@@ -141,35 +143,58 @@ def decode_group(payload: bytes) -> TrajectoryGroup:
         if not isinstance(k, str) or not (v is None or isinstance(v, str | int | float | bool)):
             raise CodecError(f"group: metadata {k!r} must map str to a scalar")
         metadata[k] = v
+    lens = _decode_arr(doc, "len", "<i4", MAX_SAMPLES_PER_GROUP, where)
+    n = int(lens.shape[0])
+    if n < 1:
+        raise CodecError(f"group: {n} samples, allowed 1..{MAX_SAMPLES_PER_GROUP}")
+    if int(lens.min()) < 0 or int(lens.max()) > MAX_TOKENS_PER_SAMPLE:
+        raise CodecError(f"group: sample lengths must lie in 0..{MAX_TOKENS_PER_SAMPLE}")
+    total = int(lens.sum(dtype=np.int64))
+    limit = MAX_TOKENS_PER_SAMPLE * MAX_SAMPLES_PER_GROUP
+    o = _decode_arr(doc, "o", "<i4", limit, where)
+    lp = _decode_arr(doc, "l", "<f4", limit, where)
+    tv = _decode_arr(doc, "v", "<i4", limit, where)
+    if not (o.shape[0] == lp.shape[0] == tv.shape[0] == total):
+        raise CodecError(
+            f"group: lengths disagree (sample lengths sum to {total}; output_ids {o.shape[0]}, "
+            f"behaviour_logp {lp.shape[0]}, token_versions {tv.shape[0]})"
+        )
+    rewards = _field(doc, "r", list, where)
+    finishes = _field(doc, "f", list, where)
+    indices = _field(doc, "i", list, where)
+    if not (len(rewards) == len(finishes) == len(indices) == n):
+        raise CodecError(
+            f"group: {n} sample lengths but {len(rewards)} rewards, {len(finishes)} finish "
+            f"reasons, {len(indices)} indices"
+        )
     samples = []
-    for j, rs in enumerate(raw_samples):
-        w = f"sample {j}"
-        if not isinstance(rs, dict):
-            raise CodecError(f"{w}: must be a map")
-        o = _decode_arr(rs, "o", "<i4", MAX_TOKENS_PER_SAMPLE, w)
-        lp = _decode_arr(rs, "l", "<f4", MAX_TOKENS_PER_SAMPLE, w)
-        v = _decode_arr(rs, "v", "<i4", MAX_TOKENS_PER_SAMPLE, w)
-        if not (o.shape == lp.shape == v.shape):
-            raise CodecError(
-                f"{w}: lengths disagree (output_ids {o.shape[0]}, behaviour_logp "
-                f"{lp.shape[0]}, token_versions {v.shape[0]})"
-            )
-        reward = _field(rs, "r", (int, float), w)
-        if not math.isfinite(reward):
-            raise CodecError(f"{w}: reward {reward!r} is not finite")
-        finish = _field(rs, "f", str, w)
+    offset = 0
+    for j in range(n):
+        reward, finish, index = rewards[j], finishes[j], indices[j]
+        if (
+            isinstance(reward, bool)
+            or not isinstance(reward, int | float)
+            or not math.isfinite(reward)
+        ):
+            raise CodecError(f"sample {j}: reward {reward!r} is not a finite number")
         if finish not in FINISH_REASONS:
-            raise CodecError(f"{w}: finish reason {finish!r} not in {sorted(FINISH_REASONS)}")
+            raise CodecError(
+                f"sample {j}: finish reason {finish!r} not in {sorted(FINISH_REASONS)}"
+            )
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise CodecError(f"sample {j}: index {index!r} is not an integer")
+        end = offset + int(lens[j])
         samples.append(
             Sample(
-                output_ids=o,
-                behaviour_logp=lp,
-                token_versions=v,
+                output_ids=o[offset:end],
+                behaviour_logp=lp[offset:end],
+                token_versions=tv[offset:end],
                 reward=float(reward),
                 finish_reason=finish,
-                index=_field(rs, "i", int, w),
+                index=index,
             )
         )
+        offset = end
     return TrajectoryGroup(
         run_id=_field(doc, "run", str, where),
         prompt_id=_field(doc, "pid", str, where),

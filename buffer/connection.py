@@ -56,16 +56,17 @@ def validate_url(url: str) -> str:
 def make_client(url: str = DEFAULT_URL, *, socket_timeout: float | None = 30.0) -> aioredis.Redis:
     """A ``redis.asyncio`` client for ``url`` (binary replies; no command is sent yet)."""
     validate_url(url)
-    kwargs: dict[str, object] = {
-        "decode_responses": False,
-        "socket_connect_timeout": 5.0,
-        "socket_timeout": socket_timeout,
-        "health_check_interval": 30,
-    }
     env_pw = os.environ.get(PASSWORD_ENV)
-    if env_pw and urlsplit(url).password is None:
-        kwargs["password"] = env_pw
-    client: aioredis.Redis = aioredis.Redis.from_url(url, **kwargs)
+    password = env_pw if env_pw and urlsplit(url).password is None else None
+    client: aioredis.Redis = aioredis.Redis.from_url(
+        url,
+        decode_responses=False,
+        socket_connect_timeout=5.0,
+        socket_timeout=socket_timeout,
+        health_check_interval=30,
+    )
+    if password:
+        client.connection_pool.connection_kwargs["password"] = password
     return client
 
 
@@ -77,6 +78,11 @@ async def connect(url: str = DEFAULT_URL, *, socket_timeout: float | None = 30.0
         await client.ping()
     except AuthenticationError as e:
         await client.aclose()
+        if client.connection_pool.connection_kwargs.get("password") is None:
+            raise RedisUnavailable(
+                f"Redis at {redact_url(url)} needs a password ({e}): put it in the URL or "
+                f"${PASSWORD_ENV}"
+            ) from None
         raise RedisUnavailable(
             f"Redis at {redact_url(url)} refused the credentials ({e}); check the password in the "
             f"URL or ${PASSWORD_ENV}"

@@ -2,8 +2,11 @@
 
 Guarantees (each proved by a test in ``tests/test_buffer.py``):
 
-* ``put`` either returns the entry id of a stored group or raises ``RedisUnavailable``; a retried
-  put of the same ``group_id`` (after a lost reply) stores it once.
+* ``put`` either returns the entry id of a stored group or raises ``RedisUnavailable``. A put
+  retried after a lost reply may store a group twice; the read side delivers each ``group_id``
+  once (the first entry read claims ``seen:{group_id}``; a later entry with the same group id is
+  acked and dropped as a duplicate). Checking on the read side keeps the write path a plain
+  XADD (a Lua check-and-add on the write path halved put throughput).
 * Each entry is delivered to exactly one consumer of the consumer group; it stays pending until
   ``ack``; ``reclaim`` hands entries that sat unacknowledged on a dead consumer to a live one.
 * ``ack`` removes the entry (XACK + XDEL in one transaction): Redis memory is bounded by what is
@@ -33,20 +36,10 @@ from buffer.schema import TrajectoryGroup
 log = logging.getLogger("sluice.buffer")
 
 CONSUMER_GROUP = "trainers"
-DEDUP_TTL_S = 7 * 24 * 3600
+DEDUP_TTL_S = 24 * 3600
 DEAD_LETTER_MAXLEN = 10_000
 # A blocking read longer than this is split so the socket timeout never fires mid-block.
 _MAX_BLOCK_MS = 5_000
-
-# KEYS[1] stream, KEYS[2] dedup key; ARGV[1] payload, ARGV[2] group id, ARGV[3] dedup ttl.
-# Stores the entry once per group id and returns its stream id (the old one on a retry).
-_PUT_LUA = """
-local old = redis.call('GET', KEYS[2])
-if old then return old end
-local id = redis.call('XADD', KEYS[1], '*', 'd', ARGV[1], 'g', ARGV[2])
-redis.call('SET', KEYS[2], id, 'EX', tonumber(ARGV[3]))
-return id
-"""
 
 
 @dataclass(frozen=True)
@@ -85,7 +78,12 @@ class RedisTrajectoryBuffer:
     """The run's trajectory stream. Create with ``await RedisTrajectoryBuffer.open(url, run)``."""
 
     def __init__(
-        self, client: aioredis.Redis, run: str, consumer: str | None = None, *, owns_client: bool = False
+        self,
+        client: aioredis.Redis,
+        run: str,
+        consumer: str | None = None,
+        *,
+        owns_client: bool = False,
     ) -> None:
         self.redis = client
         self.run = run
@@ -93,8 +91,8 @@ class RedisTrajectoryBuffer:
         self.stream_key = key(run, "stream")
         self.dead_key = key(run, "deadletter")
         self._owns_client = owns_client
-        self._put_script = client.register_script(_PUT_LUA)
         self._group_ready = False
+        self.duplicates_dropped = 0
 
     @classmethod
     async def open(cls, url: str, run: str, consumer: str | None = None) -> RedisTrajectoryBuffer:
@@ -119,12 +117,8 @@ class RedisTrajectoryBuffer:
         return await self.put_encoded(payload, group.group_id)
 
     async def put_encoded(self, payload: bytes, group_id: str) -> str:
-        dedup = key(self.run, "put", group_id)
-
         async def op() -> Any:
-            return await self._put_script(
-                keys=[self.stream_key, dedup], args=[payload, group_id, DEDUP_TTL_S]
-            )
+            return await self.redis.xadd(self.stream_key, {"d": payload, "g": group_id})
 
         entry = await with_retries(op, what=f"put group {group_id}")
         return entry.decode() if isinstance(entry, bytes) else str(entry)
@@ -137,7 +131,9 @@ class RedisTrajectoryBuffer:
 
         async def op() -> None:
             try:
-                await self.redis.xgroup_create(self.stream_key, CONSUMER_GROUP, id="0", mkstream=True)
+                await self.redis.xgroup_create(
+                    self.stream_key, CONSUMER_GROUP, id="0", mkstream=True
+                )
             except ResponseError as e:
                 if "BUSYGROUP" not in str(e):
                     raise
@@ -181,11 +177,12 @@ class RedisTrajectoryBuffer:
         return await self._decode_entries(entries)
 
     async def _decode_entries(self, entries: Sequence[Any]) -> list[Delivered]:
-        out: list[Delivered] = []
+        decoded: list[Delivered] = []
+        settle: list[str] = []
         for entry_id, fields in entries:
             eid = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
             if fields is None:  # deleted while pending: nothing to deliver, just settle it
-                await self.ack([eid])
+                settle.append(eid)
                 continue
             payload = fields.get(b"d")
             try:
@@ -195,8 +192,52 @@ class RedisTrajectoryBuffer:
             except CodecError as e:
                 await self.dead_letter(eid, payload or b"", str(e))
                 continue
-            out.append(Delivered(eid, group))
+            decoded.append(Delivered(eid, group))
+        out = await self._drop_duplicates(decoded, settle)
+        if settle:
+            await self.ack(settle)
         return out
+
+    async def _drop_duplicates(
+        self, decoded: list[Delivered], settle: list[str]
+    ) -> list[Delivered]:
+        """Claim ``seen:{group_id}`` for each entry; an entry whose group id was claimed by a
+        different entry is a duplicate put and is settled, not delivered. A redelivery of the
+        same entry (reclaim, restart) keeps its claim."""
+        if not decoded:
+            return decoded
+
+        async def op() -> list[Any]:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for d in decoded:
+                    pipe.set(
+                        self._seen_key(d.group.group_id),
+                        d.entry_id,
+                        nx=True,
+                        get=True,
+                        ex=DEDUP_TTL_S,
+                    )
+                res: list[Any] = await pipe.execute()
+            return res
+
+        owners = await with_retries(op, what="claim group ids")
+        out = []
+        for d, owner in zip(decoded, owners, strict=True):
+            if owner is None or owner.decode() == d.entry_id:
+                out.append(d)
+            else:
+                log.warning(
+                    "dropping duplicate of group %s (entry %s; first stored as %s)",
+                    d.group.group_id,
+                    d.entry_id,
+                    owner.decode(),
+                )
+                settle.append(d.entry_id)
+                self.duplicates_dropped += 1
+        return out
+
+    def _seen_key(self, group_id: str) -> str:
+        return key(self.run, "seen", group_id)
 
     async def dead_letter(self, entry_id: str, payload: bytes, reason: str) -> None:
         """Move an entry to the dead-letter stream (raw bytes + reason) and settle it."""
@@ -225,7 +266,9 @@ class RedisTrajectoryBuffer:
             return 0
 
         async def op() -> int:
-            async with self.redis.pipeline(transaction=True) as pipe:
+            # A transaction only when something must commit together with the ack; XACK then
+            # XDEL in one plain pipeline is one round trip either way.
+            async with self.redis.pipeline(transaction=also is not None) as pipe:
                 if entry_ids:
                     pipe.xack(self.stream_key, CONSUMER_GROUP, *entry_ids)
                     pipe.xdel(self.stream_key, *entry_ids)
@@ -243,16 +286,15 @@ class RedisTrajectoryBuffer:
         out: list[Delivered] = []
         start = "0-0"
         while len(out) < count:
-            cursor = start
 
-            async def op() -> Any:
+            async def op(cursor: str = start, want: int = count - len(out)) -> Any:
                 return await self.redis.xautoclaim(
                     self.stream_key,
                     CONSUMER_GROUP,
                     self.consumer,
                     min_idle_time=min_idle_ms,
                     start_id=cursor,
-                    count=count - len(out),
+                    count=want,
                 )
 
             resp = await with_retries(op, what="reclaim")
@@ -287,15 +329,12 @@ class RedisTrajectoryBuffer:
 
     async def dead_letters(self, count: int = 100) -> list[dict[str, str]]:
         """The newest dead-lettered entries: entry id, reason and time (payload left out)."""
-        rows = await self.redis.xrevrange(self.dead_key, count=count)
-        out = []
-        for _, f in rows:
-            out.append(
-                {
-                    "entry": f.get(b"entry", b"").decode(),
-                    "reason": f.get(b"reason", b"").decode(errors="replace"),
-                    "time": f.get(b"t", b"").decode(),
-                }
-            )
-        return out
+        rows: Any = await self.redis.xrevrange(self.dead_key, count=count)
 
+        def text(f: dict[bytes, bytes], k: bytes) -> str:
+            return f.get(k, b"").decode(errors="replace")
+
+        return [
+            {"entry": text(f, b"entry"), "reason": text(f, b"reason"), "time": text(f, b"t")}
+            for _, f in rows or []
+        ]

@@ -24,7 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="sluice", description="Fully asynchronous RL post-training on a Redis trajectory buffer."
+        prog="sluice",
+        description="Fully asynchronous RL post-training on a Redis trajectory buffer.",
     )
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -38,7 +38,9 @@ class RunConfig(Section):
         pattern=r"^[A-Za-z0-9_.\-]{1,128}$",
         description="Run name: the Redis namespace sluice:{name}:... shared by all processes of the run.",
     )
-    dir: str = Field("runs/demo", description="Run directory: weights, checkpoints, metrics, report.")
+    dir: str = Field(
+        "runs/demo", description="Run directory: weights, checkpoints, metrics, report."
+    )
     seed: int = Field(0, ge=0, description="Run seed (prompt order, sampling seeds, init).")
 
 
@@ -50,7 +52,9 @@ class StalenessConfig(Section):
         description="Staleness limit: a group started under version v is trained at a version <= v + eta. "
         "0 = synchronous RL.",
     )
-    batch_groups: int = Field(8, ge=1, le=100_000, description="Groups consumed per train step (B).")
+    batch_groups: int = Field(
+        8, ge=1, le=100_000, description="Groups consumed per train step (B)."
+    )
 
 
 class SluiceConfig(Section):

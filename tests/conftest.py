@@ -39,7 +39,9 @@ def redis_factory(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
 
 
 @pytest.fixture
-def redis_server(redis_factory: Callable[..., RedisServer], request: pytest.FixtureRequest) -> RedisServer:
+def redis_server(
+    redis_factory: Callable[..., RedisServer], request: pytest.FixtureRequest
+) -> RedisServer:
     """A private, restartable redis-server (skips when --redis-url points elsewhere)."""
     if request.config.getoption("--redis-url"):
         pytest.skip("needs a private redis-server (it kills or restarts it)")

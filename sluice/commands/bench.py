@@ -7,8 +7,14 @@ import importlib
 
 # name -> (module under benchmarks/, help)
 BENCHES: dict[str, tuple[str, str]] = {
-    "buffer": ("benchmarks.buffer_bench", "buffer put/get throughput vs raw redis-py on the same bytes"),
-    "engine": ("benchmarks.engine_bench", "CPU server decode tok/s vs a transformers generate loop"),
+    "buffer": (
+        "benchmarks.buffer_bench",
+        "buffer put/get throughput vs raw redis-py on the same bytes",
+    ),
+    "engine": (
+        "benchmarks.engine_bench",
+        "CPU server decode tok/s vs a transformers generate loop",
+    ),
 }
 
 
