@@ -10,7 +10,7 @@ Sections are added by the packages that own them; each is a ``Section`` subclass
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -57,10 +57,143 @@ class StalenessConfig(Section):
     )
 
 
+class ModelConfig(Section):
+    path: str = Field(
+        "",
+        description="Hugging Face causal-LM directory (config.json + safetensors). Empty: the run "
+        "creates a tiny random-init model for the task under RUN_DIR/model.",
+    )
+    layers: int = Field(2, ge=1, le=64, description="Tiny model layers (when path is empty).")
+    hidden: int = Field(
+        64, ge=8, le=8192, description="Tiny model hidden size (when path is empty)."
+    )
+    heads: int = Field(
+        4, ge=1, le=128, description="Tiny model attention heads (when path is empty)."
+    )
+    arch: Literal["llama", "qwen2"] = Field("llama", description="Tiny model architecture.")
+
+
+class TaskConfig(Section):
+    name: str = Field(
+        "reverse", description="Task: reverse | long-tail | jsonl (built in) or a registered name."
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Task options, e.g. {digits: 4} for reverse, {path: data.jsonl, reward: mod:fn} for jsonl.",
+    )
+
+
+class InferenceConfig(Section):
+    engine: Literal["auto", "sglang", "cpu"] = Field(
+        "auto",
+        description="Inference engine: sglang (GPU), cpu (reference server), auto = sglang when it imports and CUDA is present.",
+    )
+    servers: list[str] = Field(
+        default_factory=list, description="URLs of running inference servers (empty: launch them)."
+    )
+    launch: int = Field(1, ge=0, le=64, description="Servers to launch when `servers` is empty.")
+    threads: int = Field(1, ge=1, le=256, description="Torch threads per CPU server.")
+    mem_fraction: float | None = Field(
+        None, gt=0, le=1, description="SGLang --mem-fraction-static."
+    )
+    tp_size: int = Field(1, ge=1, le=64, description="SGLang tensor-parallel size.")
+    deterministic: bool = Field(False, description="SGLang --enable-deterministic-inference.")
+    admin_api_key: str | None = Field(
+        None, description="SGLang --admin-api-key (sent as a Bearer token)."
+    )
+    extra_args: list[str] = Field(
+        default_factory=list, description="Extra server launch arguments."
+    )
+
+
+class RolloutConfig(Section):
+    n_samples: int = Field(8, ge=1, le=4096, description="Samples per group (GRPO group size).")
+    max_inflight_groups: int = Field(
+        8, ge=1, le=100_000, description="Groups generated concurrently per worker."
+    )
+    temperature: float = Field(1.0, ge=0, le=10, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    top_k: int = Field(-1, ge=-1, description="Top-k (-1 = whole vocabulary).")
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="Output budget per sample (default: the task's)."
+    )
+    lease_ttl_s: float = Field(
+        60.0,
+        gt=0,
+        description="Prompt lease TTL: prompts held by a dead worker are served again after it.",
+    )
+    heartbeat_ttl_s: float = Field(
+        15.0, gt=0, description="Worker heartbeat TTL: a silent worker's slots are reaped after it."
+    )
+    reward_timeout_s: float = Field(
+        30.0, gt=0, description="A reward call slower than this rejects the group."
+    )
+    reward_fn: str | None = Field(None, description="module:function overriding the task's reward.")
+    eval_every: int = Field(
+        0, ge=0, description="Evaluate held-out prompts every N versions (0 = never)."
+    )
+
+
+class TrainerConfig(Section):
+    lr: float = Field(1e-3, gt=0, le=1, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up steps.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    max_steps: int = Field(100, ge=1, description="Train steps before the trainer stops.")
+    eps_low: float = Field(0.2, ge=0, le=1, description="PPO clip: ratio lower bound 1 - eps_low.")
+    eps_high: float = Field(
+        0.28, ge=0, le=10, description="PPO clip: ratio upper bound 1 + eps_high."
+    )
+    dual_clip: float | None = Field(
+        None, gt=1, description="Dual-clip constant c (> 1) for negative advantages; None = off."
+    )
+    is_mode: Literal["none", "truncate", "mask"] = Field(
+        "truncate",
+        description="Behaviour importance correction: none | truncate (TIS) | mask (MIS).",
+    )
+    is_level: Literal["token", "sequence"] = Field(
+        "token", description="Importance weights per token or per sequence (geometric mean)."
+    )
+    is_cap: float = Field(2.0, gt=0, description="Truncation cap C for is_mode=truncate.")
+    is_lo: float = Field(0.5, ge=0, description="Lower bound for is_mode=mask.")
+    is_hi: float = Field(2.0, gt=0, description="Upper bound for is_mode=mask.")
+    aggregation: Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"] = Field(
+        "token_mean", description="Loss aggregation."
+    )
+    normalize_adv_std: bool = Field(
+        True, description="GRPO: divide advantages by the group's reward std."
+    )
+    prox_logp: Literal["recompute", "behaviour"] = Field(
+        "recompute",
+        description="Proximal log-probs: recomputed by one no-grad forward pass, or the behaviour ones.",
+    )
+    micro_batch_tokens: int = Field(16384, ge=1, description="Token budget per micro-batch.")
+    publish_every: int = Field(1, ge=1, description="Publish weights every N steps.")
+    keep_weights: int = Field(3, ge=1, description="Weight versions kept on disk.")
+    checkpoint_every: int = Field(
+        10, ge=1, description="Checkpoint every N steps (bounds replay after a crash)."
+    )
+    reclaim_idle_ms: int = Field(
+        60_000, ge=1, description="Reclaim groups pending on a consumer idle this long."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Training device.")
+    threads: int | None = Field(
+        None, ge=1, description="Torch threads for training (None: torch default)."
+    )
+    reward_target: float | None = Field(
+        None, ge=0, le=1, description="Stop once the mean reward of a step reaches this."
+    )
+
+
 class SluiceConfig(Section):
     redis: RedisConfig = Field(default_factory=RedisConfig)
     run: RunConfig = Field(default_factory=RunConfig)
     staleness: StalenessConfig = Field(default_factory=StalenessConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
 
 
 def _format_error(e: ValidationError, source: str) -> str:
