@@ -132,6 +132,33 @@ class RolloutConfig(Section):
     eval_every: int = Field(
         0, ge=0, description="Evaluate held-out prompts every N versions (0 = never)."
     )
+    eval_prompts: int = Field(
+        64, ge=1, le=100_000, description="Eval prompts per evaluation (the task's first N)."
+    )
+    update_mode: Literal["abort_all", "pause"] = Field(
+        "abort_all",
+        description="Weight update: abort_all = one update_weights_from_disk(abort_all_requests) "
+        "per server (fast); pause = pause -> update -> continue (servers shared by other clients).",
+    )
+    ignore_eos: bool = Field(
+        False, description="Generate max_new_tokens every time (benchmarks, interruption tests)."
+    )
+    health_interval_s: float = Field(
+        1.0, gt=0, le=600, description="Seconds between server health polls."
+    )
+    log_every: int = Field(
+        50, ge=1, description="One JSON metrics line on stderr per this many pushed groups."
+    )
+    metrics_interval_s: float = Field(
+        2.0, gt=0, le=600, description="Seconds between metrics writes to Redis."
+    )
+    shutdown_grace_s: float = Field(
+        10.0,
+        gt=0,
+        le=25,
+        description="On SIGTERM, seconds to let aborted groups hand back their slots before "
+        "cancelling them (exit stays within 30 s).",
+    )
 
 
 class TrainerConfig(Section):
