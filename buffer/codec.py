@@ -167,34 +167,31 @@ def decode_group(payload: bytes) -> TrajectoryGroup:
             f"group: {n} sample lengths but {len(rewards)} rewards, {len(finishes)} finish "
             f"reasons, {len(indices)} indices"
         )
-    samples = []
-    offset = 0
-    for j in range(n):
-        reward, finish, index = rewards[j], finishes[j], indices[j]
-        if (
-            isinstance(reward, bool)
-            or not isinstance(reward, int | float)
-            or not math.isfinite(reward)
-        ):
-            raise CodecError(f"sample {j}: reward {reward!r} is not a finite number")
-        if finish not in FINISH_REASONS:
-            raise CodecError(
-                f"sample {j}: finish reason {finish!r} not in {sorted(FINISH_REASONS)}"
-            )
-        if isinstance(index, bool) or not isinstance(index, int):
-            raise CodecError(f"sample {j}: index {index!r} is not an integer")
-        end = offset + int(lens[j])
-        samples.append(
-            Sample(
-                output_ids=o[offset:end],
-                behaviour_logp=lp[offset:end],
-                token_versions=tv[offset:end],
-                reward=float(reward),
-                finish_reason=finish,
-                index=index,
-            )
+    if not all(type(r) is float for r in rewards):  # the encoder writes floats only
+        bad = next(r for r in rewards if type(r) is not float)
+        raise CodecError(f"group: reward {bad!r} is not a float")
+    if not np.isfinite(np.array(rewards, dtype=np.float64)).all():
+        bad = next(r for r in rewards if not math.isfinite(r))
+        raise CodecError(f"group: reward {bad!r} is not a finite number")
+    if not FINISH_REASONS.issuperset(finishes):
+        bad = next(f for f in finishes if f not in FINISH_REASONS)
+        raise CodecError(f"group: finish reason {bad!r} not in {sorted(FINISH_REASONS)}")
+    if not all(type(i) is int for i in indices):
+        bad = next(i for i in indices if type(i) is not int)
+        raise CodecError(f"group: sample index {bad!r} is not an integer")
+    ends = np.cumsum(lens).tolist()
+    starts = [0, *ends[:-1]]
+    samples = [
+        Sample(
+            output_ids=o[a:b],
+            behaviour_logp=lp[a:b],
+            token_versions=tv[a:b],
+            reward=rewards[j],
+            finish_reason=finishes[j],
+            index=indices[j],
         )
-        offset = end
+        for j, (a, b) in enumerate(zip(starts, ends, strict=True))
+    ]
     return TrajectoryGroup(
         run_id=_field(doc, "run", str, where),
         prompt_id=_field(doc, "pid", str, where),

@@ -2,11 +2,13 @@
 
 Guarantees (each proved by a test in ``tests/test_buffer.py``):
 
-* ``put`` either returns the entry id of a stored group or raises ``RedisUnavailable``. A put
-  retried after a lost reply may store a group twice; the read side delivers each ``group_id``
-  once (the first entry read claims ``seen:{group_id}``; a later entry with the same group id is
-  acked and dropped as a duplicate). Checking on the read side keeps the write path a plain
-  XADD (a Lua check-and-add on the write path halved put throughput).
+* ``put`` either returns the entry id of a stored group or raises ``RedisUnavailable``, and
+  stores each ``group_id`` once even when its reply was lost: before re-sending, a retry looks
+  for its first attempt in the stream (entries since the first attempt, by the ``g`` field) and
+  in the seen marks, which ``ack`` writes *before* it deletes an entry — so at every moment a
+  stored group is in the stream or marked seen. The common path stays one plain XADD and one
+  round trip per read and per ack (a Lua check-and-add halved put throughput; a read-side
+  check cost a round trip per batch).
 * Each entry is delivered to exactly one consumer of the consumer group; it stays pending until
   ``ack``; ``reclaim`` hands entries that sat unacknowledged on a dead consumer to a live one.
 * ``ack`` removes the entry (XACK + XDEL in one transaction): Redis memory is bounded by what is
@@ -36,7 +38,13 @@ from buffer.schema import TrajectoryGroup
 log = logging.getLogger("sluice.buffer")
 
 CONSUMER_GROUP = "trainers"
-DEDUP_TTL_S = 24 * 3600
+# Seen marks live in one hash per hour (field group id -> entry id), so an ack writes one HSET
+# whatever its batch size. A put's retry looks only seconds back, so a few hours is plenty.
+SEEN_BUCKET_S = 3600
+SEEN_TTL_S = 3 * SEEN_BUCKET_S
+# Slack added to a put's look-back for its own first attempt (Redis stamps entry ids with its
+# own clock; we only measure elapsed time, so this covers scheduling delays, not clock skew).
+_CLOCK_MARGIN_S = 5.0
 DEAD_LETTER_MAXLEN = 10_000
 # A blocking read longer than this is split so the socket timeout never fires mid-block.
 _MAX_BLOCK_MS = 5_000
@@ -92,7 +100,7 @@ class RedisTrajectoryBuffer:
         self.dead_key = key(run, "deadletter")
         self._owns_client = owns_client
         self._group_ready = False
-        self.duplicates_dropped = 0
+        self._group_of: dict[str, str] = {}  # delivered, not yet acked: entry id -> group id
 
     @classmethod
     async def open(cls, url: str, run: str, consumer: str | None = None) -> RedisTrajectoryBuffer:
@@ -117,11 +125,47 @@ class RedisTrajectoryBuffer:
         return await self.put_encoded(payload, group.group_id)
 
     async def put_encoded(self, payload: bytes, group_id: str) -> str:
+        first_attempt = time.monotonic()
+        attempts = 0
+
         async def op() -> Any:
+            nonlocal attempts
+            if attempts:  # the previous attempt may have landed with its reply lost
+                lookback = time.monotonic() - first_attempt + _CLOCK_MARGIN_S
+                existing = await self.find_put(group_id, lookback)
+                if existing is not None:
+                    log.info("put of group %s had landed as %s before its reply was lost",
+                             group_id, existing)
+                    return existing
+            attempts += 1
             return await self.redis.xadd(self.stream_key, {"d": payload, "g": group_id})
 
         entry = await with_retries(op, what=f"put group {group_id}")
         return entry.decode() if isinstance(entry, bytes) else str(entry)
+
+    async def find_put(self, group_id: str, lookback_s: float) -> str | None:
+        """Entry id under which ``group_id`` was stored in the last ``lookback_s`` seconds
+        (still in the stream, or acked and marked seen), else None. Scans the stream first and
+        checks the seen mark after, so an entry acked during the scan is still found."""
+        sec, usec = await self.redis.time()
+        start_ms = max(0, int(sec) * 1000 + int(usec) // 1000 - int(lookback_s * 1000))
+        lo = f"{start_ms}-0"
+        want = group_id.encode()
+        while True:
+            rows: Any = await self.redis.xrange(self.stream_key, min=lo, max="+", count=256)
+            for eid, fields in rows:
+                if fields.get(b"g") == want:
+                    return str(eid.decode())
+            if len(rows) < 256:
+                break
+            lo = "(" + rows[-1][0].decode()
+        bucket = int(time.time()) // SEEN_BUCKET_S
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for b in (bucket - 1, bucket, bucket + 1):  # client clocks may disagree a little
+                pipe.hget(self._seen_key(b), group_id)
+            marks = await pipe.execute()
+        seen = next((m for m in marks if m is not None), None)
+        return seen.decode() if seen is not None else None
 
     # ---------------------------------------------------------------- consumer side
     async def ensure_group(self) -> None:
@@ -193,51 +237,14 @@ class RedisTrajectoryBuffer:
                 await self.dead_letter(eid, payload or b"", str(e))
                 continue
             decoded.append(Delivered(eid, group))
-        out = await self._drop_duplicates(decoded, settle)
         if settle:
             await self.ack(settle)
-        return out
+        for d in decoded:
+            self._group_of[d.entry_id] = d.group.group_id
+        return decoded
 
-    async def _drop_duplicates(
-        self, decoded: list[Delivered], settle: list[str]
-    ) -> list[Delivered]:
-        """Claim ``seen:{group_id}`` for each entry; an entry whose group id was claimed by a
-        different entry is a duplicate put and is settled, not delivered. A redelivery of the
-        same entry (reclaim, restart) keeps its claim."""
-        if not decoded:
-            return decoded
-
-        async def op() -> list[Any]:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for d in decoded:
-                    pipe.set(
-                        self._seen_key(d.group.group_id),
-                        d.entry_id,
-                        nx=True,
-                        get=True,
-                        ex=DEDUP_TTL_S,
-                    )
-                res: list[Any] = await pipe.execute()
-            return res
-
-        owners = await with_retries(op, what="claim group ids")
-        out = []
-        for d, owner in zip(decoded, owners, strict=True):
-            if owner is None or owner.decode() == d.entry_id:
-                out.append(d)
-            else:
-                log.warning(
-                    "dropping duplicate of group %s (entry %s; first stored as %s)",
-                    d.group.group_id,
-                    d.entry_id,
-                    owner.decode(),
-                )
-                settle.append(d.entry_id)
-                self.duplicates_dropped += 1
-        return out
-
-    def _seen_key(self, group_id: str) -> str:
-        return key(self.run, "seen", group_id)
+    def _seen_key(self, bucket: int) -> str:
+        return key(self.run, "seen", str(bucket))
 
     async def dead_letter(self, entry_id: str, payload: bytes, reason: str) -> None:
         """Move an entry to the dead-letter stream (raw bytes + reason) and settle it."""
@@ -261,23 +268,34 @@ class RedisTrajectoryBuffer:
         self, entry_ids: Sequence[str], also: Callable[[Pipeline], None] | None = None
     ) -> int:
         """Acknowledge and delete entries, in one MULTI/EXEC with whatever ``also`` queues on the
-        pipeline (e.g. the trainer's checkpoint pointer). Returns how many were pending."""
+        pipeline (e.g. the trainer's checkpoint pointer). Marks each delivered group seen first
+        (see ``put``). Returns how many were pending."""
         if not entry_ids and also is None:
             return 0
+        marks: dict[Any, Any] = {
+            g: e for e in entry_ids if (g := self._group_of.get(e)) is not None
+        }
 
         async def op() -> int:
-            # A transaction only when something must commit together with the ack; XACK then
-            # XDEL in one plain pipeline is one round trip either way.
+            # One round trip. A transaction only when ``also`` must commit with the ack; without
+            # one, Redis still runs our commands in order, so the seen mark precedes the XDEL.
             async with self.redis.pipeline(transaction=also is not None) as pipe:
+                if marks:
+                    seen = self._seen_key(int(time.time()) // SEEN_BUCKET_S)
+                    pipe.hset(seen, mapping=marks)
+                    pipe.expire(seen, SEEN_TTL_S)
                 if entry_ids:
                     pipe.xack(self.stream_key, CONSUMER_GROUP, *entry_ids)
                     pipe.xdel(self.stream_key, *entry_ids)
                 if also is not None:
                     also(pipe)
                 res = await pipe.execute()
-            return int(res[0]) if entry_ids else 0
+            return int(res[2 if marks else 0]) if entry_ids else 0
 
-        return await with_retries(op, what=f"ack {len(entry_ids)} entries")
+        acked = await with_retries(op, what=f"ack {len(entry_ids)} entries")
+        for e in entry_ids:
+            self._group_of.pop(e, None)
+        return acked
 
     async def reclaim(self, min_idle_ms: int, count: int = 100) -> list[Delivered]:
         """Take over entries pending on any consumer for at least ``min_idle_ms`` (a dead

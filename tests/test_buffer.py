@@ -330,20 +330,43 @@ async def test_corrupt_entries_are_dead_lettered_and_consumers_continue(
         assert all(r for r in reasons)
 
 
-async def test_duplicate_put_is_delivered_once(redis_url: str, run_name: str) -> None:
+async def test_put_with_lost_reply_is_stored_once(redis_url: str, run_name: str) -> None:
+    """The XADD reaches Redis but its reply is lost (connection dropped): the retry finds the
+    first attempt and does not store the group again."""
+    async with await RedisTrajectoryBuffer.open(redis_url, run_name, consumer="c") as buf:
+        real_xadd = buf.redis.xadd
+        calls = 0
+
+        async def xadd_then_lose_reply(*a: object, **kw: object) -> object:
+            nonlocal calls
+            calls += 1
+            entry = await real_xadd(*a, **kw)  # type: ignore[arg-type]
+            if calls == 1:
+                raise ConnectionError("connection reset after the command was sent")
+            return entry
+
+        buf.redis.xadd = xadd_then_lose_reply  # type: ignore[method-assign]
+        g = make_group(run=run_name)
+        entry = await buf.put(g)
+        assert calls == 1  # the retry found the entry instead of adding it again
+        assert (await buf.stats()).length == 1
+        got = await buf.get_batch(2, block_ms=300)
+        assert [d.entry_id for d in got] == [entry]
+
+
+async def test_retry_after_consumed_and_acked_is_not_stored_again(
+    redis_url: str, run_name: str
+) -> None:
+    """The first attempt landed, a trainer consumed and acked it (entry deleted), and only then
+    does the producer retry: the seen mark written by ``ack`` stops the duplicate."""
     async with await RedisTrajectoryBuffer.open(redis_url, run_name, consumer="c") as buf:
         g = make_group(run=run_name)
-        first = await buf.put(g)
-        second = await buf.put(g)  # a retried put after a lost reply looks like this
-        assert first != second
-        got = await buf.get_batch(2, block_ms=300)
-        assert [d.entry_id for d in got] == [first]
-        assert buf.duplicates_dropped == 1
-        assert (await buf.stats()).length == 1  # the duplicate was settled and deleted
-        # a redelivery of the same entry (reclaim after a crash) is not a duplicate
-        await asyncio.sleep(0.05)
-        again = await buf.reclaim(min_idle_ms=1)
-        assert [d.entry_id for d in again] == [first]
+        entry = await buf.put(g)
+        got = await buf.get_batch(1, block_ms=1000)
+        await buf.ack([d.entry_id for d in got])
+        assert (await buf.stats()).length == 0
+        assert await buf.find_put(g.group_id, lookback_s=60) == entry
+        assert await buf.find_put(make_group(run=run_name).group_id, lookback_s=60) is None
 
 
 async def test_redis_crash_between_put_and_get_loses_nothing(
