@@ -210,6 +210,16 @@ class TrainerConfig(Section):
     reward_target: float | None = Field(
         None, ge=0, le=1, description="Stop once the mean reward of a step reaches this."
     )
+    consumer: str = Field(
+        "trainer-0",
+        pattern=r"^[A-Za-z0-9_.\-]{1,100}$",
+        description="Stable consumer name (suffixed -r{rank} under torchrun): a restarted "
+        "trainer finds its own pending groups and checkpoint under it.",
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk.")
+    wait_log_s: float = Field(
+        30.0, gt=0, description="Log a line every this many seconds while waiting for data."
+    )
 
 
 class SluiceConfig(Section):
