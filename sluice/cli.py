@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "model": ("sluice.commands.model", "tiny random-init models (sluice model init DIR ...)"),
     "status": ("sluice.commands.status", "a run's version, staleness gate, workers and buffer"),
     "run": ("sluice.commands.run", "change a live run's settings (sluice run set-eta N)"),
+    "train": ("sluice.commands.train", "the trainer: decoupled-PPO steps on the run's buffer"),
 }
 
 
