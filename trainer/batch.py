@@ -1,0 +1,196 @@
+"""Batch assembly: trajectory groups -> padded token tensors, micro-batches and log-probs.
+
+Frame. A sample is the sequence ``s = prompt_ids + output_ids`` of length ``L = P + T``. The
+model reads ``s`` and its logits at position ``j`` predict token ``s[j + 1]``, so every tensor
+the loss sees lives in the *shifted* frame of length ``L_max - 1`` (``L_max`` the longest
+sequence of the micro-batch, right-padded): position ``j`` holds the log-prob of ``s[j + 1]``.
+Output token ``i`` (0-based) of a sample sits at ``j = P - 1 + i``.
+
+Invariants (``tests/test_trainer.py::test_batch_logprobs_match_direct_forward``):
+- ``mask[b, j] == 1`` exactly on the ``T_b`` output tokens of row ``b``; prompt tokens and
+  padding are 0, so nothing but generated tokens is trained on.
+- ``behav_logp`` and ``versions`` are the sample's per-output-token arrays placed at the same
+  positions; padding holds 0 (behav) and -1 (versions), never read under the mask.
+- ``token_logprobs`` returns ``log_softmax(logits / T)`` of the target token in this frame,
+  computed in float32 whatever the autocast dtype, the same quantity the inference server
+  reports as the behaviour log-prob at sampling temperature ``T``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from buffer.schema import TrajectoryGroup
+
+
+@dataclass(frozen=True)
+class TrainSample:
+    """One sample ready for the trainer."""
+
+    group_id: str
+    prompt_ids: np.ndarray
+    """int32[P], P >= 1."""
+    output_ids: np.ndarray
+    """int32[T], T >= 1."""
+    behaviour_logp: np.ndarray
+    """float32[T]."""
+    token_versions: np.ndarray
+    """int32[T]."""
+    advantage: float
+    reward: float
+
+    @property
+    def length(self) -> int:
+        return int(self.prompt_ids.shape[0] + self.output_ids.shape[0])
+
+
+def samples_from_groups(
+    groups: Sequence[TrajectoryGroup], *, normalize_std: bool = True
+) -> list[TrainSample]:
+    """Flatten groups into samples with GRPO group-normalised advantages.
+
+    Advantages use every sample of the group (``staleness.grpo_advantages``); samples without
+    output tokens carry no loss and are then left out. Raises ``ValueError`` on a group with
+    an empty prompt (the first output token would have no context to be predicted from).
+    """
+    from staleness import grpo_advantages
+
+    rewards: list[float] = []
+    gids: list[str] = []
+    flat = []
+    for g in groups:
+        if g.prompt_ids.shape[0] == 0:
+            raise ValueError(f"group {g.group_id}: empty prompt_ids")
+        for s in g.samples:
+            rewards.append(float(s.reward))
+            gids.append(g.group_id)
+            flat.append((g, s))
+    if not flat:
+        return []
+    adv = grpo_advantages(
+        torch.tensor(rewards, dtype=torch.float64), gids, normalize_std=normalize_std
+    )
+    out = []
+    for (g, s), a in zip(flat, adv.tolist(), strict=True):
+        if s.num_tokens == 0:
+            continue
+        out.append(
+            TrainSample(
+                group_id=g.group_id,
+                prompt_ids=np.array(g.prompt_ids, dtype=np.int64),
+                output_ids=np.array(s.output_ids, dtype=np.int64),
+                behaviour_logp=np.array(s.behaviour_logp, dtype=np.float32),
+                token_versions=np.array(s.token_versions, dtype=np.int64),
+                advantage=float(a),
+                reward=float(s.reward),
+            )
+        )
+    return out
+
+
+@dataclass
+class MicroBatch:
+    """Padded tensors of a few samples (shapes: B rows, L = longest sequence)."""
+
+    input_ids: torch.Tensor
+    """long[B, L], right-padded with ``pad_id``."""
+    attention_mask: torch.Tensor
+    """long[B, L]: 1 on real tokens."""
+    mask: torch.Tensor
+    """float32[B, L-1]: 1 on output tokens (shifted frame)."""
+    behav_logp: torch.Tensor
+    """float32[B, L-1]."""
+    versions: torch.Tensor
+    """long[B, L-1]: version of each output token, -1 elsewhere."""
+    advantages: torch.Tensor
+    """float32[B]."""
+    rewards: torch.Tensor
+    """float32[B]."""
+
+    @property
+    def rows(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def padded_tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+    def to(self, device: torch.device | str) -> MicroBatch:
+        return MicroBatch(
+            **{k: v.to(device) for k, v in self.__dict__.items() if isinstance(v, torch.Tensor)}
+        )
+
+
+def make_micro_batch(samples: Sequence[TrainSample], pad_id: int = 0) -> MicroBatch:
+    """Right-pad ``samples`` into one ``MicroBatch`` (frame in the module docstring)."""
+    if not samples:
+        raise ValueError("make_micro_batch: no samples")
+    b = len(samples)
+    width = max(s.length for s in samples)
+    if width < 2:
+        raise ValueError("make_micro_batch: every sequence needs >= 2 tokens")
+    ids = torch.full((b, width), pad_id, dtype=torch.long)
+    att = torch.zeros((b, width), dtype=torch.long)
+    mask = torch.zeros((b, width - 1), dtype=torch.float32)
+    behav = torch.zeros((b, width - 1), dtype=torch.float32)
+    vers = torch.full((b, width - 1), -1, dtype=torch.long)
+    for r, s in enumerate(samples):
+        p, t = int(s.prompt_ids.shape[0]), int(s.output_ids.shape[0])
+        ids[r, :p] = torch.from_numpy(s.prompt_ids)
+        ids[r, p : p + t] = torch.from_numpy(s.output_ids)
+        att[r, : p + t] = 1
+        mask[r, p - 1 : p - 1 + t] = 1.0
+        behav[r, p - 1 : p - 1 + t] = torch.from_numpy(s.behaviour_logp)
+        vers[r, p - 1 : p - 1 + t] = torch.from_numpy(s.token_versions)
+    return MicroBatch(
+        input_ids=ids,
+        attention_mask=att,
+        mask=mask,
+        behav_logp=behav,
+        versions=vers,
+        advantages=torch.tensor([s.advantage for s in samples], dtype=torch.float32),
+        rewards=torch.tensor([s.reward for s in samples], dtype=torch.float32),
+    )
+
+
+def pack_micro_batches(
+    samples: Sequence[TrainSample], token_budget: int, pad_id: int = 0
+) -> list[MicroBatch]:
+    """Greedy, order-preserving packing: a micro-batch grows while ``rows * longest`` (its
+    padded token count) stays within ``token_budget``; a sample longer than the budget gets a
+    micro-batch of its own. Every sample lands in exactly one micro-batch."""
+    if token_budget < 1:
+        raise ValueError(f"token_budget={token_budget} must be >= 1")
+    out: list[MicroBatch] = []
+    cur: list[TrainSample] = []
+    longest = 0
+    for s in samples:
+        new_longest = max(longest, s.length)
+        if cur and (len(cur) + 1) * new_longest > token_budget:
+            out.append(make_micro_batch(cur, pad_id))
+            cur, new_longest = [], s.length
+        cur.append(s)
+        longest = new_longest
+    if cur:
+        out.append(make_micro_batch(cur, pad_id))
+    return out
+
+
+def token_logprobs(model: Any, mb: MicroBatch, temperature: float = 1.0) -> torch.Tensor:
+    """float32[B, L-1]: ``log_softmax(logits / T)`` of each next token (0 where masked out).
+
+    ``temperature <= 0`` (greedy sampling) is treated as 1, as the inference servers do.
+    """
+    t = float(temperature) if temperature > 0 else 1.0
+    out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False)
+    logits = out.logits[:, :-1, :].float()
+    if t != 1.0:
+        logits = logits / t
+    logp = torch.log_softmax(logits, dim=-1)
+    picked = logp.gather(-1, mb.input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return torch.where(mb.mask > 0, picked, torch.zeros_like(picked))
