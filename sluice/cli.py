@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "model": ("sluice.commands.model", "tiny random-init models (sluice model init DIR ...)"),
     "status": ("sluice.commands.status", "a run's version, staleness gate, workers and buffer"),
     "run": ("sluice.commands.run", "change a live run's settings (sluice run set-eta N)"),
+    "rollout": ("sluice.commands.rollout", "rollout worker: generate groups into the run's buffer"),
     "train": ("sluice.commands.train", "the trainer: decoupled-PPO steps on the run's buffer"),
 }
 

@@ -1,0 +1,158 @@
+"""Run a rollout worker: admit groups through the run's staleness gate, generate them on
+inference servers, score them and push them to the run's Redis buffer, across weight updates.
+
+Start as many as you like, on one machine or many, against the same Redis and run name: they
+share the gate, the prompt cursor and the weight events. Servers come from --servers (or
+inference.servers), else --launch N starts N of them (engine auto|sglang|cpu). SIGTERM/SIGINT
+stops cleanly (in-flight groups hand their slots back, exit 0 within 30 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+log = logging.getLogger("sluice.rollout")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="run config YAML (default: built-in defaults)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set rollout.n_samples=4 (repeatable)",
+    )
+    p.add_argument(
+        "--servers", default=None, help="comma-separated inference server URLs (running already)"
+    )
+    p.add_argument(
+        "--launch", type=int, default=None, help="launch N inference servers (when no --servers)"
+    )
+    p.add_argument(
+        "--engine", choices=("auto", "sglang", "cpu"), default=None, help="engine for --launch"
+    )
+    p.add_argument("--worker-id", default=None, help="worker id (default HOSTNAME-PID)")
+    p.add_argument(
+        "--max-groups",
+        type=int,
+        default=None,
+        help="exit 0 after pushing this many groups (tests, benchmarks)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from sluice.config import ConfigError, load_config
+
+    overrides = list(args.overrides)
+    if args.servers is not None:
+        urls = [u.strip() for u in args.servers.split(",") if u.strip()]
+        if not urls:
+            raise SystemExit("sluice rollout: --servers is empty")
+        overrides.append("inference.servers=[" + ",".join(f'"{u}"' for u in urls) + "]")
+    if args.launch is not None:
+        overrides.append(f"inference.launch={args.launch}")
+    if args.engine is not None:
+        overrides.append(f"inference.engine={args.engine}")
+    if args.max_groups is not None and args.max_groups < 1:
+        raise SystemExit(f"sluice rollout: --max-groups must be >= 1, got {args.max_groups}")
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        raise SystemExit(f"sluice rollout: {e}") from None
+    if not cfg.model.path:
+        raise SystemExit(
+            "sluice rollout: model.path is empty; the worker needs the version-0 weights. Create "
+            f"them with `sluice model init DIR --task {cfg.task.name}` and pass "
+            "--set model.path=DIR (or set model.path in the config)"
+        )
+    from rollout_workers.models import ModelDirError, check_model_dir
+
+    try:
+        check_model_dir(cfg.model.path)
+    except ModelDirError as e:
+        raise SystemExit(f"sluice rollout: model.path: {e}") from None
+    if not cfg.inference.servers and cfg.inference.launch < 1:
+        raise SystemExit("sluice rollout: no servers: give --servers URL,... or --launch N")
+
+    import asyncio
+
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # uvloop is a dependency; plain asyncio still works without it
+        runner = asyncio.run
+    return int(runner(_main(cfg, args)))
+
+
+async def _main(cfg, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
+    import asyncio
+    import signal
+
+    from rollout_workers.launch import (
+        ServerHandle,
+        choose_engine,
+        launch_server,
+        model_vocab_size,
+    )
+    from rollout_workers.worker import RolloutWorker, make_servers
+
+    inf = cfg.inference
+    handles: list[ServerHandle] = []
+    restarts = []
+    servers = []
+    try:
+        if inf.servers:
+            urls = list(inf.servers)
+        else:
+            engine = choose_engine(inf.engine)
+            kw: dict[str, object] = {"admin_api_key": inf.admin_api_key}
+            if engine == "cpu":
+                kw["threads"] = inf.threads
+                kw["extra_args"] = list(inf.extra_args)
+            else:
+                kw.update(
+                    mem_fraction=inf.mem_fraction,
+                    tp_size=inf.tp_size,
+                    deterministic=inf.deterministic,
+                    extra_args=list(inf.extra_args),
+                )
+
+            def relauncher(port: int, gpu: int) -> object:
+                def again() -> ServerHandle:
+                    extra = {"gpu": gpu} if engine == "sglang" else {}
+                    return launch_server(engine, cfg.model.path, port, **kw, **extra)
+
+                return again
+
+            for i in range(inf.launch):
+                extra = {"gpu": i * inf.tp_size} if engine == "sglang" else {}
+                h = await asyncio.to_thread(
+                    launch_server, engine, cfg.model.path, None, **kw, **extra
+                )
+                handles.append(h)
+                restarts.append(relauncher(h.port, i * inf.tp_size))
+            urls = [h.url for h in handles]
+        servers = make_servers(
+            urls,
+            handles=handles or None,
+            restarts=restarts or None,  # type: ignore[arg-type]
+            admin_api_key=inf.admin_api_key,
+            vocab_size=model_vocab_size(cfg.model.path),
+        )
+        worker = RolloutWorker(cfg, servers, worker_id=args.worker_id, max_groups=args.max_groups)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, worker.request_stop)
+        pushed = await worker.run()
+        log.info("worker %s exits: %d groups pushed", worker.worker_id, pushed)
+        return 0
+    finally:
+        # Stop what we launched, by pid: the current handle of each server (a relaunched one
+        # replaced its first handle), and any launched before the worker existed.
+        current = [s.handle for s in servers if s.handle is not None]
+        for h in current + [h for h in handles if all(h is not c for c in current)]:
+            await asyncio.to_thread(h.stop, 10.0)
