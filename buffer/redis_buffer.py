@@ -50,6 +50,28 @@ DEAD_LETTER_MAXLEN = 10_000
 _MAX_BLOCK_MS = 5_000
 
 
+# KEYS[1] stream, KEYS[2] seen hash; ARGV: group, ttl, n, entry ids (n), group ids (n; '' when
+# unknown). Marks each known group seen, then XACK + XDEL: one command on the hot path, and the
+# seen mark is written before the entry is deleted.
+_ACK_LUA = """
+local n = tonumber(ARGV[3])
+local marked = false
+for i = 1, n do
+  local g = ARGV[3 + n + i]
+  if g ~= '' then
+    redis.call('HSET', KEYS[2], g, ARGV[3 + i])
+    marked = true
+  end
+end
+if marked then redis.call('EXPIRE', KEYS[2], tonumber(ARGV[2])) end
+local acked = redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 4, 3 + n))
+redis.call('XDEL', KEYS[1], unpack(ARGV, 4, 3 + n))
+return acked
+"""
+# Entry ids per ack script call (Lua's unpack has a stack limit of a few thousand values).
+_ACK_CHUNK = 1000
+
+
 @dataclass(frozen=True)
 class Delivered:
     """A group handed to this consumer; ``entry_id`` is what ``ack`` takes."""
@@ -100,6 +122,7 @@ class RedisTrajectoryBuffer:
         self.dead_key = key(run, "deadletter")
         self._owns_client = owns_client
         self._group_ready = False
+        self._ack_script = client.register_script(_ACK_LUA)
         self._group_of: dict[str, str] = {}  # delivered, not yet acked: entry id -> group id
 
     @classmethod
@@ -134,8 +157,11 @@ class RedisTrajectoryBuffer:
                 lookback = time.monotonic() - first_attempt + _CLOCK_MARGIN_S
                 existing = await self.find_put(group_id, lookback)
                 if existing is not None:
-                    log.info("put of group %s had landed as %s before its reply was lost",
-                             group_id, existing)
+                    log.info(
+                        "put of group %s had landed as %s before its reply was lost",
+                        group_id,
+                        existing,
+                    )
                     return existing
             attempts += 1
             return await self.redis.xadd(self.stream_key, {"d": payload, "g": group_id})
@@ -272,25 +298,24 @@ class RedisTrajectoryBuffer:
         (see ``put``). Returns how many were pending."""
         if not entry_ids and also is None:
             return 0
-        marks: dict[Any, Any] = {
-            g: e for e in entry_ids if (g := self._group_of.get(e)) is not None
-        }
+        seen = self._seen_key(int(time.time()) // SEEN_BUCKET_S)
+        chunks = [list(entry_ids[i : i + _ACK_CHUNK]) for i in range(0, len(entry_ids), _ACK_CHUNK)]
+
+        def script_args(ids: list[str]) -> list[Any]:
+            gids = [self._group_of.get(e, "") for e in ids]
+            return [CONSUMER_GROUP, SEEN_TTL_S, len(ids), *ids, *gids]
 
         async def op() -> int:
-            # One round trip. A transaction only when ``also`` must commit with the ack; without
-            # one, Redis still runs our commands in order, so the seen mark precedes the XDEL.
-            async with self.redis.pipeline(transaction=also is not None) as pipe:
-                if marks:
-                    seen = self._seen_key(int(time.time()) // SEEN_BUCKET_S)
-                    pipe.hset(seen, mapping=marks)
-                    pipe.expire(seen, SEEN_TTL_S)
-                if entry_ids:
-                    pipe.xack(self.stream_key, CONSUMER_GROUP, *entry_ids)
-                    pipe.xdel(self.stream_key, *entry_ids)
+            keys = [self.stream_key, seen]
+            if also is None and len(chunks) == 1:
+                return int(await self._ack_script(keys=keys, args=script_args(chunks[0])))
+            async with self.redis.pipeline(transaction=True) as pipe:
+                for ids in chunks:
+                    await self._ack_script(keys=keys, args=script_args(ids), client=pipe)
                 if also is not None:
                     also(pipe)
                 res = await pipe.execute()
-            return int(res[2 if marks else 0]) if entry_ids else 0
+            return sum(int(r) for r in res[: len(chunks)])
 
         acked = await with_retries(op, what=f"ack {len(entry_ids)} entries")
         for e in entry_ids:

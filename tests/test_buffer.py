@@ -479,3 +479,22 @@ async def test_with_retries_gives_up_with_named_operation() -> None:
     with pytest.raises(RedisUnavailable, match="my op"):
         await with_retries(always_down, what="my op", attempts=3, base_delay=0.001)
     assert calls == 3
+
+
+async def test_ack_commits_with_extra_commands_in_one_transaction(
+    redis_url: str, run_name: str
+) -> None:
+    async with await RedisTrajectoryBuffer.open(redis_url, run_name, consumer="c") as buf:
+        for i in range(3):
+            await buf.put(make_group(seed=i, run=run_name))
+        got = await buf.get_batch(3, block_ms=1000)
+        pointer = f"{run_name}:checkpoint"
+        n = await buf.ack([d.entry_id for d in got], also=lambda pipe: pipe.set(pointer, "ckpt-7"))
+        assert n == 3
+        assert await buf.redis.get(pointer) == b"ckpt-7"
+        assert (await buf.stats()).length == 0
+        # an ack of nothing but the extra commands still commits them
+        assert await buf.ack([], also=lambda pipe: pipe.set(pointer, "ckpt-8")) == 0
+        assert await buf.redis.get(pointer) == b"ckpt-8"
+        # the seen marks were written: a late retry of these puts finds them
+        assert await buf.find_put(got[0].group.group_id, lookback_s=60) == got[0].entry_id
