@@ -15,6 +15,10 @@ BENCHES: dict[str, tuple[str, str]] = {
         "benchmarks.engine_bench",
         "CPU server decode tok/s vs a transformers generate loop",
     ),
+    "weight-sync": (
+        "benchmarks.weight_sync_bench",
+        "weight update to first new-version token: abort_all vs pause vs gloo broadcast",
+    ),
 }
 
 

@@ -1,0 +1,234 @@
+"""Weight-update latency: from the update call to the first token generated on the new weights.
+
+For each model size a CPU reference server is launched and kept busy with long generations;
+then, per path and trial, new weights (a different random init saved as a full HF directory)
+are loaded and a 1-token generate is sent right after. Latency = update call sent → that token
+returned carrying the new ``weight_version``. Paths, measured in the same run on the same
+server:
+
+* ``abort_all``: ``update_weights_from_disk(abort_all_requests=true)`` — in-flight requests
+  return their partial outputs (old version) and the weights load; no pause round trip.
+* ``pause``: ``pause_generation(abort)`` → ``update_weights_from_disk`` → ``continue_generation``.
+* ``distributed``: gloo broadcast from this process (rank 0) into the server
+  (``/init_weights_update_group`` once, then ``/update_weights_from_distributed`` per bucket),
+  in flight requests aborted first; the transfer is memory to memory, no file.
+
+Bytes/s = weight bytes / latency. On a GPU with SGLang the same client calls apply.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+SIZES = {  # name -> (layers, hidden, vocab)
+    "tiny": (2, 64, 256),
+    "10M": (4, 256, 8192),
+    "100M": (12, 768, 16384),
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", default=None, help="write results to this JSON file")
+    p.add_argument(
+        "--sizes",
+        nargs="+",
+        default=list(SIZES),
+        choices=list(SIZES),
+        help="model sizes (default: all)",
+    )
+    p.add_argument("--trials", type=int, default=3, help="updates per path and size (default 3)")
+    p.add_argument("--inflight", type=int, default=4, help="long requests running during updates")
+    p.add_argument("--bucket-mb", type=float, default=64.0, help="distributed bucket size (MB)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the server")
+    p.add_argument("--workdir", default=None, help="where models are written (default: a temp dir)")
+    p.add_argument("--no-distributed", action="store_true", help="skip the gloo broadcast path")
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+class _Broadcaster:
+    """Rank 0 of a gloo group with the server as rank 1; broadcasts named tensors."""
+
+    def __init__(self, port: int) -> None:
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.port = port
+        self.pg: Any = None
+        self.store: Any = None
+
+    def join(self) -> None:
+        dist = self.dist
+        self.store = dist.TCPStore(
+            "127.0.0.1", self.port, 2, is_master=True, timeout=timedelta(seconds=120)
+        )
+        self.pg = dist.ProcessGroupGloo(
+            dist.PrefixStore("weights/", self.store), 0, 2, timedelta(seconds=120)
+        )
+
+    def broadcast(self, tensors: list[Any]) -> None:
+        opts = self.dist.BroadcastOptions()
+        opts.rootRank = 0
+        for t in tensors:
+            self.pg.broadcast([t], opts).wait()
+
+
+async def _bench_size(name: str, args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
+    import numpy as np
+
+    from rollout_workers.client import SamplingParams
+    from rollout_workers.launch import launch_cpu_server
+    from rollout_workers.models import init_tiny_model, load_state_dict
+    from sluice.procs import free_port
+
+    layers, hidden, vocab = SIZES[name]
+    dirs = [
+        init_tiny_model(work / f"{name}-v{i}", vocab=vocab, layers=layers, hidden=hidden, seed=i)
+        for i in range(2)
+    ]
+    nbytes = _dir_bytes(dirs[0])
+    params = nbytes // 4
+    server = launch_cpu_server(
+        dirs[0], threads=args.threads, log_path=work / f"{name}.log", timeout=300
+    )
+    rows: list[dict[str, Any]] = []
+    version = 0
+    rng = np.random.default_rng(0)
+    try:
+        async with server.client(timeout=600, update_timeout=600) as client:
+            long = SamplingParams(max_new_tokens=4000, temperature=1.0, ignore_eos=True)
+            one = SamplingParams(max_new_tokens=1, temperature=1.0)
+            prompt = [int(x) for x in rng.integers(3, vocab, 8)]
+
+            async def first_token_on(v: int) -> float:
+                while True:
+                    res = await client.generate(prompt, one)
+                    if res.weight_version == v:
+                        return time.perf_counter()
+
+            async def timed(path: str) -> float:
+                nonlocal version
+                background = [
+                    asyncio.create_task(client.generate(prompt, long)) for _ in range(args.inflight)
+                ]
+                await asyncio.sleep(0.3)  # let them get going
+                version += 1
+                target = str(dirs[version % 2])
+                t0 = time.perf_counter()
+                if path == "abort_all":
+                    await client.update_weights_from_disk(target, version, abort_all_requests=True)
+                elif path == "pause":
+                    await client.pause("abort")
+                    await client.update_weights_from_disk(target, version)
+                    await client.resume()
+                else:
+                    await client.abort()  # distributed: stop in-flight work, then stream weights
+                    await _distributed_update(
+                        client, bcast, states[version % 2], version, args.bucket_mb
+                    )
+                t1 = await first_token_on(version)
+                results = await asyncio.gather(*background, return_exceptions=True)
+                for r in results:
+                    if isinstance(r, BaseException):
+                        raise r
+                    assert r.finish_reason == "abort", r.finish_reason
+                return t1 - t0
+
+            paths = ["abort_all", "pause"]
+            bcast = None
+            states: list[list[tuple[str, Any]]] = []
+            if not args.no_distributed:
+                bcast = _Broadcaster(free_port())
+                th = threading.Thread(target=bcast.join)
+                th.start()
+                await client.init_weights_update_group(
+                    "127.0.0.1", bcast.port, 1, 2, "weights", "gloo"
+                )
+                th.join(60)
+                states = [sorted(load_state_dict(d).items()) for d in dirs]
+                paths.append("distributed")
+            for path in paths:
+                times = [await timed(path) for _ in range(args.trials)]
+                med = statistics.median(times)
+                rows.append(
+                    {
+                        "model": name,
+                        "params": params,
+                        "weight_bytes": nbytes,
+                        "path": path,
+                        "latency_s": med,
+                        "latency_all_s": times,
+                        "gb_per_s": nbytes / med / 1e9,
+                    }
+                )
+    finally:
+        server.stop()
+    return rows
+
+
+async def _distributed_update(
+    client: Any, bcast: Any, state: list[tuple[str, Any]], version: int, bucket_mb: float
+) -> None:
+    buckets: list[list[tuple[str, Any]]] = [[]]
+    size = 0
+    for name, t in state:
+        if buckets[-1] and size + t.numel() * t.element_size() > bucket_mb * 1e6:
+            buckets.append([])
+            size = 0
+        buckets[-1].append((name, t))
+        size += t.numel() * t.element_size()
+    for i, bucket in enumerate(buckets):
+        th = threading.Thread(target=bcast.broadcast, args=([t.contiguous() for _, t in bucket],))
+        th.start()
+        last = i == len(buckets) - 1
+        await client.update_weights_from_distributed(
+            [n for n, _ in bucket],
+            [str(t.dtype).removeprefix("torch.") for _, t in bucket],
+            [list(t.shape) for _, t in bucket],
+            "weights",
+            version,
+            flush_cache=last,
+        )
+        th.join(120)
+
+
+def run(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from benchmarks.common import machine_info, print_table, write_json
+
+    with tempfile.TemporaryDirectory(prefix="sluice-wsync-") as tmp:
+        work = Path(args.workdir or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        rows: list[dict[str, Any]] = []
+        for name in args.sizes:
+            rows += asyncio.run(_bench_size(name, args, work))
+    print_table(
+        f"weight update → first token on new weights (CPU server, {args.inflight} requests in "
+        f"flight, median of {args.trials})",
+        ["model", "params", "path", "latency s", "GB/s"],
+        [
+            [
+                r["model"],
+                f"{r['params'] / 1e6:.1f}M",
+                r["path"],
+                round(r["latency_s"], 4),
+                round(r["gb_per_s"], 3),
+            ]
+            for r in rows
+        ],
+    )
+    write_json(
+        args.json,
+        {"benchmark": "weight-sync", "machine": machine_info(), "engine": "cpu", "results": rows},
+    )
+    return 0

@@ -1,0 +1,62 @@
+"""The buffer and weight-sync benchmarks end to end on small settings: they run, measure both
+sides and write their JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sluice.cli import main
+
+
+@pytest.mark.timeout(120)
+def test_buffer_bench_writes_paired_results(tmp_path: Path) -> None:
+    out = tmp_path / "buffer.json"
+    argv = [
+        "bench",
+        "buffer",
+        "--json",
+        str(out),
+        "--tokens",
+        "64",
+        "512",
+        "--mb-per-round",
+        "1",
+        "--rounds",
+        "2",
+    ]
+    assert main(argv) == 0
+    doc = json.loads(out.read_text())
+    assert [r["tokens"] for r in doc["results"]] == [64, 512]
+    for r in doc["results"]:
+        for k in ("put_per_s", "get_per_s", "raw_put_per_s", "raw_get_per_s"):
+            assert r[k] > 0, k
+        assert 0 < r["put_ratio"] < 10 and 0 < r["get_ratio"] < 10
+        assert r["samples"] == 8 * r["groups"]
+
+
+@pytest.mark.timeout(180)
+def test_weight_sync_bench_every_path_reaches_the_new_version(tmp_path: Path) -> None:
+    out = tmp_path / "ws.json"
+    argv = [
+        "bench",
+        "weight-sync",
+        "--json",
+        str(out),
+        "--sizes",
+        "tiny",
+        "--trials",
+        "1",
+        "--inflight",
+        "2",
+        "--workdir",
+        str(tmp_path / "models"),
+    ]
+    assert main(argv) == 0
+    doc = json.loads(out.read_text())
+    assert [r["path"] for r in doc["results"]] == ["abort_all", "pause", "distributed"]
+    for r in doc["results"]:
+        assert 0 < r["latency_s"] < 60
+        assert r["weight_bytes"] > 0 and r["gb_per_s"] > 0
