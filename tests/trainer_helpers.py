@@ -107,7 +107,7 @@ def base_config(
 
 
 def run_train(
-    config: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 120
+    config: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 180
 ) -> subprocess.CompletedProcess[str]:
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
     return subprocess.run(

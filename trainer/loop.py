@@ -117,6 +117,11 @@ def _choose_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
+def _entry_order(d: Delivered) -> tuple[int, int]:
+    ms, _, seq = d.entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
 def _clean(x: Any) -> Any:
     if isinstance(x, float) and not math.isfinite(x):
         return None
@@ -272,8 +277,13 @@ class Trainer:
             self.st.version = run_version
             self.st.weights_version = None
         if self.resume:
-            reclaimed = await self.buf.reclaim(self.tc.reclaim_idle_ms, count=10_000)
-            self._plan_replay(records, pending + reclaimed)
+            reclaimed: list[Delivered] = []
+            if not self.dist.enabled:
+                # Under torchrun a rank must not take a sibling's pending groups (the sibling
+                # replays them); a single trainer takes over any consumer's idle ones.
+                reclaimed = await self.buf.reclaim(self.tc.reclaim_idle_ms, count=10_000)
+            unique = {d.entry_id: d for d in [*pending, *reclaimed]}  # XAUTOCLAIM may re-list ours
+            self._plan_replay(records, sorted(unique.values(), key=_entry_order))
 
     async def _records(self, rank: int) -> dict[int, dict[str, Any]]:
         raw = await self.redis.hgetall(self.k_steps[rank])
