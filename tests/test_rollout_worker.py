@@ -25,6 +25,7 @@ from buffer.codec import decode_group
 from buffer.connection import connect, key
 from buffer.redis_buffer import RedisTrajectoryBuffer
 from buffer.schema import TrajectoryGroup
+from rollout_workers.client import SGLangClient
 from rollout_workers.cpu_server import CPUServerProcess
 from rollout_workers.prompts import PromptSource
 from rollout_workers.tasks import get_task
@@ -95,15 +96,16 @@ async def holds(redis_url: str, run: str, worker: str) -> int:
 
 
 def recompute_logprobs(model_dir: Path, prompt: list[int], output: list[int], t: float) -> Any:
-    """``log_softmax(logits / T)`` of each output token, by one unbatched transformers forward."""
+    """``log_softmax(logits / T)`` of each output token, by one unbatched transformers forward
+    in float64 (so the only rounding left is the server's float32)."""
     import torch
 
     from rollout_workers.models import load_model
 
-    model = load_model(model_dir)
+    model = load_model(model_dir, dtype="float64")
     ids = torch.tensor([prompt + output])
     with torch.no_grad():
-        logits = model(input_ids=ids).logits[0].float()
+        logits = model(input_ids=ids).logits[0].double()
     logp = torch.log_softmax(logits / t, dim=-1)
     pos = torch.arange(len(prompt) - 1, len(prompt) + len(output) - 1)
     return logp[pos, torch.tensor(output)].numpy()
@@ -158,13 +160,18 @@ async def test_worker_fills_buffer_with_correct_groups(
 
 
 @pytest.mark.timeout(90)
+@pytest.mark.parametrize("mode", ["abort_all", "pause"])
 async def test_weight_update_mid_generation_logprobs_match_recorded_versions(
-    redis_url: str, run_name: str, models: tuple[Path, Path], server: CPUServerProcess
+    redis_url: str,
+    run_name: str,
+    models: tuple[Path, Path],
+    server: CPUServerProcess,
+    mode: str,
 ) -> None:
     """v1 is published while every sample is mid-generation: the samples span versions 0 and
     1, and every token's behaviour log-prob equals a transformers recomputation under the
     weights of the version the server recorded for that token."""
-    long = 1500
+    long = 600
     cfg = config(
         redis_url,
         run_name,
@@ -173,6 +180,7 @@ async def test_weight_update_mid_generation_logprobs_match_recorded_versions(
         ignore_eos="true",
         n_samples=3,
         max_inflight_groups=2,
+        update_mode=mode,
     )
     worker = RolloutWorker(cfg, make_servers([server.url]), worker_id="w-upd", max_groups=2)
     run = asyncio.create_task(worker.run())
@@ -180,7 +188,7 @@ async def test_weight_update_mid_generation_logprobs_match_recorded_versions(
     while worker.inflight_requests() < 6:
         assert not run.done() and time.monotonic() - t0 < 20
         await asyncio.sleep(0.02)
-    await asyncio.sleep(0.3)  # some tokens into the samples (1500 take seconds)
+    await asyncio.sleep(0.15)  # some tokens into the samples (600 take ~0.6 s)
     assert worker.inflight_requests() == 6, "samples finished before the update could land"
     async with await VersionManager.open(redis_url, run_name) as vm:
         await vm.publish_weights(1, str(models[1]), "safetensors")
@@ -233,6 +241,69 @@ async def test_worker_stops_at_gate_capacity(
     assert (snap.admitted, snap.finished, snap.rejected, snap.capacity) == (4, 4, 0, 0)
     groups = await read_groups(redis_url, run_name, 4)
     assert sorted(g.admission_version for g in groups) == [0, 0, 1, 1]
+
+
+@pytest.mark.timeout(60)
+async def test_reward_failures_reject_the_group_with_their_reason(
+    redis_url: str, run_name: str, models: tuple[Path, Path], server: CPUServerProcess
+) -> None:
+    """rollout.reward_fn raising, returning NaN or outliving reward_timeout_s rejects the
+    group: the slot goes back with the reason, the prompt is not served again this epoch."""
+    cfg = config(
+        redis_url,
+        run_name,
+        models[0],
+        reward_fn="rollout_reward_fns:flaky",
+        reward_timeout_s=0.3,
+        n_samples=2,
+    )
+    worker = RolloutWorker(cfg, make_servers([server.url]), worker_id="w-rew", max_groups=4)
+    assert await asyncio.wait_for(worker.run(), 40) == 4
+    snap = await gate(redis_url, run_name)
+    assert snap.admitted == 4 + snap.rejected and snap.inflight_total == 0
+    assert set(snap.rejected_by) <= {"reward_error", "reward_nonfinite", "reward_timeout"}
+    assert snap.rejected_by == worker.counters.rejected_by and snap.rejected >= 3
+    groups = await read_groups(redis_url, run_name, 4)
+    assert all(g.samples and g.samples[0].reward >= 0 for g in groups)
+    by_id = {p.id: p for p in get_task("reverse").prompts("train")}
+    assert all(by_id[g.prompt_id].answer[-1] % 4 == 3 for g in groups)
+    c = await connect(redis_url)
+    try:  # rejected prompts were released, not requeued
+        assert await c.hlen(key(run_name, "prompts", "train", "holders")) == 0
+        assert await c.llen(key(run_name, "prompts", "train", "requeue")) == 0
+    finally:
+        await c.aclose()
+
+
+@pytest.mark.timeout(60)
+async def test_weight_events_during_an_update_are_coalesced(
+    redis_url: str, run_name: str, models: tuple[Path, Path], server: CPUServerProcess
+) -> None:
+    """Three publications in a burst: the worker ends on the newest, loading each server at
+    most once per version and skipping what a newer event superseded."""
+    cfg = config(redis_url, run_name, models[0], max_new_tokens=1000, ignore_eos="true")
+    servers = make_servers([server.url])
+    worker = RolloutWorker(cfg, servers, worker_id="w-coal", max_groups=1000)
+    run = asyncio.create_task(worker.run())
+    t0 = time.monotonic()
+    while worker.inflight_requests() == 0:
+        assert not run.done() and time.monotonic() - t0 < 20
+        await asyncio.sleep(0.02)
+    async with await VersionManager.open(redis_url, run_name) as vm:
+        for v in (1, 2, 3):
+            await vm.publish_weights(v, str(models[v % 2]), "safetensors")
+    while worker.version != 3 or servers[0].version != 3:
+        assert not run.done() and time.monotonic() - t0 < 30
+        await asyncio.sleep(0.02)
+    worker.request_stop()
+    await asyncio.wait_for(run, 30)
+    recs = worker.updates
+    assert [r.version for r in recs] == sorted({r.version for r in recs}) and recs[-1].version == 3
+    assert len(recs) + sum(r.coalesced for r in recs) == 3
+    async with SGLangClient(server.url) as cl:
+        assert await cl.weight_version() == 3
+    snap = await gate(redis_url, run_name)
+    assert snap.admitted == snap.finished + snap.rejected and snap.inflight_total == 0
 
 
 @pytest.mark.timeout(90)

@@ -1,0 +1,22 @@
+"""Reward functions for tests/test_rollout_worker.py (loaded as ``rollout_reward_fns:NAME``)."""
+
+from __future__ import annotations
+
+import time
+
+from rollout_workers.tasks import get_task
+from rollout_workers.tasks.base import Prompt
+
+_TASK = get_task("reverse")
+
+
+def flaky(prompt: Prompt, output_ids: list[int]) -> float:
+    """By the prompt's first digit mod 4: raise, NaN, too slow, or the task's reward."""
+    kind = prompt.answer[-1] % 4
+    if kind == 0:
+        raise RuntimeError(f"reward exploded on {prompt.id}")
+    if kind == 1:
+        return float("nan")
+    if kind == 2:
+        time.sleep(1.0)
+    return _TASK.reward(prompt, output_ids)
