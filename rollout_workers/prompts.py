@@ -206,7 +206,7 @@ class PromptSource:
         """Lease the next prompt (requeued, else expired, else the cursor's next)."""
         token = f"{self.worker_id}/{uuid.uuid4().hex}"
         keys = [self.k_cursor, self.k_leases, self.k_holders, self.k_requeue]
-        args = [len(self.prompts), self.fingerprint, self.ttl_ms, token]
+        args: list[str | int] = [len(self.prompts), self.fingerprint, self.ttl_ms, token]
 
         async def op() -> Any:
             try:

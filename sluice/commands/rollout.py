@@ -77,15 +77,9 @@ def run(args: argparse.Namespace) -> int:
     if not cfg.inference.servers and cfg.inference.launch < 1:
         raise SystemExit("sluice rollout: no servers: give --servers URL,... or --launch N")
 
-    import asyncio
+    import uvloop
 
-    try:
-        import uvloop
-
-        runner = uvloop.run
-    except ImportError:  # uvloop is a dependency; plain asyncio still works without it
-        runner = asyncio.run
-    return int(runner(_main(cfg, args)))
+    return int(uvloop.run(_main(cfg, args)))
 
 
 async def _main(cfg, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
