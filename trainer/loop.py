@@ -524,7 +524,7 @@ class Trainer:
             reward = stats.metrics["reward_mean"]
             reached_target = self.tc.reward_target is not None and reward >= self.tc.reward_target
             counts = self._reduce([len(batch.delivered), len(dropped), batch.idle_s, *hist])
-            self._log_step(stats, batch, counts, step_s, t_start)
+            self._log_step(stats, batch, counts, step_s, t_start, kept, dropped)
             last = n >= self.max_steps or reached_target
             if last and self.st.weights_version is None:
                 await self._publish()
@@ -542,11 +542,19 @@ class Trainer:
         return taken
 
     def _log_step(
-        self, stats: StepStats, batch: _Batch, counts: list[float], step_s: float, t0: float
+        self,
+        stats: StepStats,
+        batch: _Batch,
+        counts: list[float],
+        step_s: float,
+        t0: float,
+        kept: list[Delivered],
+        dropped: list[str],
     ) -> None:
         if self.dist.rank != 0:
             return
-        groups, dropped, idle = int(counts[0]), int(counts[1]), counts[2]
+        dropped_set = set(dropped)
+        groups, n_dropped, idle = int(counts[0]), int(counts[1]), counts[2]
         hist_v = counts[3:]
         hist = {}
         for i, c in enumerate(hist_v):
@@ -563,9 +571,15 @@ class Trainer:
             "reward_std": m["reward_std"],
             "staleness_hist": hist,
             "staleness_max": smax,
-            "dropped": dropped,
+            "dropped": n_dropped,
             "dropped_total": self.st.dropped_total,
             "groups": groups,
+            # This rank's trained and dropped group ids: a replayed step repeats its row with
+            # the same ids; across step numbers a group id appears once (tests/faults).
+            "group_ids": [d.group.group_id for d in kept],
+            "dropped_group_ids": [
+                d.group.group_id for d in batch.delivered if d.entry_id in dropped_set
+            ],
             "samples": stats.samples,
             "tokens": stats.tokens,
             "loss": stats.loss,
@@ -597,7 +611,7 @@ class Trainer:
             m["reward_std"],
             stats.loss,
             smax,
-            dropped,
+            n_dropped,
             groups,
             row["tokens_per_s"],
             idle,
