@@ -469,6 +469,12 @@ class CPUServer:
         self.inflight: dict[str, Req] = {}
         self.groups: dict[str, Any] = {}
         self._loop_task: asyncio.Task[None] | None = None
+        # Read-only counters for /model_info (benchmarks): seconds the model spent in engine
+        # steps (decode + prefill), steps taken, /generate requests received, since start.
+        self.started = time.monotonic()
+        self.busy_s = 0.0
+        self.engine_steps = 0
+        self.requests = 0
 
     # ---- plumbing
 
@@ -524,12 +530,16 @@ class CPUServer:
                     continue
                 room = max(0, self.engine.max_batch - len(self.engine.rows))
                 admitted, self.waiting = self.waiting[:room], self.waiting[room:]
+                t_step = time.monotonic()
                 try:
                     finished = await self._in_executor(self.engine.step, admitted)
                 except Exception as e:  # the model failed: fail these requests, keep serving
                     log.exception("engine step failed")
                     self._fail(list(self.engine.rows) + admitted, f"engine step failed: {e!r}")
                     continue
+                finally:
+                    self.busy_s += time.monotonic() - t_step
+                    self.engine_steps += 1
                 self._finish(finished)
             await asyncio.sleep(0)
 
@@ -653,6 +663,7 @@ class CPUServer:
             return _error(400, str(e))
         if rid in self.inflight:
             return _error(400, f"Duplicate request ID: {rid}")
+        self.requests += 1
         seed = sampling.sampling_seed
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,), generator=self.rng))
@@ -902,6 +913,11 @@ class CPUServer:
                 "vocab_size": self.engine.vocab_size,
                 "max_position_embeddings": self.engine.max_positions,
                 "eos_token_ids": sorted(self.engine.eos_ids),
+                # Not in SGLang's answer (CPU server only): busy_s / uptime_s = utilisation.
+                "busy_s": round(self.busy_s, 6),
+                "engine_steps": self.engine_steps,
+                "requests": self.requests,
+                "uptime_s": round(time.monotonic() - self.started, 6),
             }
         )
 

@@ -430,3 +430,31 @@ async def test_distributed_update_matches_sender(cpu_server_factory: Any, tmp_pa
             assert torch.equal(torch.tensor(value, dtype=torch.float32), state[n]), n
         async with s.get(srv.url + "/model_info") as r:
             assert (await r.json())["weight_version"] == "7"
+
+
+@pytest.mark.timeout(120)
+async def test_model_info_counts_busy_time_and_requests(
+    cpu_server_factory: Any, tiny_model: Path
+) -> None:
+    """``busy_s`` grows only with engine steps and stays within ``uptime_s``; ``requests``
+    counts /generate calls (the pipeline benchmark's server idle fraction reads these)."""
+    srv = cpu_server_factory(tiny_model)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(srv.url + "/model_info") as r:
+            before = await r.json()
+        assert before["requests"] == 0 and before["engine_steps"] == 0 and before["busy_s"] == 0
+        body = gen_body([5, 6, 7], max_new_tokens=20, temperature=1.0, ignore_eos=True)
+        outs = await asyncio.gather(*(post(s, srv.url + "/generate", body) for _ in range(3)))
+        assert all(st == 200 for st, _ in outs)
+        await asyncio.sleep(0.2)  # idle time: uptime grows, busy time does not
+        async with s.get(srv.url + "/model_info") as r:
+            mid = await r.json()
+        await asyncio.sleep(0.3)
+        async with s.get(srv.url + "/model_info") as r:
+            after = await r.json()
+    assert mid["requests"] == 3
+    # 20 tokens each: at least 20 steps (prefill gives the first token, joins may add one).
+    assert 20 <= mid["engine_steps"] <= 3 * 21
+    assert 0 < mid["busy_s"] < mid["uptime_s"]
+    assert after["busy_s"] == mid["busy_s"] and after["engine_steps"] == mid["engine_steps"]
+    assert after["uptime_s"] >= mid["uptime_s"] + 0.25
