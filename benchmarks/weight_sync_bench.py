@@ -27,11 +27,27 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-SIZES = {  # name -> (layers, hidden, vocab)
-    "tiny": (2, 64, 256),
-    "10M": (4, 256, 8192),
-    "100M": (12, 768, 16384),
+SIZES: dict[str, dict[str, Any]] = {  # name -> init_tiny_model shape
+    "tiny": {"layers": 2, "hidden": 64, "vocab": 256},
+    "10M": {"layers": 4, "hidden": 256, "vocab": 8192},
+    "100M": {"layers": 12, "hidden": 768, "vocab": 16384},
+    # Qwen2-0.5B's shape (494M parameters), random init: for GPU runs.
+    "0.5B": {
+        "layers": 24,
+        "hidden": 896,
+        "vocab": 151936,
+        "heads": 14,
+        "kv_heads": 2,
+        "intermediate": 4864,
+        "arch": "qwen2",
+        "max_positions": 32768,
+    },
 }
+# Flags seen working with SGLang 0.5.17 on an H100 (override with $SLUICE_SGLANG_ARGS).
+SGLANG_ARGS = (
+    "--attention-backend triton --sampling-backend pytorch --disable-cuda-graph "
+    "--disable-piecewise-cuda-graph --grammar-backend none --dtype bfloat16"
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,10 +55,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--sizes",
         nargs="+",
-        default=list(SIZES),
+        default=["tiny", "10M", "100M"],
         choices=list(SIZES),
-        help="model sizes (default: all)",
+        help="model sizes (default: tiny 10M 100M; 0.5B is for GPUs)",
     )
+    p.add_argument(
+        "--engine",
+        choices=("cpu", "sglang"),
+        default="cpu",
+        help="server under test (sglang: one GPU; the gloo broadcast path is CPU-only)",
+    )
+    p.add_argument("--mem-fraction", type=float, default=0.5, help="SGLang --mem-fraction-static")
     p.add_argument("--trials", type=int, default=3, help="updates per path and size (default 3)")
     p.add_argument("--inflight", type=int, default=4, help="long requests running during updates")
     p.add_argument("--bucket-mb", type=float, default=64.0, help="distributed bucket size (MB)")
@@ -90,16 +113,29 @@ async def _bench_size(name: str, args: argparse.Namespace, work: Path) -> list[d
     from rollout_workers.models import init_tiny_model, load_state_dict
     from sluice.procs import free_port
 
-    layers, hidden, vocab = SIZES[name]
-    dirs = [
-        init_tiny_model(work / f"{name}-v{i}", vocab=vocab, layers=layers, hidden=hidden, seed=i)
-        for i in range(2)
-    ]
-    nbytes = _dir_bytes(dirs[0])
-    params = nbytes // 4
-    server = launch_cpu_server(
-        dirs[0], threads=args.threads, log_path=work / f"{name}.log", timeout=300
-    )
+    shape = SIZES[name]
+    vocab = shape["vocab"]
+    dirs = [init_tiny_model(work / f"{name}-v{i}", seed=i, **shape) for i in range(2)]
+    params = _dir_bytes(dirs[0]) // 4  # written in float32
+    if args.engine == "sglang":
+        import os
+
+        from rollout_workers.launch import launch_sglang
+
+        extra = os.environ.get("SLUICE_SGLANG_ARGS", SGLANG_ARGS).split()
+        server = launch_sglang(
+            dirs[0],
+            mem_fraction=args.mem_fraction,
+            extra_args=extra,
+            log_path=work / f"{name}.log",
+            timeout=900,
+        )
+        nbytes = params * 2  # what the server holds and moves: bfloat16
+    else:
+        server = launch_cpu_server(
+            dirs[0], threads=args.threads, log_path=work / f"{name}.log", timeout=300
+        )
+        nbytes = params * 4
     rows: list[dict[str, Any]] = []
     version = 0
     rng = np.random.default_rng(0)
@@ -146,7 +182,7 @@ async def _bench_size(name: str, args: argparse.Namespace, work: Path) -> list[d
             paths = ["abort_all", "pause"]
             bcast = None
             states: list[list[tuple[str, Any]]] = []
-            if not args.no_distributed:
+            if not args.no_distributed and args.engine == "cpu":
                 bcast = _Broadcaster(free_port())
                 th = threading.Thread(target=bcast.join)
                 th.start()
@@ -162,6 +198,7 @@ async def _bench_size(name: str, args: argparse.Namespace, work: Path) -> list[d
                 rows.append(
                     {
                         "model": name,
+                        "engine": args.engine,
                         "params": params,
                         "weight_bytes": nbytes,
                         "path": path,
@@ -213,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
         for name in args.sizes:
             rows += asyncio.run(_bench_size(name, args, work))
     print_table(
-        f"weight update → first token on new weights (CPU server, {args.inflight} requests in "
+        f"weight update → first token on new weights ({args.engine} server, {args.inflight} requests in "
         f"flight, median of {args.trials})",
         ["model", "params", "path", "latency s", "GB/s"],
         [
@@ -229,6 +266,11 @@ def run(args: argparse.Namespace) -> int:
     )
     write_json(
         args.json,
-        {"benchmark": "weight-sync", "machine": machine_info(), "engine": "cpu", "results": rows},
+        {
+            "benchmark": "weight-sync",
+            "machine": machine_info(),
+            "engine": args.engine,
+            "results": rows,
+        },
     )
     return 0

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Runs sluice on a GPU machine that has PyTorch + CUDA but no SGLang, Redis or network.
+# Needs the carried folder .sgl/ (see scripts/gpu/README.md): sglang_site312.tar.xz (SGLang
+# 0.5.17 trimmed for H100/H200), *.deb (redis-server), whl/*.whl (sluice's own dependencies).
+# Usage: bash scripts/gpu/run.sh STAGE...   stages: tests weight-sync demo pipeline
+# Results go to $OUT (default /tmp/sluice-gpu-out).
+set -uo pipefail
+OUT=${OUT:-/tmp/sluice-gpu-out}; mkdir -p "$OUT"
+T0=$(date +%s)
+log() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
+mkdir -p /tmp/site /tmp/redis /tmp/bin
+[ -d /tmp/site/sglang ] || tar -xJf .sgl/sglang_site312.tar.xz -C /tmp/site
+[ -d /tmp/site/redis ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+  --target /tmp/site .sgl/whl/*.whl
+[ -x /tmp/redis/usr/bin/redis-server ] || for f in .sgl/*.deb; do dpkg -x "$f" /tmp/redis; done
+cat > /tmp/bin/redis-server <<'SH'
+#!/bin/sh
+LD_LIBRARY_PATH=/tmp/redis/usr/lib/x86_64-linux-gnu exec /tmp/redis/usr/bin/redis-server "$@"
+SH
+chmod +x /tmp/bin/redis-server
+export PATH=/tmp/bin:$PATH PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+log "unpacked; $(nvidia-smi -L | head -1); python $(python3 -V)"
+python3 -c "import sglang, torch, redis, aiohttp; print('sglang', sglang.__version__, 'torch', torch.__version__)"
+rc=0
+for stage in "$@"; do
+  log "stage $stage"
+  case "$stage" in
+    tests)
+      SLUICE_GPU_REPORT=$OUT/gpu-tests.json python3 -m pytest tests/gpu -m gpu -p no:cacheprovider \
+        -o addopts="" -q -rA 2>&1 | tee "$OUT/gpu-tests.log" | tail -40 || rc=1 ;;
+    weight-sync)
+      python3 -m sluice bench weight-sync --engine sglang --sizes tiny 100M 0.5B --trials 3 \
+        --inflight 8 --json "$OUT/weight-sync-sglang.json" 2>&1 | tail -25 || rc=1 ;;
+    demo)
+      python3 -m sluice demo --engine sglang --no-live --run-dir /tmp/sluice-demo-gpu \
+        ${SLUICE_DEMO_ARGS:-} 2>&1 | tail -40 || rc=1
+      cp -r /tmp/sluice-demo-gpu/report "$OUT/demo-report" 2>/dev/null || true ;;
+    pipeline)
+      python3 -m sluice bench pipeline ${SLUICE_PIPELINE_ARGS:-} --json "$OUT/pipeline-gpu.json" \
+        --plot "$OUT/pipeline-gpu.png" 2>&1 | tail -40 || rc=1 ;;
+    *) echo "unknown stage $stage"; rc=2 ;;
+  esac
+done
+log "done rc=$rc"
+exit $rc
