@@ -29,7 +29,7 @@ for stage in "$@"; do
       SLUICE_GPU_REPORT=$OUT/gpu-tests.json python3 -m pytest tests/gpu -m gpu -p no:cacheprovider \
         -o addopts="" -q -rA 2>&1 | tee "$OUT/gpu-tests.log" | tail -40 || rc=1 ;;
     weight-sync)
-      python3 -m sluice bench weight-sync --engine sglang --sizes tiny 100M 0.5B --trials 3 \
+      python3 -m sluice bench weight-sync --engine sglang --sizes ${SLUICE_WSYNC_SIZES:-tiny 100M 0.5B} --trials 3 \
         --inflight 8 --json "$OUT/weight-sync-sglang.json" 2>&1 | tail -25 || rc=1 ;;
     demo)
       python3 -m sluice demo --engine sglang --no-live --run-dir /tmp/sluice-demo-gpu \
