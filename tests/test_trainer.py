@@ -234,6 +234,8 @@ def test_stale_groups_are_dropped_counted_and_never_trained(
     assert m["staleness_hist"] == {"0": 1, "1": 1, "2": 1, "3": 1}
     assert m["samples"] == 8  # 2 kept groups x 4 samples
     assert m["version"] == 4
+    # buffer_s: the step's Redis calls (record, eta, 2 drops + acks, publish, reap), in step_s.
+    assert 0 < m["buffer_s"] <= m["step_s"]
 
     async def check() -> None:
         import json

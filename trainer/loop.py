@@ -40,9 +40,10 @@ import math
 import os
 import signal
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -60,6 +61,7 @@ if TYPE_CHECKING:
     from staleness import VersionManager
 
 log = logging.getLogger("sluice.trainer")
+R = TypeVar("R")
 
 CRASH_ENV = "SLUICE_TRAINER_CRASH_AT"
 CRASH_POINTS = (
@@ -175,6 +177,9 @@ class Trainer:
         self.device = _choose_device(self.tc.device)
         self._stop = False
         self.st = _State()
+        self._buffer_s = 0.0
+        """Seconds in buffer/gate Redis calls since the last metrics row, the blocking read
+        excluded (that is ``idle_s``): step records, eta, drop, ack, publish, reap."""
 
     # ------------------------------------------------------------------ hooks and signals
     def crash_hook(self, point: str, step: int | None = None) -> None:
@@ -189,6 +194,14 @@ class Trainer:
         if not self._stop:
             log.warning("stop requested: finishing the step, then checkpointing")
         self._stop = True
+
+    async def _redis(self, call: Awaitable[R]) -> R:
+        """Await one buffer/gate call, counting its time in ``buffer_s``."""
+        t = time.monotonic()
+        try:
+            return await call
+        finally:
+            self._buffer_s += time.monotonic() - t
 
     # ------------------------------------------------------------------ model
     def _load_model(self, path: Path) -> Any:
@@ -346,7 +359,7 @@ class Trainer:
             dest = write_model_dir(
                 self.model, self.weights_dir / f"v{v}", crash_hook=self.crash_hook_now
             )
-            await self.vm.publish_weights(v, str(dest.resolve()), "safetensors")
+            await self._redis(self.vm.publish_weights(v, str(dest.resolve()), "safetensors"))
             prune(self.weights_dir, "v", self.tc.keep_weights)
         self.st.version = v
         self.st.weights_version = v
@@ -362,7 +375,7 @@ class Trainer:
 
             td.barrier()  # every rank has recorded (and trained) step n
         if self.dist.rank == 0:
-            records = [await self._records(r) for r in range(self.dist.world_size)]
+            records = [await self._redis(self._records(r)) for r in range(self.dist.world_size)]
             entries: list[str] = []
             groups: list[str] = []
             fields: list[list[str]] = []
@@ -408,7 +421,7 @@ class Trainer:
                     if f:
                         pipe.hdel(k, *f)
 
-            await self.buf.ack(entries, also=also)
+            await self._redis(self.buf.ack(entries, also=also))
             self.st.ckpt_path = path
             prune(self.ckpt_dir, "step-", self.tc.keep_checkpoints, protect=dest)
             log.info("checkpoint step %d committed (%d groups acked)", n, len(groups))
@@ -466,8 +479,8 @@ class Trainer:
             assert batch is not None
             t0 = time.monotonic()
             n = self.st.step + 1
-            await self._record(n, batch)
-            eta = await self._eta()
+            await self._redis(self._record(n, batch))
+            eta = await self._redis(self._eta())
             kept, dropped = [], []
             hist = [0.0] * _HIST
             for d in batch.delivered:
@@ -484,13 +497,13 @@ class Trainer:
                         ">" if s > eta else "< 0 with",
                         eta,
                     )
-                    await self.vm.drop(1, reason)
-                    await self.buf.ack([d.entry_id])
+                    await self._redis(self.vm.drop(1, reason))
+                    await self._redis(self.buf.ack([d.entry_id]))
                     dropped.append(d.entry_id)
                 else:
                     kept.append(d)
             if dropped:
-                await self._record(n, batch, dropped)
+                await self._redis(self._record(n, batch, dropped))
             self.st.dropped_total += int(self._reduce([len(dropped)])[0])
             samples = samples_from_groups(
                 [d.group for d in kept], normalize_std=self.tc.normalize_adv_std
@@ -519,7 +532,7 @@ class Trainer:
                 await self._publish()
             self.crash_hook("after_publish", n)
             if self.dist.rank == 0:
-                await self.vm.reap()
+                await self._redis(self.vm.reap())
             step_s = time.monotonic() - t0
             reward = stats.metrics["reward_mean"]
             reached_target = self.tc.reward_target is not None and reward >= self.tc.reward_target
@@ -551,6 +564,7 @@ class Trainer:
         kept: list[Delivered],
         dropped: list[str],
     ) -> None:
+        buffer_s, self._buffer_s = self._buffer_s, 0.0
         if self.dist.rank != 0:
             return
         dropped_set = set(dropped)
@@ -596,6 +610,7 @@ class Trainer:
             "logp_gap_tokens": int(m["logp_gap_tokens"]),
             "tokens_per_s": stats.tokens / max(step_s, 1e-9),
             "idle_s": idle,
+            "buffer_s": buffer_s,
             "step_s": step_s,
             "wall_s": time.time() - t0,
             "time": time.time(),
