@@ -21,6 +21,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("sluice.commands.run", "change a live run's settings (sluice run set-eta N)"),
     "rollout": ("sluice.commands.rollout", "rollout worker: generate groups into the run's buffer"),
     "train": ("sluice.commands.train", "the trainer: decoupled-PPO steps on the run's buffer"),
+    "demo": (
+        "sluice.commands.demo",
+        "the main job: Redis, server, worker, trainer, live view, report",
+    ),
+    "config": ("sluice.commands.config", "show a run config resolved, with defaults and help"),
+    "report": ("sluice.commands.report", "rebuild RUN_DIR/report/ from RUN_DIR/metrics.jsonl"),
 }
 
 
@@ -48,8 +54,16 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     mod = importlib.import_module(args._module)
+    from sluice.config import ConfigError, load_config
+
     try:
+        if hasattr(args, "config") and hasattr(args, "overrides"):
+            # Every command that reads a run config rejects a bad one here, before it starts.
+            load_config(args.config, args.overrides)
         return int(mod.run(args) or 0)
+    except ConfigError as e:
+        print(f"sluice {args.command}: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

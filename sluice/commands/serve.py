@@ -2,6 +2,10 @@
 
 The CPU reference server of ``rollout_workers.cpu_server``: float32, weights only from
 safetensors, continuous batching with a KV cache. Token ids in, token ids out.
+
+With ``--config RUN.yaml`` the model directory (``model.path``), threads
+(``inference.threads``), admin key (``inference.admin_api_key``) and seed (``run.seed``) come
+from the run config; explicit flags win.
 """
 
 from __future__ import annotations
@@ -10,7 +14,18 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model directory (config.json + *.safetensors)")
+    p.add_argument("--config", default=None, help="run config YAML (model.path, inference.threads)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set inference.threads=2 (repeatable)",
+    )
+    p.add_argument(
+        "--model", default=None, help="model directory (config.json + *.safetensors); or --config"
+    )
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=30000, help="port (default 30000)")
     p.add_argument("--weight-version", default="0", help="initial weight version (default '0')")
@@ -22,13 +37,47 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-batch", type=int, default=64, help="most requests decoded together (default 64)"
     )
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument(
-        "--seed", type=int, default=0, help="server seed for requests without sampling_seed"
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default 1, or the config's)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="server seed for requests without sampling_seed (default 0, or run.seed)",
     )
 
 
+def _from_config(args: argparse.Namespace) -> None:
+    """Fill ``--model/--threads/--admin-api-key/--seed`` left unset from the run config."""
+    if args.config is not None or args.overrides:
+        from sluice.config import load_config
+
+        cfg = load_config(args.config, args.overrides)  # ConfigError: exit 2 (sluice.cli)
+        if args.model is None:
+            if not cfg.model.path:
+                raise SystemExit(
+                    "sluice serve: model.path is empty in the config; give --model DIR or set "
+                    "model.path (`sluice model init DIR --task NAME` makes a tiny model)"
+                )
+            args.model = cfg.model.path
+        if args.threads is None:
+            args.threads = cfg.inference.threads
+        if args.admin_api_key is None:
+            args.admin_api_key = cfg.inference.admin_api_key
+        if args.seed is None:
+            args.seed = cfg.run.seed
+    if args.model is None:
+        raise SystemExit("sluice serve: give --model DIR or --config RUN.yaml (with model.path)")
+    args.threads = 1 if args.threads is None else args.threads
+    args.seed = 0 if args.seed is None else args.seed
+
+
 def run(args: argparse.Namespace) -> int:
+    _from_config(args)
     for name in ("port", "max_batch", "threads"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
