@@ -1,9 +1,11 @@
 """Conformance against a live SGLang server on a GPU (marker ``gpu``; skipped without CUDA and
 SGLang). ``scripts/gpu/run.sh`` runs these on a lent GPU machine in one call.
 
-The server runs the same tiny random-init Llama that the CPU tests use, in bfloat16 (what RL on
-GPUs runs); log-probs are compared with a float32 transformers forward on the same weights and
-the gap is written to ``$SLUICE_GPU_REPORT`` (JSON) when set, so the numbers reach the README.
+The server runs a tiny random-init Llama in float32 here, so that its log-probs can be checked
+against a float32 transformers forward on the same weights (in bfloat16 the weights themselves
+are rounded and, with this sharp random init, the gap is ~0.2 nats per token: measured on an
+H100, 2026-11-25). The bfloat16 gap of real runs is measured by the trainer (logprob-gap metric)
+in the GPU demo. Numbers go to ``$SLUICE_GPU_REPORT`` (JSON) when set.
 """
 
 from __future__ import annotations
@@ -39,8 +41,11 @@ pytestmark = [pytest.mark.gpu, pytest.mark.timeout(900)]
 # SLUICE_SGLANG_ARGS="--flag value ...".
 DEFAULT_ARGS = (
     "--attention-backend triton --sampling-backend pytorch --disable-cuda-graph "
-    "--disable-piecewise-cuda-graph --grammar-backend none --dtype bfloat16"
+    "--disable-piecewise-cuda-graph --grammar-backend none"
 )
+DTYPE = os.environ.get("SLUICE_GPU_TEST_DTYPE", "float32")
+# Mean |server - float32 forward| per token allowed: kernels differ (triton attention, TF32).
+GAP_TOL = {"float32": 0.02, "bfloat16": 0.5}[DTYPE]
 SHAPE = dict(vocab=1024, layers=2, hidden=256, heads=4, init_std=0.3)
 REPORT: dict[str, Any] = {}
 
@@ -65,7 +70,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def sglang(
     models: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerHandle]:
-    args = os.environ.get("SLUICE_SGLANG_ARGS", DEFAULT_ARGS).split()
+    args = [*os.environ.get("SLUICE_SGLANG_ARGS", DEFAULT_ARGS).split(), "--dtype", DTYPE]
     log = tmp_path_factory.mktemp("sglang") / "sglang.log"
     t0 = time.monotonic()
     handle = launch_sglang(models[0], mem_fraction=0.2, extra_args=args, log_path=log, timeout=600)
@@ -103,11 +108,19 @@ async def test_generate_shapes_and_logprobs(
         assert set(res.token_versions.tolist()) == {0}
         ref = forward_logprobs(models[0], prompt, res.output_ids.tolist(), 0.7)
         gap = np.abs(ref - res.logprobs)
+        out = res.output_ids.tolist()
+        other = np.abs(forward_logprobs(models[1], prompt, out, 0.7) - res.logprobs)
         _report(
-            "logprob_gap_bf16_server_vs_fp32_forward",
-            {"mean_abs": float(gap.mean()), "max_abs": float(gap.max()), "tokens": 64},
+            f"logprob_gap_{DTYPE}_server_vs_fp32_forward",
+            {
+                "mean_abs": float(gap.mean()),
+                "max_abs": float(gap.max()),
+                "tokens": 64,
+                "mean_abs_vs_other_weights": float(other.mean()),
+            },
         )
-        assert gap.mean() < 0.05, gap.mean()  # bf16 server vs fp32 reference
+        assert gap.mean() < GAP_TOL, gap.mean()
+        assert gap.mean() < 0.25 * other.mean()  # it is these weights, not any weights
         zero = await c.generate(prompt, SamplingParams(max_new_tokens=0))
         assert zero.num_tokens == 0 and zero.finish_reason == "length"
 
@@ -188,20 +201,18 @@ async def test_worker_update_mid_generation_versions_and_logprobs(
     assert await asyncio.wait_for(run, 120) == 2
     async with await RedisTrajectoryBuffer.open(redis_url, run_name, consumer="t") as buf:
         groups = [d.group for d in await buf.get_batch(2, block_ms=5000)]
-    gaps, spanning = [], 0
+    gaps, wrong, spanning = [], [], 0
     for g in groups:
         for s in g.samples:
             v = s.token_versions
             assert s.num_tokens == 1500 and np.all(np.diff(v) >= 0) and set(v.tolist()) <= {0, 1}
             spanning += int(v[0] == 0 and v[-1] == 1)
             prompt, out = g.prompt_ids.tolist(), s.output_ids.tolist()
-            ref = np.where(
-                v == 0,
-                forward_logprobs(models[0], prompt, out, 0.8),
-                forward_logprobs(models[1], prompt, out, 0.8),
-            )
-            gaps.append(np.abs(ref - s.behaviour_logp))
-    gap = np.concatenate(gaps)
+            lp0 = forward_logprobs(models[0], prompt, out, 0.8)
+            lp1 = forward_logprobs(models[1], prompt, out, 0.8)
+            gaps.append(np.abs(np.where(v == 0, lp0, lp1) - s.behaviour_logp))
+            wrong.append(np.abs(np.where(v == 0, lp1, lp0) - s.behaviour_logp))  # swapped labels
+    gap, swapped = np.concatenate(gaps), np.concatenate(wrong)
     rec = worker.updates[-1]
     _report(
         "worker_update_on_sglang",
@@ -213,8 +224,11 @@ async def test_worker_update_mid_generation_versions_and_logprobs(
             "reprefill_tokens": rec.reprefill_tokens,
             "logprob_gap_mean_abs": float(gap.mean()),
             "logprob_gap_max_abs": float(gap.max()),
+            "logprob_gap_mean_abs_swapped_versions": float(swapped.mean()),
+            "dtype": DTYPE,
         },
     )
     assert spanning == 8
-    # With the wrong version's weights the gap would be O(1) per token (different random init).
-    assert gap.mean() < 0.05, gap.mean()
+    assert gap.mean() < GAP_TOL, gap.mean()
+    # Each token matches the version it is labelled with, not the other one.
+    assert gap.mean() < 0.25 * swapped.mean(), (gap.mean(), swapped.mean())
