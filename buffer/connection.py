@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -70,35 +71,50 @@ def make_client(url: str = DEFAULT_URL, *, socket_timeout: float | None = 30.0) 
     return client
 
 
-async def connect(url: str = DEFAULT_URL, *, socket_timeout: float | None = 30.0) -> aioredis.Redis:
-    """Make a client and PING it once; fail fast with ``RedisUnavailable`` on a wrong password
-    or an unreachable server."""
+async def connect(
+    url: str = DEFAULT_URL, *, socket_timeout: float | None = 30.0, wait_s: float = 10.0
+) -> aioredis.Redis:
+    """Make a client and PING it. ``RedisUnavailable`` at once on a wrong or missing password;
+    on an unreachable (or still loading) server after ``wait_s`` seconds of retries, so a
+    process started while Redis restarts from its AOF waits for it instead of exiting
+    (tests/faults/test_fault_scenarios.py::test_all_in_turn)."""
     client = make_client(url, socket_timeout=socket_timeout)
-    try:
-        await client.ping()
-    except AuthenticationError as e:
-        await client.aclose()
-        if client.connection_pool.connection_kwargs.get("password") is None:
-            raise RedisUnavailable(
-                f"Redis at {redact_url(url)} needs a password ({e}): put it in the URL or "
-                f"${PASSWORD_ENV}"
-            ) from None
-        raise RedisUnavailable(
-            f"Redis at {redact_url(url)} refused the credentials ({e}); check the password in the "
-            f"URL or ${PASSWORD_ENV}"
-        ) from None
-    except ResponseError as e:
-        await client.aclose()
-        if "NOAUTH" in str(e) or "WRONGPASS" in str(e):
-            raise RedisUnavailable(
-                f"Redis at {redact_url(url)} needs a password ({e}): put it in the URL or "
-                f"${PASSWORD_ENV}"
-            ) from None
-        raise
-    except TRANSIENT as e:
-        await client.aclose()
-        raise RedisUnavailable(f"cannot reach Redis at {redact_url(url)}: {e}") from None
-    return client
+    deadline = time.monotonic() + wait_s
+    delay = 0.05
+    while True:
+        try:
+            await client.ping()
+            return client
+        except AuthenticationError as e:  # a ConnectionError subclass: never retried
+            await client.aclose()
+            raise _auth_error(client, url, e) from None
+        except ResponseError as e:
+            if "NOAUTH" in str(e) or "WRONGPASS" in str(e):
+                await client.aclose()
+                raise _auth_error(client, url, e) from None
+            if not str(e).startswith("LOADING"):
+                await client.aclose()
+                raise
+            last: Exception = e
+        except TRANSIENT as e:
+            last = e
+        if time.monotonic() + delay > deadline:
+            await client.aclose()
+            raise RedisUnavailable(f"cannot reach Redis at {redact_url(url)}: {last}") from None
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 1.0)
+
+
+def _auth_error(client: aioredis.Redis, url: str, e: Exception) -> RedisUnavailable:
+    if client.connection_pool.connection_kwargs.get("password") is None or "NOAUTH" in str(e):
+        return RedisUnavailable(
+            f"Redis at {redact_url(url)} needs a password ({e}): put it in the URL or "
+            f"${PASSWORD_ENV}"
+        )
+    return RedisUnavailable(
+        f"Redis at {redact_url(url)} refused the credentials ({e}); check the password in the "
+        f"URL or ${PASSWORD_ENV}"
+    )
 
 
 async def with_retries(
