@@ -124,6 +124,9 @@ class RedisTrajectoryBuffer:
         self._group_ready = False
         self._ack_script = client.register_script(_ACK_LUA)
         self._group_of: dict[str, str] = {}  # delivered, not yet acked: entry id -> group id
+        self.dead_lettered = 0
+        """Entries this instance moved to the dead-letter stream (the trainer hands their
+        admission slots back: each was a finished group that will never be trained)."""
 
     @classmethod
     async def open(cls, url: str, run: str, consumer: str | None = None) -> RedisTrajectoryBuffer:
@@ -289,6 +292,7 @@ class RedisTrajectoryBuffer:
                 await pipe.execute()
 
         await with_retries(op, what=f"dead-letter {entry_id}")
+        self.dead_lettered += 1
 
     async def ack(
         self, entry_ids: Sequence[str], also: Callable[[Pipeline], None] | None = None

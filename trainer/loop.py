@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 
 from buffer import Delivered, RedisTrajectoryBuffer, key
+from buffer.connection import with_retries
 from trainer.batch import samples_from_groups
 from trainer.checkpoint import (
     prune,
@@ -176,6 +177,7 @@ class Trainer:
         self.crash_at = parse_crash_at(os.environ.get(CRASH_ENV))
         self.device = _choose_device(self.tc.device)
         self._stop = False
+        self._dead_settled = 0
         self.st = _State()
         self._buffer_s = 0.0
         """Seconds in buffer/gate Redis calls since the last metrics row, the blocking read
@@ -249,7 +251,10 @@ class Trainer:
         self.redis = self.buf.redis
 
     async def _restore(self) -> None:
-        ptr = {k.decode(): v.decode() for k, v in (await self.redis.hgetall(self.k_ckpt)).items()}
+        raw_ptr = await with_retries(
+            lambda: self.redis.hgetall(self.k_ckpt), what="read checkpoint"
+        )
+        ptr = {k.decode(): v.decode() for k, v in raw_ptr.items()}
         records = await self._records(self.dist.rank)
         pending = await self.buf.own_pending(
             count=max(1000, 4 * self.tc.checkpoint_every * self.cfg.staleness.batch_groups)
@@ -297,9 +302,12 @@ class Trainer:
                 reclaimed = await self.buf.reclaim(self.tc.reclaim_idle_ms, count=10_000)
             unique = {d.entry_id: d for d in [*pending, *reclaimed]}  # XAUTOCLAIM may re-list ours
             self._plan_replay(records, sorted(unique.values(), key=_entry_order))
+        await self._settle_dead_letters()
 
     async def _records(self, rank: int) -> dict[int, dict[str, Any]]:
-        raw = await self.redis.hgetall(self.k_steps[rank])
+        raw = await with_retries(
+            lambda: self.redis.hgetall(self.k_steps[rank]), what="read step records"
+        )
         return {int(k): json.loads(v) for k, v in raw.items()}
 
     def _plan_replay(self, records: dict[int, dict[str, Any]], pending: list[Delivered]) -> None:
@@ -330,6 +338,7 @@ class Trainer:
         last_log = t0
         while len(got) < self.share and not self._stop:
             got += await self.buf.get_batch(self.share - len(got), block_ms=1000)
+            await self._settle_dead_letters()
             if time.monotonic() - last_log > self.tc.wait_log_s:
                 last_log = time.monotonic()
                 log.info("waiting for data: %d/%d groups", len(got), self.share)
@@ -338,6 +347,19 @@ class Trainer:
             return None
         return _Batch(got, self.st.version, replay=False, idle_s=time.monotonic() - t0)
 
+    async def _settle_dead_letters(self) -> None:
+        """Hand back the admission slots of entries the buffer dead-lettered (undecodable: a
+        corrupt payload, a newer schema): each was counted finished and will never be trained,
+        so without this the gate would shrink by one slot per entry for good, and with a small
+        ``eta`` the run would stall (tests/faults/test_component_fixes.py). An entry that was
+        never admitted (written into the stream by hand) loosens the gate by one slot; the
+        per-group staleness check still guards the loss."""
+        n = self.buf.dead_lettered - self._dead_settled
+        if n > 0:
+            await self._redis(self.vm.drop(n, "dead_letter"))
+            self._dead_settled += n
+            log.warning("%d undecodable entries dead-lettered; their slots handed back", n)
+
     async def _record(self, n: int, batch: _Batch, dropped: list[str] | None = None) -> None:
         rec: dict[str, Any] = {
             "version": batch.version,
@@ -345,10 +367,14 @@ class Trainer:
         }
         if dropped is not None:
             rec["dropped"] = dropped
-        await self.redis.hset(self.k_steps[self.dist.rank], str(n), json.dumps(rec))
+        # Idempotent (same field, same value): safe to retry across a Redis restart.
+        await with_retries(
+            lambda: self.redis.hset(self.k_steps[self.dist.rank], str(n), json.dumps(rec)),
+            what=f"record step {n}",
+        )
 
     async def _eta(self) -> int:
-        v = await self.redis.hget(self.vm.k_settings, "eta")
+        v = await with_retries(lambda: self.redis.hget(self.vm.k_settings, "eta"), what="read eta")
         return int(v) if v is not None else self.cfg.staleness.eta
 
     # ------------------------------------------------------------------ publish / checkpoint
@@ -511,7 +537,10 @@ class Trainer:
             total = self._reduce([len(samples)])[0]
             if total == 0:
                 log.warning("step %d: every group was dropped; no update", n)
-                await self.redis.hdel(self.k_steps[self.dist.rank], str(n))
+                await with_retries(
+                    lambda n=n: self.redis.hdel(self.k_steps[self.dist.rank], str(n)),
+                    what=f"delete record of step {n}",
+                )
                 continue
             stats = train_step(
                 train_model,
