@@ -355,6 +355,8 @@ class RolloutWorker:
             self.weights.location,
         )
         await self._wait_for_a_server(timeout=120.0)
+        if self._stop.is_set():  # stopped while waiting: nothing admitted yet
+            return
         await asyncio.gather(*(self._bring_up(s) for s in self.servers if s.alive))
         if not any(s.alive and not s.needs_load for s in self.servers):
             raise RuntimeError(
@@ -391,7 +393,10 @@ class RolloutWorker:
                 raise RuntimeError(
                     "no inference server answers /health: " + ", ".join(s.url for s in self.servers)
                 )
-            await asyncio.sleep(0.5)
+            with contextlib.suppress(TimeoutError):  # SIGTERM ends the wait at once
+                await asyncio.wait_for(self._stop.wait(), 0.5)
+            if self._stop.is_set():
+                return
 
     async def _healthy(self, s: Server) -> bool:
         try:

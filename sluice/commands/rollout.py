@@ -43,7 +43,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _stop_while_starting(signum: int, frame: object) -> None:
+    # Nothing is admitted or leased before the worker runs: a stop now is a clean exit.
+    raise SystemExit(0)
+
+
 def run(args: argparse.Namespace) -> int:
+    import signal
+
+    # SIGTERM while importing or launching servers exits 0 like a stop of a running worker
+    # (tests/faults/test_bad_inputs.py::test_rollout_sigterm_while_starting_exits_0).
+    signal.signal(signal.SIGTERM, _stop_while_starting)
     from sluice.config import ConfigError, load_config
 
     overrides = list(args.overrides)
@@ -74,6 +84,12 @@ def run(args: argparse.Namespace) -> int:
         check_model_dir(cfg.model.path)
     except ModelDirError as e:
         raise SystemExit(f"sluice rollout: model.path: {e}") from None
+    from rollout_workers.tasks import get_task
+
+    try:  # a bad task (a malformed dataset line: FILE:LINE) fails here, before any launch
+        get_task(cfg.task.name, **cfg.task.options)
+    except (ValueError, TypeError, OSError) as e:
+        raise SystemExit(f"sluice rollout: task {cfg.task.name!r}: {e}") from None
     if not cfg.inference.servers and cfg.inference.launch < 1:
         raise SystemExit("sluice rollout: no servers: give --servers URL,... or --launch N")
 
@@ -94,6 +110,10 @@ async def _main(cfg, args: argparse.Namespace) -> int:  # type: ignore[no-untype
     )
     from rollout_workers.worker import RolloutWorker, make_servers
 
+    loop = asyncio.get_running_loop()
+    early_stop = asyncio.Event()  # SIGTERM before the worker exists: stop as soon as it does
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, early_stop.set)
     inf = cfg.inference
     handles: list[ServerHandle] = []
     restarts = []
@@ -138,9 +158,10 @@ async def _main(cfg, args: argparse.Namespace) -> int:  # type: ignore[no-untype
             vocab_size=model_vocab_size(cfg.model.path),
         )
         worker = RolloutWorker(cfg, servers, worker_id=args.worker_id, max_groups=args.max_groups)
-        loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.request_stop)
+        if early_stop.is_set():
+            worker.request_stop()
         pushed = await worker.run()
         log.info("worker %s exits: %d groups pushed", worker.worker_id, pushed)
         return 0
