@@ -7,6 +7,7 @@ STAMP := $(VENV)/.sluice-installed
 # A CPU build of torch where no GPU is present (a bare `torch` can pull a multi-GB CUDA build).
 TORCH_CPU_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: setup demo test test-fast lint bench redis-server clean
 
@@ -37,7 +38,7 @@ redis-server:
 	}
 
 demo: setup
-	$(VENV)/bin/sluice bench buffer --json runs/bench-buffer.json
+	$(VENV)/bin/sluice demo $(DEMO_ARGS)
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
