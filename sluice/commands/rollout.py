@@ -95,7 +95,13 @@ def run(args: argparse.Namespace) -> int:
 
     import uvloop
 
-    return int(uvloop.run(_main(cfg, args)))
+    from buffer import RedisUnavailable
+    from staleness.version_manager import RunSettingsMismatch
+
+    try:
+        return int(uvloop.run(_main(cfg, args)))
+    except (RedisUnavailable, RunSettingsMismatch) as e:  # messages carry the URL redacted
+        raise SystemExit(f"sluice rollout: {e}") from None
 
 
 async def _main(cfg, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
