@@ -318,6 +318,13 @@ def _f(x: Any, nd: int = 3, unit: str = "") -> str:
     return f"{x}{unit}"
 
 
+def _queued(buf: dict[str, int]) -> int | None:
+    """Groups in the stream no trainer has read yet."""
+    if "length" not in buf or "pending" not in buf:
+        return None
+    return max(0, buf["length"] - buf["pending"])
+
+
 def plain_line(p: Progress, cfg: SluiceConfig) -> str:
     """One log line of progress (``--no-live``)."""
     snap = p.snap or {}
@@ -329,7 +336,7 @@ def plain_line(p: Progress, cfg: SluiceConfig) -> str:
         f"v{_f(snap.get('version'))} reward {_f(p.last('reward_mean'))} (start {_f(first)}) "
         f"staleness max {_f(p.max_staleness())} (eta {snap.get('eta', cfg.staleness.eta)}) "
         f"dropped {p.dropped()} | gen {_f(p.gen_rate(), 1)} g/s train {_f(p.train_rate(), 1)} g/s"
-        f" | buffer {_f(buf.get('length'))} (pending {_f(buf.get('pending'))}) | waiting: "
+        f" | buffer {_f(_queued(buf))} queued, {_f(buf.get('pending'))} unacked | waiting: "
         f"trainer {p.idle_s():.1f}s, worker gate {p.gate_blocked_s():.1f}s"
     )
 
@@ -372,8 +379,8 @@ def render(p: Progress, cfg: SluiceConfig, sup: Supervisor, engine: str) -> Any:
     )
     t.add_row(
         "buffer",
-        f"{_f(buf.get('length'))} groups in the stream ({_f(buf.get('pending'))} read, unacked), "
-        f"dead-letter {_f(buf.get('dead_letter'))}",
+        f"{_f(_queued(buf))} groups queued, {_f(buf.get('pending'))} read by the trainer (acked "
+        f"at its next checkpoint), dead-letter {_f(buf.get('dead_letter'))}",
     )
     if snap:
         t.add_row(

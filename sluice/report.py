@@ -388,7 +388,7 @@ def _markdown(s: dict[str, Any], plots: list[str]) -> str:
         f"| eta / batch groups | {_fmt(s['eta'])} / {_fmt(s['batch_groups'])} |",
         f"| staleness max / mean | {_fmt(s['max_staleness'])} / {_fmt(s['mean_staleness'], 2)} |",
         f"| dropped groups (over-stale) | {s['dropped_groups']} |",
-        f"| groups trained | {s['groups_trained']} ({_fmt(s['groups_per_s'], 2)} groups/s, "
+        f"| groups received by the trainer | {s['groups_trained']} ({_fmt(s['groups_per_s'], 2)} groups/s, "
         f"{_fmt(s['samples_per_s'], 1)} samples/s) |",
         f"| trainer waiting for data | {_fmt(s['trainer_idle_s'], 1)} s "
         f"({_fmt((s['trainer_idle_frac'] or 0) * 100, 1)}% of wall) |",
