@@ -1,4 +1,6 @@
-"""Show a run's policy version, staleness gate, workers and trajectory buffer.
+"""Show a run's policy version, staleness gate, workers and trajectory buffer, and what went
+wrong: rejections by reason, dead-lettered entries by reason, each worker's liveness and last
+metrics (``sluice:{run}:worker:{id}:metrics``) and the eval rewards (``sluice:{run}:eval``).
 
 The Redis URL comes from --redis-url, else $SLUICE_REDIS_URL, else the config default
 (redis://127.0.0.1:6379/0); it is printed with its password redacted. Without --run, the only
@@ -74,7 +76,7 @@ async def connect_and_pick_run(url: str, run: str | None) -> tuple[aioredis.Redi
         except ValueError as e:
             raise CommandError(f"--run: {e}") from None
     try:
-        client = await connect(url)
+        client = await connect(url, wait_s=0)  # an operator's look: fail at once
     except (RedisUnavailable, ValueError) as e:
         raise CommandError(str(e), code=2) from None
     try:
@@ -106,9 +108,75 @@ async def collect(client: aioredis.Redis, run: str, url: str) -> dict[str, Any]:
 
     vm = await VersionManager.from_client(client, run)
     snap = (await vm.snapshot()).as_dict()
-    snap["buffer"] = (await RedisTrajectoryBuffer(client, run).stats()).as_dict()
+    buf = RedisTrajectoryBuffer(client, run)
+    snap["buffer"] = (await buf.stats()).as_dict()
     snap["redis"] = redact_url(url)
+    snap["dead_letters"] = _dead_letter_summary(await buf.dead_letters(count=DEAD_LETTERS_READ))
+    snap["worker_metrics"] = await _worker_metrics(client, run)
+    snap["eval"] = await _evals(client, run)
     return snap
+
+
+DEAD_LETTERS_READ = 1000
+"""Newest dead-lettered entries summarised by ``sluice status`` (by reason, newest 5 listed)."""
+
+
+def _reason_head(reason: str) -> str:
+    """A dead-letter reason without its entry-specific detail: the text before the first
+    colon-and-space after the ``group``/``array`` prefix, capped at 80 characters."""
+    head = reason
+    for prefix in ("group: ",):
+        if head.startswith(prefix):
+            head = head[len(prefix) :]
+    head = head.split(": ", 1)[0]
+    return head[:80]
+
+
+def _dead_letter_summary(rows: list[dict[str, str]]) -> dict[str, Any]:
+    by: dict[str, int] = {}
+    for r in rows:
+        h = _reason_head(r["reason"])
+        by[h] = by.get(h, 0) + 1
+    return {"by_reason": by, "recent": rows[:5], "read": len(rows)}
+
+
+async def _worker_metrics(client: aioredis.Redis, run: str) -> dict[str, dict[str, Any]]:
+    """Each worker's last metrics write (``sluice:{run}:worker:{id}:metrics``), JSON decoded,
+    with ``age_s``: seconds since it was written (Redis clock)."""
+    from buffer import key
+
+    prefix = key(run, "worker", "")
+    now_s, now_us = await client.time()
+    now = float(now_s) + float(now_us) / 1e6
+    out: dict[str, dict[str, Any]] = {}
+    async for k in client.scan_iter(match=key(run, "worker", "*", "metrics"), count=1000):
+        name = k.decode() if isinstance(k, bytes) else str(k)
+        wid = name[len(prefix) : -len(":metrics")]
+        raw = await client.hgetall(k)
+        m: dict[str, Any] = {}
+        for f, v in raw.items():
+            text = v.decode(errors="replace")
+            try:
+                m[f.decode()] = json.loads(text)
+            except ValueError:
+                m[f.decode()] = text
+        if isinstance(m.get("updated_at"), int | float):
+            m["age_s"] = round(now - float(m["updated_at"]), 3)
+        out[wid] = m
+    return dict(sorted(out.items()))
+
+
+async def _evals(client: aioredis.Redis, run: str) -> list[dict[str, Any]]:
+    """Eval records (``sluice:{run}:eval``: version -> JSON), by version."""
+    from buffer import key
+
+    rows = []
+    for _v, raw in (await client.hgetall(key(run, "eval"))).items():
+        try:
+            rows.append(json.loads(raw))
+        except ValueError:
+            continue
+    return sorted(rows, key=lambda r: int(r.get("version", 0)))
 
 
 def _age(seconds: float) -> str:
@@ -169,7 +237,55 @@ def render(d: dict[str, Any]) -> Any:
             workers.add_row(wid, str(n), "never", "[red]no heartbeat (reap pending)[/red]")
     if not d["workers"] and not d["inflight_by_worker"]:
         workers.add_row("(none)", "", "", "")
-    return Group(gate, workers)
+    parts: list[Any] = [gate, workers]
+    dl = d.get("dead_letters") or {}
+    if dl.get("by_reason"):
+        t = Table(title="dead-lettered entries (newest first)", title_justify="left")
+        t.add_column("reason")
+        t.add_column("count")
+        for reason, n in sorted(dl["by_reason"].items(), key=lambda kv: -kv[1]):
+            t.add_row(reason, str(n))
+        for r in dl.get("recent", []):
+            t.add_row(f"[dim]{r['entry']}: {r['reason'][:100]}[/dim]", "")
+        parts.append(t)
+    wm = d.get("worker_metrics") or {}
+    if wm:
+        t = Table(title="worker metrics (last write)", title_justify="left")
+        for col in ("id", "status", "pushed", "rejected", "tok/s", "version", "servers", "age"):
+            t.add_column(col)
+        for wid, m in wm.items():
+            rej = m.get("rejected_by") or {}
+            rej_s = str(m.get("groups_rejected", 0))
+            if rej:
+                rej_s += " (" + ", ".join(f"{k}={v}" for k, v in sorted(rej.items())) + ")"
+            servers = m.get("servers") or []
+            alive = sum(1 for s in servers if isinstance(s, dict) and s.get("alive"))
+            t.add_row(
+                wid,
+                str(m.get("status", "?")),
+                str(m.get("groups_pushed", 0)),
+                rej_s,
+                str(m.get("tokens_per_s", "")),
+                str(m.get("version", "")),
+                f"{alive}/{len(servers)} alive",
+                _age(float(m["age_s"])) + " ago" if "age_s" in m else "?",
+            )
+        parts.append(t)
+    ev = d.get("eval") or []
+    if ev:
+        t = Table(title="eval", title_justify="left")
+        for col in ("version", "greedy reward", "sampled reward", "prompts", "worker"):
+            t.add_column(col)
+        for r in ev[-10:]:
+            t.add_row(
+                str(r.get("version")),
+                f"{r.get('greedy_reward', float('nan')):.3f}",
+                f"{r.get('sampled_reward', float('nan')):.3f}",
+                str(r.get("prompts", "")),
+                str(r.get("worker", "")),
+            )
+        parts.append(t)
+    return Group(*parts)
 
 
 async def _main(args: argparse.Namespace) -> int:
