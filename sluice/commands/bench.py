@@ -19,6 +19,7 @@ BENCHES: dict[str, tuple[str, str]] = {
         "benchmarks.weight_sync_bench",
         "weight update to first new-version token: abort_all vs pause vs gloo broadcast",
     ),
+    "pipeline": ("benchmarks.pipeline_bench", "async RL vs its ceilings and vs eta=0 (sync RL)"),
 }
 
 
