@@ -189,6 +189,8 @@ class Counters:
     resubmitted_dead: int = 0
     events_seen: int = 0
     evals: int = 0
+    doomed_groups: int = 0
+    """Groups stopped mid-generation because they could no longer be trained within eta."""
     rejected_by: dict[str, int] = field(default_factory=dict)
 
 
@@ -266,7 +268,10 @@ class RolloutWorker:
         self._stop = asyncio.Event()
         self._stopping = False
         self._cv = asyncio.Condition()
-        self._groups: set[asyncio.Task[None]] = set()
+        self._groups: dict[asyncio.Task[None], int] = {}
+        """Groups in flight -> their admission version."""
+        self._doomed: set[asyncio.Task[None]] = set()
+        """Groups cancelled because they could no longer be trained within eta."""
         self._bg: list[asyncio.Task[Any]] = []
         self._evals: set[asyncio.Task[None]] = set()
         self._crash: BaseException | None = None
@@ -435,12 +440,12 @@ class RolloutWorker:
                 for rid in list(s.rids)
             ]
             await asyncio.gather(*aborts, return_exceptions=True)
-            pending = self._groups | self._evals
+            pending = set(self._groups) | self._evals
             if pending:
                 await asyncio.wait(pending, timeout=self.rc.shutdown_grace_s)
-            for t in self._groups | self._evals:
+            for t in set(self._groups) | self._evals:
                 t.cancel()
-            rest = self._groups | self._evals
+            rest = set(self._groups) | self._evals
             if rest:
                 await asyncio.wait(rest, timeout=5.0)
         for t in self._bg:
@@ -489,15 +494,23 @@ class RolloutWorker:
                 continue
             backoff = 0.02
             version = await self.vm.version()
+            if version > self.version and (self._target is None or self._target.version < version):
+                # The gate admitted against a version whose event has not reached us yet: load it
+                # now, since these groups may only run on weights at least that new.
+                latest = await self.vm.latest_weights()
+                if latest is not None and latest.version > self.version:
+                    self._target, self._target_received = latest, time.monotonic()
+                    self._update_wanted.set()
             for _ in range(k):
                 t = asyncio.create_task(self._run_group(version))
-                self._groups.add(t)
+                self._groups[t] = version
                 t.add_done_callback(self._group_done)
         if self.max_groups is not None and not self._stop.is_set():
             log.info("worker %s: pushed %d groups (--max-groups)", self.worker_id, self.max_groups)
 
     def _group_done(self, t: asyncio.Task[None]) -> None:
-        self._groups.discard(t)
+        self._groups.pop(t, None)
+        self._doomed.discard(t)
         self._wake.set()
         if not t.cancelled() and t.exception() is not None and self._crash is None:
             self._crash = t.exception()
@@ -513,7 +526,12 @@ class RolloutWorker:
             prompt_ids = list(lease.prompt.input_ids)
             outs = await _all_or_nothing(
                 [
-                    self._sample(prompt_ids, (self.cfg.run.seed, group_id, i), self.rc.temperature)
+                    self._sample(
+                        prompt_ids,
+                        (self.cfg.run.seed, group_id, i),
+                        self.rc.temperature,
+                        min_version=admission_version,
+                    )
                     for i in range(self.rc.n_samples)
                 ]
             )
@@ -561,7 +579,16 @@ class RolloutWorker:
         except GroupRejected as e:
             await self._hand_back(e.reason, e.detail, lease, requeue=False)
         except (Shutdown, asyncio.CancelledError):
-            await self._hand_back("shutdown", "worker stopping", lease, requeue=True)
+            me = asyncio.current_task()
+            if me in self._doomed and not self._stopping:
+                await self._hand_back(
+                    "stale",
+                    f"admitted at v{admission_version}, weights now v{self.version}: past eta",
+                    lease,
+                    requeue=True,
+                )
+            else:
+                await self._hand_back("shutdown", "worker stopping", lease, requeue=True)
         except (SGLangClientError, InvalidInputError) as e:
             await self._hand_back("inference_error", str(e), lease, requeue=False)
         except Exception as e:
@@ -605,13 +632,19 @@ class RolloutWorker:
         async with self._cv:
             self._cv.notify_all()
 
-    async def _acquire(self) -> Server:
-        """A live server taking requests: the newest weights first, then the least loaded."""
+    async def _acquire(self, min_version: int = 0) -> Server:
+        """A live server taking requests with weights at least ``min_version`` (a group's
+        admission version: generating it on older weights would make it staler than the gate
+        allowed): the newest weights first, then the least loaded."""
         async with self._cv:
             while True:
                 if self._stopping:
                     raise Shutdown()
-                usable = [s for s in self.servers if s.alive and s.open and not s.needs_load]
+                usable = [
+                    s
+                    for s in self.servers
+                    if s.alive and s.open and not s.needs_load and (s.version or 0) >= min_version
+                ]
                 if usable:
                     return min(usable, key=lambda s: (-(s.version or 0), len(s.rids)))
                 await self._cv.wait()
@@ -624,7 +657,12 @@ class RolloutWorker:
         s.needs_load = True
 
     async def _sample(
-        self, prompt_ids: list[int], seed_key: tuple[object, ...], temperature: float
+        self,
+        prompt_ids: list[int],
+        seed_key: tuple[object, ...],
+        temperature: float,
+        *,
+        min_version: int = 0,
     ) -> SampleOut:
         """One sample, resubmitted as ``prompt + partial`` after every abort or dead server.
 
@@ -639,7 +677,7 @@ class RolloutWorker:
                 return out
             if out.segments + attempt >= MAX_SEGMENTS:
                 raise GroupRejected("inference_error", f"sample resubmitted {MAX_SEGMENTS} times")
-            s = await self._acquire()
+            s = await self._acquire(min_version)
             sp = SamplingParams(
                 max_new_tokens=remaining,
                 temperature=temperature,
@@ -745,9 +783,23 @@ class RolloutWorker:
         self.updates.append(rec)
         del self.updates[:-UPDATES_KEPT]
         log.info("worker %s: weights v%d serving: %s", self.worker_id, ev.version, rec.as_dict())
+        await self._cancel_doomed(ev.version)
         await with_retries(self._store_update(rec), what="store update record")
         self._wake.set()
         self._maybe_eval(ev.version)
+
+    async def _cancel_doomed(self, version: int) -> None:
+        """Stop groups that can no longer be trained: every token of a group admitted at ``v``
+        is at least ``v``, and the trainer is at ``version`` or later when it reads the group,
+        so ``v < version - eta`` means it would be dropped as over-stale. Its slot goes back and
+        its prompt is served again instead of spending generation on it."""
+        assert self.vm is not None
+        eta = await self.vm.current_eta()
+        for t, v in list(self._groups.items()):
+            if v < version - eta and t not in self._doomed and not t.done():
+                self._doomed.add(t)
+                self.counters.doomed_groups += 1
+                t.cancel()
 
     def _store_update(self, rec: UpdateRecord) -> Callable[[], Awaitable[Any]]:
         async def op() -> Any:
@@ -929,6 +981,7 @@ class RolloutWorker:
             "interrupted_samples": c.interrupted_samples,
             "reprefill_tokens": c.reprefill_tokens,
             "resubmitted_dead": c.resubmitted_dead,
+            "doomed_groups": c.doomed_groups,
             "evals": c.evals,
             "uptime_s": round(elapsed, 2),
             "servers": [

@@ -207,6 +207,10 @@ def summarize(run_dir: str | Path, *, eta: int | None = None) -> dict[str, Any]:
         "eta": eta,
         "batch_groups": _cfg(cfg, "staleness", "batch_groups"),
         "max_staleness": max_staleness,
+        # What reached the optimizer: the trainer drops every group over eta on arrival.
+        "max_staleness_trained": (
+            max((k for k in hist if k <= eta), default=None) if eta is not None else None
+        ),
         "mean_staleness": mean_staleness,
         "staleness_hist": {str(k): v for k, v in hist.items()},
         "dropped_groups": dropped,

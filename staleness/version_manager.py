@@ -686,6 +686,18 @@ class VersionManager:
             )
         )
 
+    async def current_eta(self) -> int:
+        """The run's staleness limit as stored now (``sluice run set-eta`` may have changed it)."""
+
+        async def op() -> Any:
+            return await self.redis.hget(self.k_settings, "eta")
+
+        raw = await self._retry(op, "read eta")
+        if raw is None:
+            raise RunNotFound(f"run {self.run!r} has no settings in this Redis")
+        self.eta = int(raw)
+        return self.eta
+
     async def set_eta(self, eta: int) -> int:
         """Change the run's staleness limit; the next admission uses it. Returns the old value."""
         _check_setting("eta", eta, 0)

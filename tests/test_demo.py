@@ -187,16 +187,17 @@ def test_demo_end_to_end(demo_run: tuple[int, Path, float]) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.xfail(
-    strict=False,
-    reason="known: groups reach the trainer up to a few versions over eta (tokens generated on "
-    "weights older than the version the gate admitted under); the trainer drops them",
-)
 def test_demo_gate_bounds_staleness(demo_run: tuple[int, Path, float]) -> None:
+    """Nothing over eta is trained, and over-stale arrivals are rare stragglers: the worker
+    generates a group only on weights at least as new as its admission version and stops
+    groups that can no longer be trained; what remains is a group overtaken by later ones
+    (docs/staleness.md), which the trainer drops."""
     code, run_dir, _ = demo_run
     assert code == 0
     s = json.loads((run_dir / "report" / "summary.json").read_text())
-    assert s["max_staleness"] <= s["eta"], s["staleness_hist"]
+    assert s["max_staleness_trained"] <= s["eta"], s["staleness_hist"]
+    received = sum(s["staleness_hist"].values())
+    assert s["dropped_groups"] <= 0.01 * received, s["staleness_hist"]
 
 
 @pytest.mark.slow

@@ -328,3 +328,14 @@ def test_gate_state_machine_on_real_redis(redis_url: str) -> None:
             suppress_health_check=[HealthCheck.too_slow],
         ),
     )
+
+
+async def test_current_eta_reads_the_live_setting(redis_url: str, run_name: str) -> None:
+    async with (
+        await VersionManager.open(redis_url, run_name, eta=2, batch_groups=4) as a,
+        await VersionManager.open(redis_url, run_name) as b,
+    ):
+        assert await b.current_eta() == 2
+        await a.set_eta(5)
+        assert b.eta == 2  # b's cached view is stale until it reads again
+        assert await b.current_eta() == 5 and b.eta == 5
