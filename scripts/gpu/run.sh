@@ -41,7 +41,8 @@ for stage in "$@"; do
         --set "inference.extra_args=[$(echo ${SLUICE_SGLANG_ARGS:-$SGL_DEFAULT} | tr ' ' ',')]" \
         $extra ${SLUICE_DEMO_ARGS:-} 2>&1 | tail -25 || rc=1
       mkdir -p "$OUT/$stage"
-      cp /tmp/sluice-$stage/report/* /tmp/sluice-$stage/metrics.jsonl "$OUT/$stage/" 2>/dev/null || true ;;
+      cp /tmp/sluice-$stage/report/summary.json /tmp/sluice-$stage/report/reward.png \
+        /tmp/sluice-$stage/metrics.jsonl "$OUT/$stage/" 2>/dev/null || true ;;
     pipeline)
       python3 -m sluice bench pipeline ${SLUICE_PIPELINE_ARGS:-} --json "$OUT/pipeline-gpu.json" \
         --plot "$OUT/pipeline-gpu.png" 2>&1 | tail -40 || rc=1 ;;
