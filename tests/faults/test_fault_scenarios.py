@@ -90,7 +90,6 @@ def test_redis_sigkill_restart_from_aof(tmp_path: Path) -> None:
     assert audit.steps == STEPS
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_all_in_turn(tmp_path: Path) -> None:
     rng = random.Random("all")
