@@ -27,6 +27,9 @@ first ``batch_groups`` generated groups):
   there) ``(idle_s + buffer_s) / window``; in pipeline runs ``buffer_s / window`` (the blocking
   read's time is inseparable from waiting there, so it is left out).
 
+The ceilings are measured before and after the runs and averaged (the machine may be shared).
+Throughput of a pipeline run is *sustained*: trained groups in the window plus the change of
+the backlog (pushed, not yet read), so draining the start-up backlog is not counted.
 ``efficiency = best async groups/s / min(g, t)`` (best over eta >= 1);
 ``speedup_vs_sync = best async / eta 0``.
 """
@@ -78,6 +81,16 @@ WORKLOADS: dict[str, dict[str, Any]] = {
 }
 GATE_OPEN_ETA = 1000  # the config's upper bound: the ceilings never wait on the gate
 POLL_S = 0.1
+MEM_FIELDS = (
+    "used_memory",
+    "used_memory_dataset",
+    "used_memory_overhead",
+    "mem_clients_normal",
+    "used_memory_vm_eval",
+    "used_memory_scripts",
+    "mem_replication_backlog",
+    "used_memory_startup",
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -94,6 +107,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=int, default=None, help="model layers (workload default)")
     p.add_argument("--hidden", type=int, default=None, help="model hidden size (workload default)")
     p.add_argument("--quick", action="store_true", help="~1 minute smoke run: etas 0 2, few steps")
+    p.add_argument(
+        "--ceilings-twice",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="measure the ceilings before and after the runs, use the mean (default: on, "
+        "off with --quick)",
+    )
     p.add_argument("--json", default=None, help="write results JSON here")
     p.add_argument("--plot", default=None, help="write a PNG of throughput and idle vs eta here")
     p.add_argument("--workdir", default=None, help="run directories and logs (default: a temp dir)")
@@ -492,6 +512,8 @@ def run_pipeline(s: Setup, eta: int, bytes_hint: float | None) -> dict[str, Any]
         per_entry: list[float] = []
         produced: list[tuple[float, float, float]] = []  # (wall time, groups pushed, 0)
         clients_mem = 0  # the largest client-buffer memory seen (connections of 3 processes)
+        top_mem: dict[str, Any] = {}  # INFO memory at the largest used_memory sampled
+        t_run = time.time()
         k_gate = key(run, "gate")
         deadline = time.monotonic() + s.timeout
         last_srv = 0.0
@@ -504,6 +526,10 @@ def run_pipeline(s: Setup, eta: int, bytes_hint: float | None) -> dict[str, Any]
                 )
             now = time.time()
             produced.append((now, float(r.hget(k_gate, "finished") or 0), 0.0))
+            mem = r.info("memory")
+            if int(mem["used_memory"]) > int(top_mem.get("used_memory", 0)):
+                top_mem = {k: mem[k] for k in MEM_FIELDS if k in mem}
+                top_mem["t_s"] = round(now - t_run, 2)
             if now - last_srv > 0.5:
                 st = _server_stats(url)
                 srv_samples.append((now, float(st["busy_s"]), float(st["uptime_s"])))
@@ -572,6 +598,7 @@ def run_pipeline(s: Setup, eta: int, bytes_hint: float | None) -> dict[str, Any]
             "redis_within_bound": peak <= bound,
             "bytes_per_group": bpg,
             "redis_overhead_bytes": overhead,
+            "redis_top_sample": top_mem,
             "redis_overhead_parts": {
                 "empty_server": base_mem,
                 "client_buffers_max_sampled": clients_mem,
@@ -697,6 +724,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"bench pipeline: --etas must be in [0, {GATE_OPEN_ETA - 1}], got {etas}")
     if len(set(etas)) != len(etas):
         raise SystemExit(f"bench pipeline: --etas has duplicates: {etas}")
+    if args.ceilings_twice is None:
+        args.ceilings_twice = not args.quick
     steps = args.steps or (spec["quick_steps"] if args.quick else spec["steps"])
     if steps < 2:
         raise SystemExit(f"bench pipeline: --steps must be >= 2 (one is warm-up), got {steps}")
@@ -737,6 +766,7 @@ def run(args: argparse.Namespace) -> int:
         flush=True,
     )
     t_all = time.monotonic()
+    load_start = list(os.getloadavg())
     try:
         ceil = run_ceilings(s)
         print(
@@ -753,9 +783,15 @@ def run(args: argparse.Namespace) -> int:
                 f"{res['trainer_idle']:.2f}, max staleness {res['max_staleness']}",
                 flush=True,
             )
+        # Measured again after the runs: on a shared machine the load moves; the ceilings used
+        # are the mean of both measurements (each is in the JSON).
+        after = run_ceilings(s) if args.ceilings_twice else None
     finally:
         s.procs.stop_all()
-    g, t = ceil["gen"]["groups_per_s"], ceil["train"]["groups_per_s"]
+    both = [ceil] + ([after] if after else [])
+    g = sum(c["gen"]["groups_per_s"] for c in both) / len(both)
+    t = sum(c["train"]["groups_per_s"] for c in both) / len(both)
+    share = sum(c["train"]["buffer_gate_share"] for c in both) / len(both)
     doc: dict[str, Any] = {
         "bench": "pipeline",
         "workload": args.workload,
@@ -767,12 +803,15 @@ def run(args: argparse.Namespace) -> int:
         "warmup_steps": s.warmup,
         "placement": placement.describe(),
         "machine": machine_info(),
-        "load_avg_start": list(os.getloadavg()),
+        "load_avg_start": load_start,
+        "load_avg_end": list(os.getloadavg()),
         "gen_ceiling": g,
         "train_ceiling": t,
         "gen": ceil["gen"],
         "train": ceil["train"],
-        "buffer_gate_share": ceil["train"]["buffer_gate_share"],
+        "gen_after": after["gen"] if after else None,
+        "train_after": after["train"] if after else None,
+        "buffer_gate_share": share,
         "runs": runs,
         **summarize(g, t, runs),
         "pids": list(s.procs.pids),
@@ -781,12 +820,18 @@ def run(args: argparse.Namespace) -> int:
     cols = ["eta", "groups/s", "tok/s", "trainer idle", "server idle", "stale mean", "stale max"]
     cols += ["dropped", "reward", "redis peak KiB", "bound KiB", "buf+gate %"]
     rows: list[list[Any]] = [
-        ["gen ceiling", g, ceil["gen"]["tokens_per_s"], "-", ceil["gen"]["server_idle"] or 0.0]
+        [
+            "gen ceiling",
+            g,
+            g * ceil["gen"]["tokens_per_group"],
+            "-",
+            ceil["gen"]["server_idle"] or 0.0,
+        ]
         + ["-"] * 7,
         [
             "train ceiling",
             t,
-            ceil["train"]["tokens_per_s"],
+            t * ceil["train"]["tokens_per_s"] / ceil["train"]["groups_per_s"],
             "-",
             "-",
             "-",
@@ -795,7 +840,7 @@ def run(args: argparse.Namespace) -> int:
             "-",
             "-",
             "-",
-            100 * ceil["train"]["buffer_gate_share"],
+            100 * share,
         ],
     ]
     for x in runs:
