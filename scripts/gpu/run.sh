@@ -36,13 +36,16 @@ for stage in "$@"; do
       # The demo's task and trainer on the GPU; the model a little wider so that SGLang's
       # attention kernels get a head size they support (64).
       extra=""; [ "$stage" = demo-det ] && extra="--set inference.deterministic=true"
-      python3 -m sluice demo --engine sglang --no-live --run-dir "/tmp/sluice-$stage" \
-        --set model.hidden=256 --set inference.mem_fraction=0.3 \
-        --set "inference.extra_args=[$(echo ${SLUICE_SGLANG_ARGS:-$SGL_DEFAULT} | tr ' ' ',')]" \
-        $extra ${SLUICE_DEMO_ARGS:-} 2>&1 | tail -25 || rc=1
       mkdir -p "$OUT/$stage"
-      cp /tmp/sluice-$stage/report/summary.json /tmp/sluice-$stage/report/reward.png \
-        /tmp/sluice-$stage/metrics.jsonl "$OUT/$stage/" 2>/dev/null || true ;;
+      timeout "${SLUICE_DEMO_TIMEOUT:-300}" python3 -m sluice demo --engine sglang --no-live \
+        --run-dir "/tmp/sluice-$stage" --set model.hidden=256 --set inference.mem_fraction=0.3 \
+        --set "inference.extra_args=[$(echo ${SLUICE_SGLANG_ARGS:-$SGL_DEFAULT} | tr ' ' ',')]" \
+        $extra ${SLUICE_DEMO_ARGS:-} > "$OUT/$stage/demo.log" 2>&1 || rc=1
+      tail -15 "$OUT/$stage/demo.log"
+      for f in server worker trainer; do
+        tail -30 "/tmp/sluice-$stage/logs/$f.log" > "$OUT/$stage/$f-tail.log" 2>/dev/null; done
+      cp /tmp/sluice-$stage/report/summary.json /tmp/sluice-$stage/metrics.jsonl \
+        "$OUT/$stage/" 2>/dev/null || true ;;
     pipeline)
       python3 -m sluice bench pipeline ${SLUICE_PIPELINE_ARGS:-} --json "$OUT/pipeline-gpu.json" \
         --plot "$OUT/pipeline-gpu.png" 2>&1 | tail -40 || rc=1 ;;

@@ -1,11 +1,12 @@
 """Conformance against a live SGLang server on a GPU (marker ``gpu``; skipped without CUDA and
 SGLang). ``scripts/gpu/run.sh`` runs these on a lent GPU machine in one call.
 
-The server runs a tiny random-init Llama in float32 here, so that its log-probs can be checked
-against a float32 transformers forward on the same weights (in bfloat16 the weights themselves
-are rounded and, with this sharp random init, the gap is ~0.2 nats per token: measured on an
-H100, 2026-11-25). The bfloat16 gap of real runs is measured by the trainer (logprob-gap metric)
-in the GPU demo. Numbers go to ``$SLUICE_GPU_REPORT`` (JSON) when set.
+The server runs a tiny random-init Llama in bfloat16 (SGLang 0.5.17's RMSNorm kernel has no
+float32 path: seen on an H100, 2026-11-25). Reference log-probs come from a float32
+transformers forward on the same weights rounded to the server's dtype, so what remains is the
+server's bf16 arithmetic; with this sharp random init (init_std 0.3) that is a visible gap, so
+the tests check that each token matches the weights of its labelled version far better than the
+other version's, and record the gap in ``$SLUICE_GPU_REPORT`` (JSON) when set.
 """
 
 from __future__ import annotations
@@ -43,9 +44,9 @@ DEFAULT_ARGS = (
     "--attention-backend triton --sampling-backend pytorch --disable-cuda-graph "
     "--disable-piecewise-cuda-graph --grammar-backend none"
 )
-DTYPE = os.environ.get("SLUICE_GPU_TEST_DTYPE", "float32")
-# Mean |server - float32 forward| per token allowed: kernels differ (triton attention, TF32).
-GAP_TOL = {"float32": 0.02, "bfloat16": 0.5}[DTYPE]
+DTYPE = os.environ.get("SLUICE_GPU_TEST_DTYPE", "bfloat16")
+# Mean |server - reference| per token allowed (nats): bf16 activations on a sharp model.
+GAP_TOL = {"float16": 0.2, "bfloat16": 0.5}[DTYPE]
 SHAPE = dict(vocab=1024, layers=2, hidden=256, heads=4, init_std=0.3)
 REPORT: dict[str, Any] = {}
 
@@ -82,7 +83,8 @@ def sglang(
 
 
 def forward_logprobs(model_dir: Path, prompt: list[int], output: list[int], t: float) -> np.ndarray:
-    model = load_model(model_dir, dtype="float32").cuda()
+    # The server's weights: rounded to its dtype; the arithmetic here stays float32.
+    model = load_model(model_dir, dtype="float32").to(getattr(torch, DTYPE)).float().cuda()
     ids = torch.tensor([prompt + output], device="cuda")
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0].float()
