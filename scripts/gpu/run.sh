@@ -40,10 +40,10 @@ for stage in "$@"; do
       timeout "${SLUICE_DEMO_TIMEOUT:-300}" python3 -m sluice demo --engine sglang --no-live \
         --run-dir "/tmp/sluice-$stage" --set model.hidden=256 --set inference.mem_fraction=0.3 \
         --set "inference.extra_args=[$(echo ${SLUICE_SGLANG_ARGS:-$SGL_DEFAULT} | tr ' ' ',')]" \
-        $extra ${SLUICE_DEMO_ARGS:-} > "$OUT/$stage/demo.log" 2>&1 || rc=1
-      tail -15 "$OUT/$stage/demo.log"
-      for f in server worker trainer; do
-        tail -30 "/tmp/sluice-$stage/logs/$f.log" > "$OUT/$stage/$f-tail.log" 2>/dev/null; done
+        $extra ${SLUICE_DEMO_ARGS:-} > "/tmp/sluice-$stage.log" 2>&1 || rc=1
+      tail -15 "/tmp/sluice-$stage.log"
+      { tail -60 "/tmp/sluice-$stage.log"; for f in server worker trainer; do
+          echo "=== $f"; tail -30 "/tmp/sluice-$stage/logs/$f.log"; done; } > "$OUT/$stage/logs.txt" 2>&1
       cp /tmp/sluice-$stage/report/summary.json /tmp/sluice-$stage/metrics.jsonl \
         "$OUT/$stage/" 2>/dev/null || true ;;
     pipeline)
