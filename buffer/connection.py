@@ -29,6 +29,18 @@ T = TypeVar("T")
 TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionResetError, OSError)
 
 
+def closed_transport(e: BaseException) -> bool:
+    """True for the error uvloop raises when redis-py writes on a connection whose server went
+    away (``RuntimeError: unable to perform operation on <TCPTransport closed=True ...>; the
+    handler is closed``): as transient as a ``ConnectionError``. Seen when Redis was SIGKILLed
+    and restarted under a worker (tests/faults/test_fault_scenarios.py)."""
+    return (
+        isinstance(e, RuntimeError)
+        and not isinstance(e, RedisUnavailable)
+        and "handler is closed" in str(e)
+    )
+
+
 class RedisUnavailable(RuntimeError):
     """Redis could not be reached (or refused our credentials); the message names the URL,
     redacted."""
@@ -136,6 +148,10 @@ async def with_retries(
         try:
             return await op()
         except TRANSIENT as e:
+            last = e
+        except RuntimeError as e:
+            if not closed_transport(e):
+                raise
             last = e
         except ResponseError as e:
             if not str(e).startswith("LOADING"):

@@ -42,7 +42,14 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from buffer.connection import TRANSIENT, check_run_name, connect, key, with_retries
+from buffer.connection import (
+    TRANSIENT,
+    check_run_name,
+    closed_transport,
+    connect,
+    key,
+    with_retries,
+)
 from staleness.gate import admission_capacity
 
 log = logging.getLogger("sluice.staleness")
@@ -592,7 +599,9 @@ class VersionManager:
                 resp: Any = await self.redis.xread(
                     {self.k_events: cursor}, count=100, block=block_ms
                 )
-            except TRANSIENT as e:
+            except (*TRANSIENT, RuntimeError) as e:
+                if isinstance(e, RuntimeError) and not closed_transport(e):
+                    raise
                 log.warning(
                     "run %s: weight events: connection lost (%s); reconnecting", self.run, e
                 )

@@ -132,6 +132,14 @@ class Proc:
                 ) from None
         return int(self.popen.returncode)
 
+    def wait_log(self, text: str, timeout: float) -> None:
+        """Until the current incarnation's log contains ``text`` (or it exited)."""
+        deadline = time.monotonic() + timeout
+        while self.alive() and text not in self.log_path.read_text(errors="replace"):
+            if time.monotonic() > deadline:
+                raise ProcessFailed(f"{self.name}: no {text!r} in its log\n{self.tail()}")
+            time.sleep(0.1)
+
     def tail(self, n: int = 40) -> str:
         return log_tail(self.log_path, n)
 
@@ -369,6 +377,9 @@ class FaultRun:
         assert code == 0, f"trainer exited {code}\n{self.trainer.tail()}"
         self.check_alive()
         for w in self.workers:
+            # A process still in interpreter start-up dies of SIGTERM before any handler can
+            # exist (nothing is held then); stop workers once they are up, as an operator would.
+            w.wait_log("loading weights", 60.0)
             code = w.stop(30.0)
             assert code == 0, f"{w.name} exited {code} on SIGTERM\n{w.tail()}"
         self.server.stop(30.0)
