@@ -33,12 +33,12 @@ for stage in "$@"; do
       python3 -m sluice bench weight-sync --engine sglang --sizes ${SLUICE_WSYNC_SIZES:-tiny 100M 0.5B} --trials 3 \
         --inflight 8 --json "$OUT/weight-sync-sglang.json" 2>&1 | tail -25 || rc=1 ;;
     demo|demo-det)
-      # The demo's task and trainer on the GPU; the model a little wider so that SGLang's
-      # attention kernels get a head size they support (64).
+      # The demo's task and trainer on the GPU; one head of 64 so that SGLang's attention
+      # kernels get a head size they support (the CPU demo uses 4 heads of 16).
       extra=""; [ "$stage" = demo-det ] && extra="--set inference.deterministic=true"
-      mkdir -p "$OUT/$stage"
+      mkdir -p "$OUT/$stage"; rm -rf "/tmp/sluice-$stage"
       timeout "${SLUICE_DEMO_TIMEOUT:-300}" python3 -m sluice demo --engine sglang --no-live \
-        --run-dir "/tmp/sluice-$stage" --set model.hidden=256 --set inference.mem_fraction=0.3 \
+        --run-dir "/tmp/sluice-$stage" --set model.heads=1 --set inference.mem_fraction=0.3 \
         --set "inference.extra_args=[$(echo ${SLUICE_SGLANG_ARGS:-$SGL_DEFAULT} | tr ' ' ',')]" \
         $extra ${SLUICE_DEMO_ARGS:-} > "/tmp/sluice-$stage.log" 2>&1 || rc=1
       tail -15 "/tmp/sluice-$stage.log"
