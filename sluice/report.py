@@ -330,7 +330,7 @@ def _plot_throughput(steps: list[dict[str, Any]], run_dir: Path, path: Path) -> 
             gen.append((t, f + (_num(p.get("rejected")) or 0.0)))
     k = min(5, len(gen) - 1)  # generation side: over a sliding window of k samples
     gx, gy = [], []
-    for i in range(k, len(gen)):
+    for i in range(k, len(gen)) if k >= 1 else ():
         dt = gen[i][0] - gen[i - k][0]
         if dt > 0:
             gx.append(gen[i][0] - t0)

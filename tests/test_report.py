@@ -203,3 +203,17 @@ def test_minimal_metrics_and_errors(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert s["max_staleness"] is None and s["weight_updates"] is None
     assert s["plots"] == ["reward.png"]
     assert (run / "report" / "reward.png").is_file()
+
+
+def test_report_from_metrics_alone(tmp_path: Path) -> None:
+    """A run directory copied off another machine with only metrics.jsonl (no progress.jsonl,
+    no config, no worker records) still gets its summary and plots."""
+    run = tmp_path / "run"
+    _write_run(run)
+    for extra in run.iterdir():
+        if extra.name != "metrics.jsonl":
+            extra.unlink()
+    assert cli.main(["report", str(run), "--eta", "2"]) == 0
+    s = json.loads((run / "report" / "summary.json").read_text())
+    assert s["eta"] == 2 and s["steps"] >= 2
+    assert (run / "report" / "throughput.png").is_file()
