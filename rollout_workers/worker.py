@@ -14,7 +14,10 @@ pause -> update -> continue with ``rollout.update_mode = pause``), then lets req
 again. The server answers every in-flight request with its partial output labelled with the old
 version; the worker resubmits ``prompt + partial`` with the remaining budget, so a sample's
 tokens, log-probs and versions are the concatenation of its segments. Events that arrive during
-an update are coalesced: the next update goes straight to the newest version.
+an update are coalesced: the next update goes straight to the newest version. With
+``trainer.weight_sync=distributed`` the worker registers its servers and, on an announcement,
+makes them join the trainer's group and receive the broadcast (``_receive``); a server that
+misses one is reloaded from the latest disk copy (``_catch_up_source``; docs/weight-sync.md).
 
 Invariants (tests/test_rollout_worker.py):
 
@@ -69,6 +72,7 @@ from rollout_workers.protocol import (
 from rollout_workers.rewards import RewardFailure, RewardRunner, resolve_reward_fn
 from rollout_workers.tasks import get_task
 from rollout_workers.tasks.base import Prompt
+from staleness.sync_plan import DISTRIBUTED_FMTS, FMT_ANNOUNCE, SyncPlan
 from staleness.version_manager import RunNotFound, VersionManager, WeightEvent
 
 if TYPE_CHECKING:
@@ -117,6 +121,10 @@ class Server:
     busy_since: float | None = None
     restarts: int = 0
     deaths: int = 0
+    group: str | None = None
+    """The distributed weight-sync group this server process has joined (None: none)."""
+    dirty: bool = False
+    """A distributed transfer failed part-way: its weights are mixed; reload before work."""
 
     def track(self, rid: str) -> None:
         if not self.rids:
@@ -285,6 +293,8 @@ class RolloutWorker:
         self.k_metrics = key(self.run_name, "worker", self.worker_id, "metrics")
         self.k_updates = key(self.run_name, "worker", self.worker_id, "updates")
         self.k_eval = key(self.run_name, "eval")
+        self._distributed = cfg.trainer.weight_sync == "distributed"
+        """Offer the servers for the trainer's broadcast (docs/weight-sync.md)."""
 
     # ------------------------------------------------------------------ lifecycle
     def request_stop(self) -> None:
@@ -346,6 +356,8 @@ class RolloutWorker:
             lease_ttl_s=self.rc.lease_ttl_s,
         )
         await self.vm.heartbeat(self.worker_id, self.rc.heartbeat_ttl_s)
+        if self._distributed:
+            await self.vm.register_sync_servers(self.worker_id, [s.url for s in self.servers])
         latest = await self.vm.latest_weights()
         if latest is not None:
             self.weights = latest
@@ -417,14 +429,30 @@ class RolloutWorker:
             log.warning("server %s: model_info failed (%s)", s.url, e)
             self._mark_dead(s)
             return
-        if have == self.version:
+        if have == self.version and not s.dirty:
             s.version, s.needs_load, s.alive = have, False, True
             await self._notify()
             return
-        await self._load(s, self.weights, abort=True)
+        src = await self._catch_up_source()
+        if have == src.version and not s.dirty:
+            # Already at the newest loadable copy (distributed: behind until the next broadcast
+            # that includes it, or the next disk copy; the health loop checks again).
+            s.version, s.needs_load, s.alive = have, False, True
+            await self._notify()
+            return
+        await self._load(s, src, abort=True)
         if not s.needs_load:
             s.alive = True
             await self._notify()
+
+    async def _catch_up_source(self) -> WeightEvent:
+        """The newest weights a server can load by itself: the current event for disk
+        publications; for distributed ones the latest recorded disk copy (or model.path, v0)."""
+        if self.weights.fmt not in DISTRIBUTED_FMTS:
+            return self.weights
+        assert self.vm is not None
+        rec = await self.vm.latest_disk_weights()
+        return rec if rec is not None else WeightEvent(0, self.cfg.model.path, "safetensors", 0.0)
 
     async def _shutdown(self) -> None:
         self._stopping = True
@@ -462,6 +490,9 @@ class RolloutWorker:
             json.dumps(self.metrics()),
         )
         self.rewards.close()
+        if self._distributed and self.vm is not None:
+            with contextlib.suppress(Exception):
+                await self.vm.unregister_sync_servers([s.url for s in self.servers])
         for s in self.servers:
             await s.client.close()
         if self.vm is not None:
@@ -655,6 +686,7 @@ class RolloutWorker:
             log.warning("server %s is dead; its samples go to the other servers", s.url)
         s.alive = False
         s.needs_load = True
+        s.group = None  # a restarted server process has joined no group
 
     async def _sample(
         self,
@@ -768,7 +800,13 @@ class RolloutWorker:
         rec.servers = len(live)
         self.weights = ev
         self.version = ev.version
-        ok = await asyncio.gather(*(self._load(s, ev, abort=True) for s in live))
+        if ev.fmt == FMT_ANNOUNCE:
+            ok = await self._receive_all(live, ev)
+        elif ev.fmt in DISTRIBUTED_FMTS:  # a broadcast this worker missed: catch up from disk
+            await asyncio.gather(*(self._bring_up(s) for s in live))
+            ok = [s.version == ev.version for s in live]
+        else:
+            ok = await asyncio.gather(*(self._load(s, ev, abort=True) for s in live))
         rec.failed = sum(1 for x in ok if not x)
         # Servers that were down or failed pick the new weights up in the health loop.
         for s in self.servers:
@@ -787,6 +825,84 @@ class RolloutWorker:
         await with_retries(self._store_update(rec), what="store update record")
         self._wake.set()
         self._maybe_eval(ev.version)
+
+    async def _receive_all(self, live: list[Server], ev: WeightEvent) -> list[bool]:
+        try:
+            plan = SyncPlan.from_json(ev.location)
+        except ValueError as e:
+            log.error("worker %s: v%d: %s; catching up from disk", self.worker_id, ev.version, e)
+            return [False for _ in live]
+        return list(await asyncio.gather(*(self._receive(s, plan) for s in live)))
+
+    async def _receive(self, s: Server, plan: SyncPlan) -> bool:
+        """Make ``s`` receive ``plan``'s broadcast (joining the group first if ``plan.init``),
+        with this worker's new requests held and the server's in-flight ones aborted (pause
+        abort -> receive every bucket -> continue). True if it now serves ``plan.version``.
+        A server that is not a member (restarted since the group was formed, or unregistered)
+        is left for the health loop, which catches it up from the latest disk copy."""
+        rank = plan.ranks.get(s.url)
+        if rank is None or (not plan.init and s.group != plan.group):
+            log.warning(
+                "server %s is not in weight-sync group %s: catching up from disk", s.url, plan.group
+            )
+            return False
+        wait = plan.timeout_s + 30.0
+        async with s.lock:
+            s.open = False
+            c = s.client
+            try:
+                await c.pause("abort")
+                try:
+                    if plan.init:
+                        s.group = None
+                        await c.init_weights_update_group(
+                            plan.master_addr,
+                            plan.master_port,
+                            rank,
+                            plan.world_size,
+                            plan.group,
+                            "gloo",
+                            timeout=wait,
+                        )
+                        s.group = plan.group
+                    s.dirty = True
+                    last = len(plan.buckets) - 1
+                    for i, b in enumerate(plan.buckets):
+                        # The label moves to the new version only with the last bucket.
+                        await c.update_weights_from_distributed(
+                            b["names"],
+                            b["dtypes"],
+                            b["shapes"],
+                            plan.group,
+                            plan.version if i == last else (s.version or 0),
+                            flush_cache=i == last,
+                            timeout=wait,
+                        )
+                finally:
+                    await c.resume()
+                s.version, s.needs_load, s.dirty = plan.version, False, False
+                return True
+            except ServerDead as e:
+                log.warning(
+                    "server %s died during the broadcast of v%d: %s", s.url, plan.version, e
+                )
+                s.group = None
+                self._mark_dead(s)
+                return False
+            except (InferenceError, ProtocolError, InferenceTimeout) as e:
+                log.error(
+                    "server %s: receiving v%d over group %s failed: %s (catching up from disk)",
+                    s.url,
+                    plan.version,
+                    plan.group,
+                    e,
+                )
+                s.group = None
+                s.needs_load = True
+                return False
+            finally:
+                s.open = True
+                await self._notify()
 
     async def _cancel_doomed(self, version: int) -> None:
         """Stop groups that can no longer be trained: every token of a group admitted at ``v``
@@ -828,7 +944,7 @@ class RolloutWorker:
                         ev.location, ev.version, abort_all_requests=abort
                     )
                 s.version = ev.version
-                s.needs_load = False
+                s.needs_load = s.dirty = False
                 return True
             except ServerDead as e:
                 log.warning("server %s died during the update to v%d: %s", s.url, ev.version, e)
@@ -869,7 +985,12 @@ class RolloutWorker:
                 self._mark_dead(s)
                 await self._notify()
             return
-        if not s.alive or s.needs_load:
+        behind = (
+            self.weights.fmt in DISTRIBUTED_FMTS and s.alive and (s.version or 0) < self.version
+        )
+        if behind:
+            await self._bring_up(s)  # loads a newer disk copy if one has been recorded
+        elif not s.alive or s.needs_load:
             log.info("server %s is back: loading v%d before it gets work", s.url, self.version)
             await self._bring_up(s)
 

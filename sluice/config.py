@@ -220,6 +220,26 @@ class TrainerConfig(Section):
     wait_log_s: float = Field(
         30.0, gt=0, description="Log a line every this many seconds while waiting for data."
     )
+    weight_sync: Literal["disk", "distributed"] = Field(
+        "disk",
+        description="How new weights reach the servers: disk (safetensors dir per version) or "
+        "distributed (broadcast from the trainer to the servers; docs/weight-sync.md).",
+    )
+    bucket_mb: int = Field(
+        256, ge=1, le=65536, description="distributed: MiB of parameters per broadcast bucket."
+    )
+    disk_every: int = Field(
+        10, ge=1, description="distributed: also write the disk copy every N versions."
+    )
+    sync_master_addr: str = Field(
+        "127.0.0.1", min_length=1, description="distributed: address the servers reach rank 0 at."
+    )
+    sync_port: int = Field(
+        0, ge=0, le=65535, description="distributed: rendezvous port (0: pick a free one)."
+    )
+    sync_timeout_s: float = Field(
+        60.0, gt=0, description="distributed: seconds to wait for servers to join or receive."
+    )
 
 
 class SluiceConfig(Section):

@@ -13,7 +13,11 @@ Keys (all in the run's namespace ``sluice:{run}:...``, one Redis Cluster slot):
 ``workers:expiry``          zset        worker id -> heartbeat expiry (server ms)
 ``workers:seen``            hash        worker id -> last heartbeat (server ms)
 ``weights``                 hash        the latest publication: version, location, fmt, time
-``weights:events``          stream      one entry per publication, capped at 1,000
+``weights:events``          stream      one entry per publication, capped at 1,000 (plus
+                                        ``distributed`` announcements, docs/weight-sync.md)
+``weights:disk``            hash        the latest disk copy (distributed mode): version,
+                                        location, fmt, time
+``weights:sync_servers``    hash        server URL -> worker id, for distributed weight sync
 ==========================  ==========  ====================================================
 
 Every mutation is one Lua script, so concurrent workers and trainers never interleave inside
@@ -214,6 +218,31 @@ redis.call('SET', KEYS[5], id, 'EX', ARGV[5])
 return id
 """
 
+# KEYS: gate, events. ARGV: version, location, fmt, maxlen.
+# An announcement: appends an event for a version above the current one without making it
+# current (the weights are not there yet). Returns the event id.
+_ANNOUNCE_LUA = """
+local cur = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
+if tonumber(ARGV[1]) <= cur then
+  return redis.error_reply('SLUICE_VERSION ' .. ARGV[1] .. ' ' .. tostring(cur))
+end
+local t = redis.call('TIME')
+local now = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
+return redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[4], '*',
+                  'version', ARGV[1], 'location', ARGV[2], 'fmt', ARGV[3], 'time', now)
+"""
+
+# KEYS: disk. ARGV: version, location, fmt. Records a disk copy if newer than the recorded one.
+# Returns 1 if recorded, 0 if an equal or newer copy was already there.
+_DISK_LUA = """
+local cur = tonumber(redis.call('HGET', KEYS[1], 'version') or '-1')
+if tonumber(ARGV[1]) <= cur then return 0 end
+local t = redis.call('TIME')
+local now = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
+redis.call('HSET', KEYS[1], 'version', ARGV[1], 'location', ARGV[2], 'fmt', ARGV[3], 'time', now)
+return 1
+"""
+
 # KEYS: settings. ARGV: eta. Returns the previous eta.
 _SET_ETA_LUA = """
 local old = redis.call('HGET', KEYS[1], 'eta')
@@ -405,6 +434,8 @@ class VersionManager:
         self.k_seen = key(run, "workers", "seen")
         self.k_weights = key(run, "weights")
         self.k_events = key(run, "weights", "events")
+        self.k_disk = key(run, "weights", "disk")
+        self.k_sync_servers = key(run, "weights", "sync_servers")
         self._open = client.register_script(_OPEN_LUA)
         self._admit = client.register_script(_ADMIT_LUA)
         self._release = client.register_script(_RELEASE_LUA)
@@ -413,6 +444,8 @@ class VersionManager:
         self._heartbeat = client.register_script(_HEARTBEAT_LUA)
         self._publish = client.register_script(_PUBLISH_LUA)
         self._set_eta = client.register_script(_SET_ETA_LUA)
+        self._announce = client.register_script(_ANNOUNCE_LUA)
+        self._disk = client.register_script(_DISK_LUA)
         self.eta: int | None = None
         """The run's eta as of ``open`` (``set_eta`` may change it later; ``snapshot`` reads it)."""
         self.batch_groups: int | None = None
@@ -550,6 +583,61 @@ class VersionManager:
         """The latest publication, or None before the first."""
         rec = await self._retry(lambda: self.redis.hgetall(self.k_weights), "read weights")
         return WeightEvent.from_fields(rec) if rec else None
+
+    async def announce_weights(self, version: int, location: str, fmt: str) -> str:
+        """Append an event for ``version`` (above the current one) WITHOUT making it current:
+        the distributed path announces a broadcast this way, then ``publish_weights`` once the
+        weights are there. ``events`` yields the announcement; the later publication of the same
+        version is not yielded again to a subscriber that saw it. Returns the event id."""
+        _check_setting("version", version, 1)
+        if not location:
+            raise ValueError("announce_weights: location must be non-empty")
+        res = await self._call(
+            self._announce,
+            [self.k_gate, self.k_events],
+            [version, location, fmt, EVENTS_MAXLEN],
+            what=f"announce version {version}",
+        )
+        return _s(res)
+
+    async def record_disk_weights(
+        self, version: int, location: str, fmt: str = "safetensors"
+    ) -> bool:
+        """Record a disk copy of ``version`` (the catch-up source for servers that missed a
+        broadcast). Keeps the newest: returns False if an equal or newer copy is recorded."""
+        _check_setting("version", version, 0)
+        if not location:
+            raise ValueError("record_disk_weights: location must be non-empty")
+        res = await self._call(
+            self._disk, [self.k_disk], [version, location, fmt], what=f"record disk v{version}"
+        )
+        return bool(int(res))
+
+    async def latest_disk_weights(self) -> WeightEvent | None:
+        """The newest recorded disk copy, or None (then version 0 is ``model.path``)."""
+        rec = await self._retry(lambda: self.redis.hgetall(self.k_disk), "read disk weights")
+        return WeightEvent.from_fields(rec) if rec else None
+
+    async def register_sync_servers(self, worker_id: str, urls: list[str]) -> None:
+        """Offer ``urls`` (servers this worker drives) for distributed weight sync."""
+        _check_worker(worker_id)
+        if urls:
+            mapping: dict[Any, Any] = {u: worker_id for u in urls}
+            await self._retry(
+                lambda: self.redis.hset(self.k_sync_servers, mapping=mapping),
+                "register sync servers",
+            )
+
+    async def unregister_sync_servers(self, urls: list[str]) -> None:
+        if urls:
+            await self._retry(
+                lambda: self.redis.hdel(self.k_sync_servers, *urls), "unregister sync servers"
+            )
+
+    async def sync_servers(self) -> dict[str, str]:
+        """Registered servers: URL -> worker id."""
+        raw = await self._retry(lambda: self.redis.hgetall(self.k_sync_servers), "sync servers")
+        return {_s(k): _s(v) for k, v in raw.items()}
 
     async def _establish(self) -> tuple[WeightEvent | None, str]:
         """The latest record and the id of its event, read in one MULTI (consistent, since a

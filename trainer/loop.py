@@ -179,6 +179,8 @@ class Trainer:
         self._stop = False
         self._dead_settled = 0
         self.st = _State()
+        self.sync: Any = None
+        """Rank 0's ``trainer.weight_sync.DistributedSync`` (weight_sync=distributed)."""
         self._buffer_s = 0.0
         """Seconds in buffer/gate Redis calls since the last metrics row, the blocking read
         excluded (that is ``idle_s``): step records, eta, drop, ack, publish, reap."""
@@ -381,7 +383,9 @@ class Trainer:
     async def _publish(self) -> None:
         """Rank 0 writes ``weights/v{V+1}`` and publishes it; every rank bumps its version."""
         v = self.st.version + 1
-        if self.dist.rank == 0:
+        if self.dist.rank == 0 and self.tc.weight_sync == "distributed":
+            await self._publish_distributed(v)
+        elif self.dist.rank == 0:
             dest = write_model_dir(
                 self.model, self.weights_dir / f"v{v}", crash_hook=self.crash_hook_now
             )
@@ -389,6 +393,41 @@ class Trainer:
             prune(self.weights_dir, "v", self.tc.keep_weights)
         self.st.version = v
         self.st.weights_version = v
+
+    async def _publish_distributed(self, v: int) -> None:
+        """Broadcast ``v`` to the registered servers, then publish it (fmt distributed-done).
+        Every ``disk_every`` versions, and whenever the broadcast fails, the disk copy is
+        written and recorded first (the catch-up source); on failure ``v`` is published as
+        safetensors from it."""
+        from staleness.sync_plan import FMT_DONE
+        from trainer.weight_sync import DistributedSync
+
+        if self.sync is None:
+            self.sync = DistributedSync(
+                self.vm,
+                master_addr=self.tc.sync_master_addr,
+                port=self.tc.sync_port,
+                bucket_mb=self.tc.bucket_mb,
+                timeout_s=self.tc.sync_timeout_s,
+            )
+        dest: Path | None = None
+
+        async def disk_copy() -> Path:
+            d = write_model_dir(
+                self.model, self.weights_dir / f"v{v}", crash_hook=self.crash_hook_now
+            )
+            await self._redis(self.vm.record_disk_weights(v, str(d.resolve())))
+            prune(self.weights_dir, "v", self.tc.keep_weights)
+            return d
+
+        if v % self.tc.disk_every == 0:
+            dest = await disk_copy()
+        if await self.sync.broadcast(v, self.model):
+            await self._redis(self.vm.publish_weights(v, f"group:{self.sync.group}", FMT_DONE))
+            return
+        if dest is None:
+            dest = await disk_copy()
+        await self._redis(self.vm.publish_weights(v, str(dest.resolve()), "safetensors"))
 
     def crash_hook_now(self, point: str) -> None:
         self.crash_hook(point, self.st.step)
