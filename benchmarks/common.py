@@ -45,7 +45,9 @@ def write_json(path: str | Path | None, doc: dict[str, Any]) -> None:
     print(f"wrote {p}")
 
 
-def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+def print_table(
+    title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], width: int | None = None
+) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -63,4 +65,4 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]
                 for v in r
             )
         )
-    Console().print(t)
+    Console(width=width).print(t)

@@ -679,25 +679,10 @@ def plot(path: str, doc: dict[str, Any]) -> None:
 
 
 def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
-    """``benchmarks.common.print_table``'s format, wide enough for 12 columns when piped."""
-    from rich.console import Console
-    from rich.table import Table
+    """``benchmarks.common.print_table``, wide enough for 12 columns when piped."""
+    from benchmarks.common import print_table as common_table
 
-    t = Table(title=title)
-    for c in columns:
-        t.add_column(c, justify="right")
-    for r in rows:
-        t.add_row(
-            *(
-                f"{v:,.3g}"
-                if isinstance(v, float) and abs(v) < 10
-                else f"{v:,.0f}"
-                if isinstance(v, float)
-                else str(v)
-                for v in r
-            )
-        )
-    Console(width=160).print(t)
+    common_table(title, columns, rows, width=160)
 
 
 # ------------------------------------------------------------------ entry point

@@ -286,24 +286,43 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = _parse_scalar(raw)
 
 
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The sections of a YAML config file (not yet validated); ``ConfigError`` naming the file
+    when it is missing, not YAML, or not a mapping."""
+    p = Path(path)
+    try:
+        loaded = yaml.safe_load(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p} does not exist") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {p}: top level must be a mapping of sections")
+    return loaded
+
+
+def add_config_arguments(p: Any, example: str) -> None:
+    """``--config FILE`` and repeatable ``--set KEY=VALUE`` for a command (argparse parser)."""
+    p.add_argument("--config", default=None, help="run config YAML (default: built-in defaults)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a config field, e.g. --set {example} (repeatable)",
+    )
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> SluiceConfig:
     """Read ``path`` (YAML; None = defaults), apply dotted ``overrides``, validate."""
     data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
-        p = Path(path)
-        source = str(p)
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {p} does not exist") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p}: top level must be a mapping of sections")
-        data = loaded
+        source = str(path)
+        data = read_config_file(path)
     for o in overrides or []:
         apply_override(data, o)
         source += f" + --set {o}"

@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import yaml
 from pydantic import ValidationError
 
 from sluice.config import (
@@ -51,6 +50,7 @@ from sluice.config import (
     _format_error,
     apply_override,
     dump_config,
+    read_config_file,
 )
 from sluice.supervisor import ChildEvent, ChildSpec, Supervisor, describe_exit
 
@@ -130,19 +130,8 @@ def load_demo_config(path: str | Path | None, overrides: list[str] | None = None
     data: dict[str, Any] = copy.deepcopy(DEMO_DEFAULTS)
     source = "demo defaults"
     if path is not None:
-        p = Path(path)
-        source = str(p)
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {p} does not exist") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p}: top level must be a mapping of sections")
-        data = _merge(data, loaded)
+        source = str(path)
+        data = _merge(data, read_config_file(path))
     for o in overrides or []:
         apply_override(data, o)
         source += f" + --set {o.split('=', 1)[0]}=..."

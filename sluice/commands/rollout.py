@@ -16,15 +16,9 @@ log = logging.getLogger("sluice.rollout")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None, help="run config YAML (default: built-in defaults)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set rollout.n_samples=4 (repeatable)",
-    )
+    from sluice.config import add_config_arguments
+
+    add_config_arguments(p, "rollout.n_samples=4")
     p.add_argument(
         "--servers", default=None, help="comma-separated inference server URLs (running already)"
     )

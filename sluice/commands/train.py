@@ -13,15 +13,9 @@ import logging
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None, help="run config YAML (default: built-in defaults)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set trainer.lr=1e-5 (repeatable)",
-    )
+    from sluice.config import add_config_arguments
+
+    add_config_arguments(p, "trainer.lr=1e-5")
     p.add_argument(
         "--resume",
         action="store_true",
