@@ -52,6 +52,7 @@ SGLANG_ARGS = (
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, help="write results to this JSON file")
+    p.add_argument("--plot", default=None, help="write a PNG of latency by model and path")
     p.add_argument(
         "--sizes",
         nargs="+",
@@ -273,4 +274,38 @@ def run(args: argparse.Namespace) -> int:
             "results": rows,
         },
     )
+    if args.plot:
+        plot(rows, args.plot, f"{args.engine} server, {args.inflight} requests in flight")
     return 0
+
+
+def plot(rows: list[dict[str, Any]], path: str | Path, subtitle: str) -> None:
+    """Grouped bars: latency (log scale) per model size, one bar per update path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    paths = list(dict.fromkeys(r["path"] for r in rows))
+    width = 0.8 / len(paths)
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for j, name in enumerate(paths):
+        xs, ys = [], []
+        for i, m in enumerate(models):
+            hit = [r for r in rows if r["model"] == m and r["path"] == name]
+            if hit:
+                xs.append(i + (j - (len(paths) - 1) / 2) * width)
+                ys.append(hit[0]["latency_s"])
+        ax.bar(xs, ys, width, label=name)
+    ax.set_xticks(range(len(models)), models)
+    ax.set_yscale("log")
+    ax.set_ylabel("update → first new-version token (s)")
+    ax.set_title(f"weight update latency ({subtitle})")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    print(f"wrote {path}")

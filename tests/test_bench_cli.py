@@ -40,11 +40,14 @@ def test_buffer_bench_writes_paired_results(tmp_path: Path) -> None:
 @pytest.mark.timeout(180)
 def test_weight_sync_bench_every_path_reaches_the_new_version(tmp_path: Path) -> None:
     out = tmp_path / "ws.json"
+    png = tmp_path / "ws.png"
     argv = [
         "bench",
         "weight-sync",
         "--json",
         str(out),
+        "--plot",
+        str(png),
         "--sizes",
         "tiny",
         "--trials",
@@ -60,3 +63,4 @@ def test_weight_sync_bench_every_path_reaches_the_new_version(tmp_path: Path) ->
     for r in doc["results"]:
         assert 0 < r["latency_s"] < 60
         assert r["weight_bytes"] > 0 and r["gb_per_s"] > 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
