@@ -31,7 +31,7 @@ for stage in "$@"; do
         -o addopts="" -q -rA 2>&1 | tee "$OUT/gpu-tests.log" | tail -40 || rc=1 ;;
     weight-sync)
       python3 -m sluice bench weight-sync --engine sglang --sizes ${SLUICE_WSYNC_SIZES:-tiny 100M 0.5B} --trials 3 \
-        --inflight 8 --json "$OUT/weight-sync-sglang.json" 2>&1 | tail -25 || rc=1 ;;
+        --inflight 8 --json "$OUT/weight-sync-sglang.json" --plot "$OUT/weight-sync-sglang.png" 2>&1 | tail -25 || rc=1 ;;
     demo|demo-det)
       # The demo's task and trainer on the GPU; one head of 64 so that SGLang's attention
       # kernels get a head size they support (the CPU demo uses 4 heads of 16).
