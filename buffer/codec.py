@@ -117,16 +117,43 @@ def _decode_arr(d: dict[str, Any], key: str, want: str, limit: int, where: str) 
     return np.frombuffer(b, dtype=dtype)
 
 
+_unpackb = msgpack.unpackb
+_ONLY_FLOAT = {float}
+_ONLY_INT = {int}
+_MAX_TOKENS_PER_GROUP = MAX_TOKENS_PER_SAMPLE * MAX_SAMPLES_PER_GROUP
+_ITEMSIZE = {name: dt.itemsize for name, dt in _DTYPES.items()}
+
+
+def _arr_fast(d: dict[str, Any], key: str, want: str, limit: int) -> npt.NDArray[Any]:
+    """``_decode_arr`` for the common case (a well-formed array); anything else goes to
+    ``_decode_arr``, which names the problem."""
+    a = d.get(key)
+    if type(a) is dict and a.get("t") == want:
+        n = a.get("n")
+        b = a.get("b")
+        if (
+            type(n) is int
+            and 0 <= n <= limit
+            and type(b) is bytes
+            and len(b) == n * _ITEMSIZE[want]
+        ):
+            return np.frombuffer(b, dtype=_DTYPES[want])
+    return _decode_arr(d, key, want, limit, "group")
+
+
 def decode_group(payload: bytes) -> TrajectoryGroup:
-    """Parse and validate. Raises ``CodecError`` (only) on any malformed payload."""
+    """Parse and validate. Raises ``CodecError`` (only) on any malformed payload.
+
+    The fast path checks the common case inline (exact types, the encoder's dtypes); anything
+    unexpected falls back to ``_field`` / ``_decode_arr``, which raise the message naming the
+    problem, so every check applies and every error reads the same on either path.
+    """
     if not isinstance(payload, bytes | bytearray | memoryview):
         raise CodecError(f"payload must be bytes, got {type(payload).__name__}")
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise CodecError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
     try:
-        doc = msgpack.unpackb(
-            payload, raw=False, strict_map_key=True, max_bin_len=MAX_PAYLOAD_BYTES
-        )
+        doc = _unpackb(payload, raw=False, strict_map_key=True, max_bin_len=MAX_PAYLOAD_BYTES)
     except Exception as e:  # msgpack raises several unrelated types on garbage
         raise CodecError(f"not a msgpack document: {type(e).__name__}: {e}") from None
     if not isinstance(doc, dict):
@@ -135,40 +162,48 @@ def decode_group(payload: bytes) -> TrajectoryGroup:
     if sv != SCHEMA_VERSION:
         raise CodecError(f"unknown schema version {sv!r} (this build reads {SCHEMA_VERSION})")
     where = "group"
-    meta = _field(doc, "m", dict, where)
-    if len(meta) > MAX_METADATA_ITEMS:
-        raise CodecError(f"group: metadata has {len(meta)} items, allowed {MAX_METADATA_ITEMS}")
+    meta = doc.get("m")
+    if type(meta) is not dict:
+        meta = _field(doc, "m", dict, where)
     metadata: dict[str, MetaValue] = {}
-    for k, v in meta.items():
-        if not isinstance(k, str) or not (v is None or isinstance(v, str | int | float | bool)):
-            raise CodecError(f"group: metadata {k!r} must map str to a scalar")
-        metadata[k] = v
+    if meta:
+        if len(meta) > MAX_METADATA_ITEMS:
+            raise CodecError(f"group: metadata has {len(meta)} items, allowed {MAX_METADATA_ITEMS}")
+        for k, v in meta.items():
+            if not isinstance(k, str) or not (v is None or isinstance(v, str | int | float | bool)):
+                raise CodecError(f"group: metadata {k!r} must map str to a scalar")
+            metadata[k] = v
     # Small per-group lists are checked in plain Python: cheaper than numpy calls at n ~ 8.
-    lens = _decode_arr(doc, "len", "<i4", MAX_SAMPLES_PER_GROUP, where).tolist()
+    lens = _arr_fast(doc, "len", "<i4", MAX_SAMPLES_PER_GROUP).tolist()
     n = len(lens)
     if n < 1:
         raise CodecError(f"group: {n} samples, allowed 1..{MAX_SAMPLES_PER_GROUP}")
     if min(lens) < 0 or max(lens) > MAX_TOKENS_PER_SAMPLE:
         raise CodecError(f"group: sample lengths must lie in 0..{MAX_TOKENS_PER_SAMPLE}")
     total = sum(lens)
-    limit = MAX_TOKENS_PER_SAMPLE * MAX_SAMPLES_PER_GROUP
-    o = _decode_arr(doc, "o", "<i4", limit, where)
-    lp = _decode_arr(doc, "l", "<f4", limit, where)
-    tv = _decode_arr(doc, "v", "<i4", limit, where)
+    o = _arr_fast(doc, "o", "<i4", _MAX_TOKENS_PER_GROUP)
+    lp = _arr_fast(doc, "l", "<f4", _MAX_TOKENS_PER_GROUP)
+    tv = _arr_fast(doc, "v", "<i4", _MAX_TOKENS_PER_GROUP)
     if not (o.shape[0] == lp.shape[0] == tv.shape[0] == total):
         raise CodecError(
             f"group: lengths disagree (sample lengths sum to {total}; output_ids {o.shape[0]}, "
             f"behaviour_logp {lp.shape[0]}, token_versions {tv.shape[0]})"
         )
-    rewards = _field(doc, "r", list, where)
-    finishes = _field(doc, "f", list, where)
-    indices = _field(doc, "i", list, where)
+    rewards = doc.get("r")
+    if type(rewards) is not list:
+        rewards = _field(doc, "r", list, where)
+    finishes = doc.get("f")
+    if type(finishes) is not list:
+        finishes = _field(doc, "f", list, where)
+    indices = doc.get("i")
+    if type(indices) is not list:
+        indices = _field(doc, "i", list, where)
     if not (len(rewards) == len(finishes) == len(indices) == n):
         raise CodecError(
             f"group: {n} sample lengths but {len(rewards)} rewards, {len(finishes)} finish "
             f"reasons, {len(indices)} indices"
         )
-    if not all(type(r) is float for r in rewards):  # the encoder writes floats only
+    if set(map(type, rewards)) != _ONLY_FLOAT:  # the encoder writes floats only
         bad = next(r for r in rewards if type(r) is not float)
         raise CodecError(f"group: reward {bad!r} is not a float")
     if not all(map(math.isfinite, rewards)):
@@ -177,34 +212,55 @@ def decode_group(payload: bytes) -> TrajectoryGroup:
     if not FINISH_REASONS.issuperset(finishes):
         bad = next(f for f in finishes if f not in FINISH_REASONS)
         raise CodecError(f"group: finish reason {bad!r} not in {sorted(FINISH_REASONS)}")
-    if not all(type(i) is int for i in indices):
+    if set(map(type, indices)) != _ONLY_INT:
         bad = next(i for i in indices if type(i) is not int)
         raise CodecError(f"group: sample index {bad!r} is not an integer")
     samples = []
     a = 0
-    for j, length in enumerate(lens):
+    for length, reward, finish, index in zip(lens, rewards, finishes, indices, strict=True):
         b = a + length
-        samples.append(
-            Sample(
-                output_ids=o[a:b],
-                behaviour_logp=lp[a:b],
-                token_versions=tv[a:b],
-                reward=rewards[j],
-                finish_reason=finishes[j],
-                index=indices[j],
-            )
-        )
+        samples.append(Sample(o[a:b], lp[a:b], tv[a:b], reward, finish, index))
         a = b
+    run_id = doc.get("run")
+    prompt_id = doc.get("pid")
+    group_id = doc.get("gid")
+    worker_id = doc.get("w")
+    if (
+        type(run_id) is str
+        and type(prompt_id) is str
+        and type(group_id) is str
+        and type(worker_id) is str
+        and len(run_id) <= MAX_STR_LEN
+        and len(prompt_id) <= MAX_STR_LEN
+        and len(group_id) <= MAX_STR_LEN
+        and len(worker_id) <= MAX_STR_LEN
+    ):
+        prompt_ids = _arr_fast(doc, "p", "<i4", MAX_PROMPT_TOKENS)
+    else:  # the checked path, in the order the fields are reported
+        run_id = _field(doc, "run", str, where)
+        prompt_id = _field(doc, "pid", str, where)
+        group_id = _field(doc, "gid", str, where)
+        prompt_ids = _arr_fast(doc, "p", "<i4", MAX_PROMPT_TOKENS)
+        worker_id = _field(doc, "w", str, where)
+    av = doc.get("av")
+    if type(av) is not int:
+        av = _field(doc, "av", int, where)
+    ct = doc.get("ct")
+    if type(ct) is not float:
+        ct = float(_field(doc, "ct", (int, float), where))
+    ft = doc.get("ft")
+    if type(ft) is not float:
+        ft = float(_field(doc, "ft", (int, float), where))
     return TrajectoryGroup(
-        run_id=_field(doc, "run", str, where),
-        prompt_id=_field(doc, "pid", str, where),
-        group_id=_field(doc, "gid", str, where),
-        prompt_ids=_decode_arr(doc, "p", "<i4", MAX_PROMPT_TOKENS, where),
+        run_id=run_id,
+        prompt_id=prompt_id,
+        group_id=group_id,
+        prompt_ids=prompt_ids,
         samples=samples,
-        worker_id=_field(doc, "w", str, where),
-        admission_version=_field(doc, "av", int, where),
-        created_at=float(_field(doc, "ct", (int, float), where)),
-        finished_at=float(_field(doc, "ft", (int, float), where)),
+        worker_id=worker_id,
+        admission_version=av,
+        created_at=ct,
+        finished_at=ft,
         metadata=metadata,
         schema_version=sv,
     )

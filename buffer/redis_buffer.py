@@ -55,15 +55,18 @@ _MAX_BLOCK_MS = 5_000
 # seen mark is written before the entry is deleted.
 _ACK_LUA = """
 local n = tonumber(ARGV[3])
-local marked = false
+local marks = {}
 for i = 1, n do
   local g = ARGV[3 + n + i]
   if g ~= '' then
-    redis.call('HSET', KEYS[2], g, ARGV[3 + i])
-    marked = true
+    marks[#marks + 1] = g
+    marks[#marks + 1] = ARGV[3 + i]
   end
 end
-if marked then redis.call('EXPIRE', KEYS[2], tonumber(ARGV[2])) end
+if #marks > 0 then
+  redis.call('HSET', KEYS[2], unpack(marks))
+  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[2]))
+end
 local acked = redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 4, 3 + n))
 redis.call('XDEL', KEYS[1], unpack(ARGV, 4, 3 + n))
 return acked
@@ -124,6 +127,8 @@ class RedisTrajectoryBuffer:
         self._group_ready = False
         self._ack_script = client.register_script(_ACK_LUA)
         self._group_of: dict[str, str] = {}  # delivered, not yet acked: entry id -> group id
+        self._seen_bucket = -1  # the hour bucket whose seen-mark key is cached below
+        self._seen_bucket_key = ""
         self.dead_lettered = 0
         """Entries this instance moved to the dead-letter stream (the trainer hands their
         admission slots back: each was a finished group that will never be trained)."""
@@ -252,8 +257,9 @@ class RedisTrajectoryBuffer:
     async def _decode_entries(self, entries: Sequence[Any]) -> list[Delivered]:
         decoded: list[Delivered] = []
         settle: list[str] = []
+        group_of = self._group_of
         for entry_id, fields in entries:
-            eid = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+            eid = entry_id.decode() if type(entry_id) is bytes else str(entry_id)
             if fields is None:  # deleted while pending: nothing to deliver, just settle it
                 settle.append(eid)
                 continue
@@ -269,7 +275,7 @@ class RedisTrajectoryBuffer:
         if settle:
             await self.ack(settle)
         for d in decoded:
-            self._group_of[d.entry_id] = d.group.group_id
+            group_of[d.entry_id] = d.group.group_id
         return decoded
 
     def _seen_key(self, bucket: int) -> str:
@@ -302,28 +308,32 @@ class RedisTrajectoryBuffer:
         (see ``put``). Returns how many were pending."""
         if not entry_ids and also is None:
             return 0
-        seen = self._seen_key(int(time.time()) // SEEN_BUCKET_S)
+        bucket = int(time.time()) // SEEN_BUCKET_S
+        if bucket != self._seen_bucket:
+            self._seen_bucket, self._seen_bucket_key = bucket, self._seen_key(bucket)
+        keys = [self.stream_key, self._seen_bucket_key]
+        group_of = self._group_of
         chunks = [list(entry_ids[i : i + _ACK_CHUNK]) for i in range(0, len(entry_ids), _ACK_CHUNK)]
-
-        def script_args(ids: list[str]) -> list[Any]:
-            gids = [self._group_of.get(e, "") for e in ids]
-            return [CONSUMER_GROUP, SEEN_TTL_S, len(ids), *ids, *gids]
+        # The group ids are looked up once, before any attempt: a retry re-sends the same marks.
+        args: list[list[Any]] = [
+            [CONSUMER_GROUP, SEEN_TTL_S, len(ids), *ids, *[group_of.get(e, "") for e in ids]]
+            for ids in chunks
+        ]
 
         async def op() -> int:
-            keys = [self.stream_key, seen]
-            if also is None and len(chunks) == 1:
-                return int(await self._ack_script(keys=keys, args=script_args(chunks[0])))
+            if also is None and len(args) == 1:
+                return int(await self._ack_script(keys=keys, args=args[0]))
             async with self.redis.pipeline(transaction=True) as pipe:
-                for ids in chunks:
-                    await self._ack_script(keys=keys, args=script_args(ids), client=pipe)
+                for a in args:
+                    await self._ack_script(keys=keys, args=a, client=pipe)
                 if also is not None:
                     also(pipe)
                 res = await pipe.execute()
-            return sum(int(r) for r in res[: len(chunks)])
+            return sum(int(r) for r in res[: len(args)])
 
         acked = await with_retries(op, what=f"ack {len(entry_ids)} entries")
         for e in entry_ids:
-            self._group_of.pop(e, None)
+            group_of.pop(e, None)
         return acked
 
     async def reclaim(self, min_idle_ms: int, count: int = 100) -> list[Delivered]:
