@@ -285,6 +285,38 @@ def _check_common(weight_version: int, timeout: float) -> None:
         raise ValueError(f"timeout must be > 0, got {timeout}")
 
 
+def sglang_command(
+    model_path: str | Path,
+    port: int,
+    *,
+    host: str = "127.0.0.1",
+    weight_version: int = 0,
+    tp_size: int = 1,
+    mem_fraction: float | None = None,
+    deterministic: bool = False,
+    admin_api_key: str | None = None,
+    extra_args: Sequence[str] = (),
+) -> list[str]:
+    """The SGLang server command line sluice uses everywhere: token ids in and out
+    (``--skip-tokenizer-init``) and an explicit ``--weight-version``."""
+    args = [
+        sys.executable, "-m", "sglang.launch_server",
+        "--model-path", str(model_path),
+        "--skip-tokenizer-init",
+        "--weight-version", str(weight_version),
+        "--host", host,
+        "--port", str(port),
+        "--tp-size", str(tp_size),
+    ]  # fmt: skip
+    if mem_fraction is not None:
+        args += ["--mem-fraction-static", str(mem_fraction)]
+    if deterministic:
+        args += ["--enable-deterministic-inference"]
+    if admin_api_key:
+        args += ["--admin-api-key", admin_api_key]
+    return args + list(extra_args)
+
+
 def launch_sglang(
     model_path: str | Path,
     port: int | None = None,
@@ -326,22 +358,17 @@ def launch_sglang(
         )
     port = port or free_port(host)
     model = str(model_path)
-    args = [
-        sys.executable, "-m", "sglang.launch_server",
-        "--model-path", model,
-        "--skip-tokenizer-init",
-        "--weight-version", str(weight_version),
-        "--host", host,
-        "--port", str(port),
-        "--tp-size", str(tp_size),
-    ]  # fmt: skip
-    if mem_fraction is not None:
-        args += ["--mem-fraction-static", str(mem_fraction)]
-    if deterministic:
-        args += ["--enable-deterministic-inference"]
-    if admin_api_key:
-        args += ["--admin-api-key", admin_api_key]
-    args += list(extra_args)
+    args = sglang_command(
+        model,
+        port,
+        host=host,
+        weight_version=weight_version,
+        tp_size=tp_size,
+        mem_fraction=mem_fraction,
+        deterministic=deterministic,
+        admin_api_key=admin_api_key,
+        extra_args=extra_args,
+    )
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=devices, PYTHONUNBUFFERED="1")
     return _start(
         args,

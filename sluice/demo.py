@@ -176,23 +176,18 @@ def server_spec(cfg: SluiceConfig, engine: str, config_path: Path, port: int) ->
         args += ["--host", "127.0.0.1", "--port", str(port)]
         env = {"OMP_NUM_THREADS": str(cfg.inference.threads), "PYTHONUNBUFFERED": "1"}
         return ChildSpec("server", args, env=env)
+    from rollout_workers.launch import sglang_command
+
     inf = cfg.inference
-    args = [
-        py, "-m", "sglang.launch_server",
-        "--model-path", cfg.model.path,
-        "--skip-tokenizer-init",
-        "--weight-version", "0",
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--tp-size", str(inf.tp_size),
-    ]  # fmt: skip
-    if inf.mem_fraction is not None:
-        args += ["--mem-fraction-static", str(inf.mem_fraction)]
-    if inf.deterministic:
-        args += ["--enable-deterministic-inference"]
-    if inf.admin_api_key:
-        args += ["--admin-api-key", inf.admin_api_key]
-    args += list(inf.extra_args)
+    args = sglang_command(
+        cfg.model.path,
+        port,
+        tp_size=inf.tp_size,
+        mem_fraction=inf.mem_fraction,
+        deterministic=inf.deterministic,
+        admin_api_key=inf.admin_api_key,
+        extra_args=inf.extra_args,
+    )
     env = {"PYTHONUNBUFFERED": "1"}
     if "CUDA_VISIBLE_DEVICES" not in os.environ:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(inf.tp_size))

@@ -213,3 +213,43 @@ async def test_launch_cpu_server_serves_and_stops(tiny_model: Path, tmp_path: Pa
     assert code is not None and not handle.alive() and pid_gone(handle.pid)
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", handle.port), timeout=1):
         pass
+
+
+def test_sglang_command_line_is_the_same_for_the_launcher_and_the_demo(tmp_path: Path) -> None:
+    """Token ids in and out, an explicit weight version, and the config's engine options, from
+    one function for ``launch_sglang`` and ``sluice demo``."""
+    from rollout_workers.launch import sglang_command
+    from sluice.config import load_config
+    from sluice.demo import server_spec
+
+    cmd = sglang_command(
+        "/m",
+        30001,
+        mem_fraction=0.3,
+        deterministic=True,
+        admin_api_key="k",
+        extra_args=["--dtype", "bfloat16"],
+    )
+    assert cmd[1:3] == ["-m", "sglang.launch_server"]
+    for flag, value in (
+        ("--model-path", "/m"),
+        ("--port", "30001"),
+        ("--weight-version", "0"),
+        ("--mem-fraction-static", "0.3"),
+        ("--admin-api-key", "k"),
+        ("--dtype", "bfloat16"),
+    ):
+        assert cmd[cmd.index(flag) + 1] == value, flag
+    assert "--skip-tokenizer-init" in cmd and "--enable-deterministic-inference" in cmd
+    cfg = load_config(
+        None,
+        [
+            "model.path=/m",
+            "inference.mem_fraction=0.3",
+            "inference.deterministic=true",
+            "inference.admin_api_key=k",
+            "inference.extra_args=[--dtype, bfloat16]",
+        ],
+    )
+    spec = server_spec(cfg, "sglang", tmp_path / "config.yaml", 30001)
+    assert spec.args == cmd
