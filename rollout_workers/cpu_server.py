@@ -252,9 +252,11 @@ def sample_rows(logits: torch.Tensor, reqs: list[Req]) -> tuple[list[int], list[
 class Engine:
     """The model and its running batch. Not thread-safe: the server serialises every call."""
 
-    def __init__(self, model_path: str, weight_version: str, max_batch: int) -> None:
+    def __init__(
+        self, model_path: str, weight_version: str, max_batch: int, dtype: str = "float32"
+    ) -> None:
         self.model_path = str(model_path)
-        self.model = load_model(model_path)
+        self.model = load_model(model_path, dtype=dtype)
         self.config = self.model.config
         self.vocab_size = int(self.config.vocab_size)
         self.max_positions = int(getattr(self.config, "max_position_embeddings", 1 << 30))
@@ -289,7 +291,8 @@ class Engine:
             **{self._cache_kwarg: cache},
         )
         new_kv = [(k, v) for k, v, *_ in cache]
-        return out.logits[:, -1, :].float(), new_kv
+        logits = out.logits[:, -1, :]
+        return (logits if logits.dtype == torch.float64 else logits.float()), new_kv
 
     def _append(self, req: Req, token: int, logprob: float) -> None:
         req.output_ids.append(token)
@@ -1014,13 +1017,15 @@ def serve(
     max_batch: int = 64,
     threads: int = 1,
     seed: int = 0,
+    dtype: str = "float32",
 ) -> None:
-    """Load ``model`` and serve it until SIGTERM/SIGINT (blocking)."""
+    """Load ``model`` (in ``dtype``: float32, or float64 for bit-tight checks) and serve it
+    until SIGTERM/SIGINT (blocking)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     torch.set_num_threads(threads)
-    engine = Engine(model, weight_version, max_batch)
+    engine = Engine(model, weight_version, max_batch, dtype=dtype)
     server = CPUServer(engine, admin_api_key=admin_api_key, seed=seed, threads=threads)
     log.info(
         "serving %s (%s, vocab %d) on http://%s:%d, weight version %s",

@@ -44,6 +44,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="torch intra-op threads (default 1, or the config's)",
     )
     p.add_argument(
+        "--dtype",
+        choices=("float32", "float64"),
+        default="float32",
+        help="model dtype (default float32; float64 makes log-prob checks independent of "
+        "batching order)",
+    )
+    p.add_argument(
         "--seed",
         type=int,
         default=None,
@@ -97,5 +104,6 @@ def run(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         threads=args.threads,
         seed=args.seed,
+        dtype=args.dtype,
     )
     return 0
