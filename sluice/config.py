@@ -303,9 +303,13 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return loaded
 
 
-def add_config_arguments(p: Any, example: str) -> None:
-    """``--config FILE`` and repeatable ``--set KEY=VALUE`` for a command (argparse parser)."""
-    p.add_argument("--config", default=None, help="run config YAML (default: built-in defaults)")
+def add_config_arguments(
+    p: Any, example: str, config_help: str | None = "run config YAML (default: built-in defaults)"
+) -> None:
+    """``--config FILE`` (unless ``config_help`` is None) and repeatable ``--set KEY=VALUE`` for a
+    command (argparse parser)."""
+    if config_help is not None:
+        p.add_argument("--config", default=None, help=config_help)
     p.add_argument(
         "--set",
         dest="overrides",
@@ -318,14 +322,17 @@ def add_config_arguments(p: Any, example: str) -> None:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> SluiceConfig:
     """Read ``path`` (YAML; None = defaults), apply dotted ``overrides``, validate."""
-    data: dict[str, Any] = {}
-    source = "defaults"
-    if path is not None:
-        source = str(path)
-        data = read_config_file(path)
+    if path is None:
+        return validate_config({}, overrides, "defaults")
+    return validate_config(read_config_file(path), overrides, str(path))
+
+
+def validate_config(data: dict[str, Any], overrides: list[str] | None, source: str) -> SluiceConfig:
+    """Apply dotted ``overrides`` to ``data`` (a config's sections, read from ``source``) and
+    validate. Error messages name each override's key, not its value (it may hold a password)."""
     for o in overrides or []:
         apply_override(data, o)
-        source += f" + --set {o}"
+        source += f" + --set {o.split('=', 1)[0]}=..."
     try:
         return SluiceConfig.model_validate(data)
     except ValidationError as e:

@@ -42,15 +42,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import ValidationError
-
 from sluice.config import (
-    ConfigError,
     SluiceConfig,
-    _format_error,
-    apply_override,
     dump_config,
     read_config_file,
+    validate_config,
 )
 from sluice.supervisor import ChildEvent, ChildSpec, Supervisor, describe_exit
 
@@ -128,17 +124,9 @@ def load_demo_config(path: str | Path | None, overrides: list[str] | None = None
 
     A task section in the file replaces the demo's task options (they belong to one task)."""
     data: dict[str, Any] = copy.deepcopy(DEMO_DEFAULTS)
-    source = "demo defaults"
-    if path is not None:
-        source = str(path)
-        data = _merge(data, read_config_file(path))
-    for o in overrides or []:
-        apply_override(data, o)
-        source += f" + --set {o.split('=', 1)[0]}=..."
-    try:
-        return SluiceConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(_format_error(e, source)) from None
+    if path is None:
+        return validate_config(data, overrides, "demo defaults")
+    return validate_config(_merge(data, read_config_file(path)), overrides, str(path))
 
 
 def split_password(url: str) -> tuple[str, str | None]:

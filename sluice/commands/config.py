@@ -14,17 +14,12 @@ from typing import Any
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from sluice.config import add_config_arguments
+
     sub = p.add_subparsers(dest="config_cmd", metavar="ACTION", required=True)
     show = sub.add_parser("show", help="print the resolved config with defaults and help text")
     show.add_argument("config", nargs="?", default=None, help="run config YAML (default: none)")
-    show.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set trainer.lr=1e-5 (repeatable)",
-    )
+    add_config_arguments(show, "trainer.lr=1e-5", config_help=None)
     show.add_argument("--table", action="store_true", help="a table instead of commented YAML")
 
 

@@ -14,18 +14,10 @@ import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--config",
-        default=None,
-        help="run config YAML over the demo's defaults (examples/demo.yaml)",
-    )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set trainer.lr=1e-3 (repeatable)",
+    from sluice.config import add_config_arguments
+
+    add_config_arguments(
+        p, "trainer.lr=1e-3", "run config YAML over the demo's defaults (examples/demo.yaml)"
     )
     p.add_argument("--eta", type=int, default=None, help="staleness limit (staleness.eta)")
     p.add_argument("--max-steps", type=int, default=None, help="train steps (trainer.max_steps)")

@@ -14,14 +14,10 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None, help="run config YAML (model.path, inference.threads)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set inference.threads=2 (repeatable)",
+    from sluice.config import add_config_arguments
+
+    add_config_arguments(
+        p, "inference.threads=2", "run config YAML (model.path, inference.threads)"
     )
     p.add_argument(
         "--model", default=None, help="model directory (config.json + *.safetensors); or --config"
