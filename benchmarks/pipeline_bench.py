@@ -1,9 +1,13 @@
 """Pipeline throughput: async RL against its own ceilings and against synchronous RL (eta = 0).
 
-One invocation, one model, one task, one machine. Placement is disaggregated, as on a GPU
-cluster where inference and training own their devices: the CPU server and the rollout worker
-(and Redis) are pinned to the *inference* cores, the trainer to the *training* cores
-(``taskset`` / ``sched_setaffinity``; one torch thread per process). On 2 cores: one each.
+One invocation, one model, one task, one machine. With ``--engine cpu`` (default) placement is
+disaggregated, as on a GPU cluster where inference and training own their devices: the CPU
+server and the rollout worker (and Redis) are pinned to the *inference* cores, the trainer to
+the *training* cores (``taskset`` / ``sched_setaffinity``; one torch thread per process). On 2
+cores: one each. With ``--engine sglang`` one SGLang server (``--mem-fraction``) and the
+trainer (CUDA, bf16 autocast) share one GPU — colocated, time-sliced by the driver — and the
+server is started once and reused by every run (each run's worker loads the initial weights
+into it); server idle is then the worker's view: time with no request in flight.
 
 Measured, each over a steady-state window that skips the first ``warmup`` train steps (or the
 first ``batch_groups`` generated groups):
@@ -13,16 +17,17 @@ first ``batch_groups`` generated groups):
 * **training ceiling** ``t``: the trainer on the buffer pre-filled by that run (the same
   groups; eta 1000 so none is dropped), trained groups/s from ``metrics.jsonl`` row times;
 * **pipeline runs** at each eta of ``--etas``: trainer + worker + server on a fresh private
-  ``redis-server`` (fresh ``used_memory_peak``) and a fresh server, ``--steps`` train steps.
+  ``redis-server`` (fresh ``used_memory_peak``) and (CPU) a fresh server, ``--steps`` steps.
   Per run: trained groups/s and output tokens/s, trainer idle (``idle_s`` / window), server
   idle (``1 - d busy_s / d uptime_s`` of the CPU server's ``/model_info`` over the window),
   mean/max staleness (the trainer's histograms), groups dropped, final reward (mean of the last
   fifth of the steps), Redis ``used_memory_peak`` beside the bound
-  ``(eta + 2) * batch_groups * bytes_per_group + overhead`` (``bytes_per_group``: the largest
-  ``MEMORY USAGE`` of the stream per entry seen while sampling; ``overhead``: the empty server's
-  ``used_memory`` plus every non-stream key of the run at the end). The trainer checkpoints
-  (and so acks) every step, which is what the bound's ``+ 2`` assumes: ``eta + 1`` batches
-  admitted ahead of the trainer, one being trained.
+  ``(eta + 1 + checkpoint_every) * batch_groups * bytes_per_group + overhead``
+  (``bytes_per_group``: the largest ``MEMORY USAGE`` of the stream per entry seen while
+  sampling; ``overhead``: the empty server's
+  ``used_memory`` plus every non-stream key of the run at the end). The trainer acks with
+  its checkpoints (``--checkpoint-every``, default every step): ``eta + 1`` batches admitted
+  ahead of the trainer, up to ``checkpoint_every`` read and not yet acked.
 * **buffer + gate share** of trainer wall time: on the training ceiling (the read never waits
   there) ``(idle_s + buffer_s) / window``; in pipeline runs ``buffer_s / window`` (the blocking
   read's time is inseparable from waiting there, so it is left out).
@@ -42,6 +47,7 @@ import itertools
 import json
 import math
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -78,6 +84,32 @@ WORKLOADS: dict[str, dict[str, Any]] = {
         "steps": 30,
         "quick_steps": 5,
     },
+    # For one GPU shared by SGLang and the trainer (--engine sglang): a ~100M-parameter Qwen2
+    # shape (head_dim 64, GQA 4:1) on long outputs, so that generating a batch and training on
+    # it both take real GPU time.
+    "long-tail-gpu": {
+        "task": "long-tail",
+        "options": {"median": 64, "sigma": 1.0, "min_len": 8, "max_len": 512},
+        "model": {
+            "arch": "qwen2",
+            "layers": 9,
+            "hidden": 1024,
+            "heads": 16,
+            "kv_heads": 4,
+            "intermediate": 2816,
+        },
+        "n_samples": 8,
+        "batch_groups": 16,
+        "max_new_tokens": None,
+        "max_inflight_groups": 32,
+        "steps": 16,
+        "quick_steps": 5,
+        # A random-init 100M model at lr 1e-3 collapses within a few steps into 512-token
+        # outputs that never stop, so groups cost 15x more than in the ceiling runs; at 1e-5
+        # output lengths stay those the ceilings measured (a throughput workload, not a
+        # learning one).
+        "trainer": {"lr": 1e-5},
+    },
 }
 GATE_OPEN_ETA = 1000  # the config's upper bound: the ceilings never wait on the gate
 POLL_S = 0.1
@@ -106,6 +138,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--layers", type=int, default=None, help="model layers (workload default)")
     p.add_argument("--hidden", type=int, default=None, help="model hidden size (workload default)")
+    p.add_argument(
+        "--engine",
+        choices=("cpu", "sglang"),
+        default="cpu",
+        help="cpu: a CPU reference server per run, core-pinned (default); sglang: one SGLang "
+        "server on the GPU for the whole invocation, the trainer on the same GPU",
+    )
+    p.add_argument(
+        "--mem-fraction", type=float, default=0.3, help="SGLang --mem-fraction-static (0.3)"
+    )
+    p.add_argument("--sglang-args", default="", help="extra SGLang launch arguments, one string")
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=1,
+        help="trainer checkpoint (and so ack) interval in steps (default 1); the Redis bound "
+        "is (eta + 1 + this) batches",
+    )
     p.add_argument("--quick", action="store_true", help="~1 minute smoke run: etas 0 2, few steps")
     p.add_argument(
         "--ceilings-twice",
@@ -167,9 +217,12 @@ class Procs:
     started: list[subprocess.Popen[bytes]] = field(default_factory=list)
     pids: list[int] = field(default_factory=list)
 
-    def spawn(self, args: list[str], cpus: tuple[int, ...], log: Path) -> subprocess.Popen[bytes]:
+    def spawn(
+        self, args: list[str], cpus: tuple[int, ...], log: Path, *, sluice: bool = True
+    ) -> subprocess.Popen[bytes]:
+        """Start ``sluice ARGS`` (or the command ``args`` with ``sluice=False``) on ``cpus``."""
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(len(cpus)))
-        cmd = [sys.executable, "-m", "sluice", *args]
+        cmd = [sys.executable, "-m", "sluice", *args] if sluice else list(args)
         taskset = shutil.which("taskset")
         pre = None
         if taskset:
@@ -226,6 +279,27 @@ def _server_stats(url: str) -> dict[str, Any]:
     return info
 
 
+def _busy_sample(s: Setup, r: Any, run: str, url: str) -> tuple[float, float, float] | None:
+    """``(wall time, busy_s, uptime_s)`` of the inference server.
+
+    CPU server: its own ``/model_info`` (seconds with a forward pass running). SGLang has no
+    such counter, so there it is the worker's view (its ``metrics`` hash in Redis, written every
+    ``metrics_interval_s``): seconds with at least one request in flight on the server, i.e.
+    the time the server had work. ``None`` until the worker has written its metrics."""
+    if s.engine == "cpu":
+        st = _server_stats(url)
+        return time.time(), float(st["busy_s"]), float(st["uptime_s"])
+    from buffer import key
+
+    raw = r.hmget(key(run, "worker", "w0", "metrics"), ["servers", "uptime_s", "updated_at"])
+    if raw[0] is None or raw[1] is None or raw[2] is None:
+        return None
+    servers = json.loads(raw[0])
+    uptime = float(raw[1])
+    busy = sum(float(x["utilisation"]) for x in servers) * uptime  # this worker: one server
+    return float(raw[2]), busy, uptime
+
+
 def _tail(log: Path, n: int = 30) -> str:
     from sluice.procs import log_tail
 
@@ -247,6 +321,10 @@ class Setup:
     placement: Placement
     timeout: float
     procs: Procs
+    engine: str = "cpu"
+    shared_server: str | None = None
+    """SGLang: the one server every run uses (started once; a worker loads v0 on start)."""
+    checkpoint_every: int = 1
 
     @property
     def warmup(self) -> int:
@@ -271,15 +349,17 @@ def _config(s: Setup, *, url: str, run: str, run_dir: Path, eta: int) -> Path:
         "staleness": {"eta": eta, "batch_groups": s.batch_groups},
         "model": {"path": str(s.model)},
         "task": {"name": spec["task"], "options": spec["options"]},
-        "inference": {"engine": "cpu", "threads": len(s.placement.inference)},
+        "inference": {"engine": s.engine, "threads": len(s.placement.inference)},
         "rollout": rollout,
         "trainer": {
-            "device": "cpu",
+            "device": "cpu" if s.engine == "cpu" else "cuda",
             "threads": len(s.placement.training),
             "max_steps": s.steps,
-            "checkpoint_every": 1,  # ack every step: the Redis bound's (eta + 2) assumes it
+            # Acks go with checkpoints: the Redis bound's (eta + 1 + checkpoint_every) uses it.
+            "checkpoint_every": s.checkpoint_every,
             "keep_checkpoints": 1,
             "keep_weights": 3,
+            **spec.get("trainer", {}),
         },
     }
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -299,9 +379,12 @@ def _start_redis(s: Setup, d: Path) -> Any:
     return r
 
 
-def _start_server(s: Setup, d: Path) -> tuple[subprocess.Popen[bytes], str]:
+def _start_server(s: Setup, d: Path) -> tuple[subprocess.Popen[bytes] | None, str]:
+    """A fresh CPU server for one run, or (None, url) of the shared SGLang server."""
     from sluice.procs import free_port
 
+    if s.shared_server is not None:
+        return None, s.shared_server
     port = free_port()
     log = d / "server.log"
     threads = str(len(s.placement.inference))
@@ -310,6 +393,22 @@ def _start_server(s: Setup, d: Path) -> tuple[subprocess.Popen[bytes], str]:
     url = f"http://127.0.0.1:{port}"
     _wait_http(url, proc, log)
     return proc, url
+
+
+def start_sglang(s: Setup, mem_fraction: float, extra: list[str], timeout: float = 600.0) -> str:
+    """Start the one SGLang server of this invocation (on the inference cpus) and wait for it."""
+    from rollout_workers.launch import sglang_command
+    from sluice.procs import free_port
+
+    port = free_port()
+    cmd = sglang_command(s.model, port, mem_fraction=mem_fraction, extra_args=extra)
+    log = s.workdir / "sglang.log"
+    t0 = time.monotonic()
+    proc = s.procs.spawn(cmd, s.placement.inference, log, sluice=False)
+    url = f"http://127.0.0.1:{port}"
+    _wait_http(url, proc, log, timeout=timeout)
+    print(f"SGLang up at {url} in {time.monotonic() - t0:.0f}s", flush=True)
+    return url
 
 
 def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -420,8 +519,9 @@ def run_ceilings(s: Setup) -> dict[str, Any]:
                 if done >= m and m not in marks:
                     marks[m] = now
             if now - last_srv > 0.5:
-                st = _server_stats(url)
-                srv_samples.append((now, float(st["busy_s"]), float(st["uptime_s"])))
+                smp = _busy_sample(s, r, run, url)
+                if smp is not None:
+                    srv_samples.append(smp)
                 last_srv = now
             time.sleep(POLL_S)
         if worker.returncode != 0:
@@ -429,9 +529,11 @@ def run_ceilings(s: Setup) -> dict[str, Any]:
         done = int(r.hget(k_gate, "finished") or 0)
         marks.setdefault(target, time.time())
         marks.setdefault(s.batch_groups, marks[target])
-        st = _server_stats(url)
-        srv_samples.append((time.time(), float(st["busy_s"]), float(st["uptime_s"])))
-        s.procs.stop(server)
+        smp = _busy_sample(s, r, run, url)
+        if smp is not None:
+            srv_samples.append(smp)
+        if server is not None:
+            s.procs.stop(server)
         wm = {
             k.decode(): v.decode()
             for k, v in r.hgetall(key(run, "worker", "w0", "metrics")).items()
@@ -531,8 +633,9 @@ def run_pipeline(s: Setup, eta: int, bytes_hint: float | None) -> dict[str, Any]
                 top_mem = {k: mem[k] for k in MEM_FIELDS if k in mem}
                 top_mem["t_s"] = round(now - t_run, 2)
             if now - last_srv > 0.5:
-                st = _server_stats(url)
-                srv_samples.append((now, float(st["busy_s"]), float(st["uptime_s"])))
+                smp = _busy_sample(s, r, run, url)
+                if smp is not None:
+                    srv_samples.append(smp)
                 b = _stream_bytes_per_entry(r, run)
                 if b is not None:
                     per_entry.append(b)
@@ -544,10 +647,12 @@ def run_pipeline(s: Setup, eta: int, bytes_hint: float | None) -> dict[str, Any]
             raise RuntimeError(
                 f"eta={eta}: trainer exited {trainer.returncode}:\n{_tail(d / 'trainer.log')}"
             )
-        st = _server_stats(url)
-        srv_samples.append((time.time(), float(st["busy_s"]), float(st["uptime_s"])))
+        smp = _busy_sample(s, r, run, url)
+        if smp is not None:
+            srv_samples.append(smp)
         s.procs.stop(worker)
-        s.procs.stop(server)
+        if server is not None:
+            s.procs.stop(server)
         wm = {
             k.decode(): v.decode()
             for k, v in r.hgetall(key(run, "worker", "w0", "metrics")).items()
@@ -569,7 +674,7 @@ def run_pipeline(s: Setup, eta: int, bytes_hint: float | None) -> dict[str, Any]
         n_hist = sum(hist.values())
         tail = all_rows[-max(1, len(all_rows) // 5) :]
         bpg = max(per_entry) if per_entry else (bytes_hint or 0.0)
-        bound = (eta + 2) * s.batch_groups * bpg + overhead
+        bound = (eta + 1 + s.checkpoint_every) * s.batch_groups * bpg + overhead
         # Sustained rate: groups trained in the window plus the change of the backlog (pushed,
         # not yet read). Without it a run whose worker filled (eta + 1) batches while the
         # trainer started up would count that backlog as throughput.
@@ -710,7 +815,15 @@ def run(args: argparse.Namespace) -> int:
     if len(set(etas)) != len(etas):
         raise SystemExit(f"bench pipeline: --etas has duplicates: {etas}")
     if args.ceilings_twice is None:
-        args.ceilings_twice = not args.quick
+        args.ceilings_twice = not args.quick and args.engine == "cpu"
+    if args.checkpoint_every < 1:
+        raise SystemExit(
+            f"bench pipeline: --checkpoint-every must be >= 1, got {args.checkpoint_every}"
+        )
+    if not 0 < args.mem_fraction <= 1:
+        raise SystemExit(
+            f"bench pipeline: --mem-fraction must be in (0, 1], got {args.mem_fraction}"
+        )
     steps = args.steps or (spec["quick_steps"] if args.quick else spec["steps"])
     if steps < 2:
         raise SystemExit(f"bench pipeline: --steps must be >= 2 (one is warm-up), got {steps}")
@@ -743,16 +856,20 @@ def run(args: argparse.Namespace) -> int:
         placement=placement,
         timeout=args.run_timeout,
         procs=Procs(),
+        engine=args.engine,
+        checkpoint_every=args.checkpoint_every,
     )
     print(
-        f"pipeline bench: {args.workload}, {steps} steps x {bg} groups x {ns} samples, etas {etas}; "
-        f"inference cpus {list(placement.inference)} (server, worker, redis), training cpus "
-        f"{list(placement.training)}; workdir {workdir}",
+        f"pipeline bench: {args.workload} on {args.engine}, {steps} steps x {bg} groups x {ns} "
+        f"samples, etas {etas}; inference cpus {list(placement.inference)} (server, worker, "
+        f"redis), training cpus {list(placement.training)}; workdir {workdir}",
         flush=True,
     )
     t_all = time.monotonic()
     load_start = list(os.getloadavg())
     try:
+        if args.engine == "sglang":
+            s.shared_server = start_sglang(s, args.mem_fraction, shlex.split(args.sglang_args))
         ceil = run_ceilings(s)
         print(
             f"ceilings: generation {ceil['gen']['groups_per_s']:.2f} groups/s, "
@@ -780,6 +897,10 @@ def run(args: argparse.Namespace) -> int:
     doc: dict[str, Any] = {
         "bench": "pipeline",
         "workload": args.workload,
+        "engine": args.engine,
+        "sglang_args": args.sglang_args if args.engine == "sglang" else None,
+        "mem_fraction": args.mem_fraction if args.engine == "sglang" else None,
+        "checkpoint_every": args.checkpoint_every,
         "task": {"name": spec["task"], "options": spec["options"]},
         "model": spec["model"],
         "steps": steps,

@@ -8,6 +8,7 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -72,3 +73,72 @@ def test_quick_pipeline_bench(tmp_path: Path) -> None:
     # Every process the bench started (redis-servers, CPU servers, workers, trainers) is gone.
     assert len(doc["pids"]) == 4 + 2 * 4  # redis, server, worker, trainer: ceilings + 2 runs
     assert all(_gone(p) for p in doc["pids"]), [p for p in doc["pids"] if not _gone(p)]
+
+
+def _setup(tmp_path: Path, engine: str, workload: str = "long-tail-gpu") -> Any:
+    from benchmarks.pipeline_bench import WORKLOADS, Placement, Procs, Setup
+
+    return Setup(
+        workload=workload,
+        spec=WORKLOADS[workload],
+        steps=4,
+        batch_groups=2,
+        n_samples=2,
+        workdir=tmp_path,
+        model=tmp_path / "model",
+        placement=Placement((0,), (0,)),
+        timeout=10.0,
+        procs=Procs(),
+        engine=engine,
+        checkpoint_every=3,
+    )
+
+
+def test_sglang_config_and_busy_from_worker_metrics(tmp_path: Path, redis_url: str) -> None:
+    """With SGLang the trainer goes on CUDA with the workload's own trainer settings, and the
+    server's busy time comes from the worker's metrics hash (SGLang has no busy counter)."""
+    import redis
+    import yaml
+
+    from benchmarks.pipeline_bench import _busy_sample, _config
+    from buffer import key
+
+    s = _setup(tmp_path, "sglang")
+    cfg = yaml.safe_load(
+        _config(s, url=redis_url, run="r1", run_dir=tmp_path / "r1", eta=2).read_text()
+    )
+    assert cfg["inference"]["engine"] == "sglang"
+    assert cfg["trainer"]["device"] == "cuda" and cfg["trainer"]["lr"] == 1e-5
+    assert cfg["trainer"]["checkpoint_every"] == 3
+    cpu = yaml.safe_load(
+        _config(
+            _setup(tmp_path, "cpu", "reverse"),
+            url=redis_url,
+            run="r2",
+            run_dir=tmp_path / "r2",
+            eta=2,
+        ).read_text()
+    )
+    assert cpu["trainer"]["device"] == "cpu" and "lr" not in cpu["trainer"]
+
+    r = redis.Redis.from_url(redis_url)
+    try:
+        assert _busy_sample(s, r, "r1", "http://x") is None  # the worker has not written yet
+        servers = json.dumps([{"url": "http://x", "utilisation": 0.25, "inflight": 3}])
+        r.hset(
+            key("r1", "worker", "w0", "metrics"),
+            mapping={"servers": servers, "uptime_s": 8.0, "updated_at": 123.5},
+        )
+        assert _busy_sample(s, r, "r1", "http://x") == (123.5, 2.0, 8.0)
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [("--checkpoint-every", "0", "--checkpoint-every"), ("--mem-fraction", "0", "--mem-fraction")],
+)
+def test_bad_pipeline_arguments(flag: str, value: str, message: str) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "pipeline", flag, value, "--engine", "sglang"])
+    assert message in str(e.value)

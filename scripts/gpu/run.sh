@@ -2,7 +2,8 @@
 # Runs sluice on a GPU machine that has PyTorch + CUDA but no SGLang, Redis or network.
 # Needs the carried folder .sgl/ (see scripts/gpu/README.md): sglang_site312.tar.xz (SGLang
 # 0.5.17 trimmed for H100/H200), *.deb (redis-server), whl/*.whl (sluice's own dependencies).
-# Usage: bash scripts/gpu/run.sh STAGE...   stages: tests weight-sync demo pipeline
+# Usage: bash scripts/gpu/run.sh STAGE...
+#   stages: tests weight-sync demo demo-det pipeline pipeline-quick
 # Results go to $OUT (default /tmp/sluice-gpu-out).
 set -uo pipefail
 OUT=${OUT:-/tmp/sluice-gpu-out}; mkdir -p "$OUT"
@@ -46,9 +47,20 @@ for stage in "$@"; do
           echo "=== $f"; tail -30 "/tmp/sluice-$stage/logs/$f.log"; done; } > "$OUT/$stage/logs.txt" 2>&1
       cp /tmp/sluice-$stage/report/summary.json /tmp/sluice-$stage/metrics.jsonl \
         "$OUT/$stage/" 2>/dev/null || true ;;
-    pipeline)
-      python3 -m sluice bench pipeline ${SLUICE_PIPELINE_ARGS:-} --json "$OUT/pipeline-gpu.json" \
-        --plot "$OUT/pipeline-gpu.png" 2>&1 | tail -40 || rc=1 ;;
+    pipeline|pipeline-quick)
+      # One SGLang server for the whole bench, the trainer on the same GPU (bf16 autocast);
+      # the ~100M Qwen2 shape on long-tail outputs. SLUICE_PIPELINE_ARGS adds/overrides flags.
+      q=""; [ "$stage" = pipeline-quick ] && q="--quick"
+      mkdir -p "$OUT/$stage"; rm -rf "/tmp/sluice-$stage"
+      timeout "${SLUICE_PIPELINE_TIMEOUT:-500}" python3 -m sluice bench pipeline --engine sglang \
+        --workload long-tail-gpu --sglang-args "${SLUICE_SGLANG_ARGS:-$SGL_DEFAULT}" $q \
+        --workdir "/tmp/sluice-$stage" --keep --run-timeout 200 ${SLUICE_PIPELINE_ARGS:-} \
+        --json "$OUT/$stage/pipeline-gpu.json" --plot "$OUT/$stage/pipeline-gpu.png" \
+        > "/tmp/sluice-$stage.log" 2>&1 || rc=1
+      tail -40 "/tmp/sluice-$stage.log"
+      { cat "/tmp/sluice-$stage.log"; for f in /tmp/sluice-$stage/sglang.log \
+          /tmp/sluice-$stage/*/*.log; do echo "=== $f"; tail -25 "$f"; done; } \
+        > "$OUT/$stage/logs.txt" 2>&1 ;;
     *) echo "unknown stage $stage"; rc=2 ;;
   esac
 done
