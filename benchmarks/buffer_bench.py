@@ -3,7 +3,7 @@
 For each sample length T (output tokens per sample), the same groups (8 samples each) are moved
 twice through a private redis-server (or ``--redis-url``):
 
-* **buffer**: ``RedisTrajectoryBuffer.put`` (encode + validation + idempotent Lua XADD), then
+* **buffer**: ``RedisTrajectoryBuffer.put`` (encode + one XADD; retries look up a lost reply), then
   ``get_batch`` (XREADGROUP + validated decode) and ``ack`` (XACK + XDEL in one transaction);
 * **raw**: a naive redis-py loop: ``msgpack.packb`` of the same arrays as bytes + XADD, then
   XREADGROUP + ``msgpack.unpackb`` + XACK.

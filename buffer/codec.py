@@ -1,14 +1,24 @@
 """msgpack codec for ``TrajectoryGroup`` — never pickle.
 
-Arrays travel as ``{"t": dtype, "n": length, "b": raw little-endian bytes}``. Decoding
-validates everything it is given (schema version, field types, allowed dtypes, lengths that
-agree, bounded sizes) and raises ``CodecError`` naming the first problem; it never executes
-anything from the payload.
+A payload (schema version 2) is a msgpack header followed by the arrays' raw bytes::
+
+    b"SLTG"  u32 little-endian H  header (msgpack map, H bytes)  zero padding to a multiple of 8
+    array data: p, len, o, l, v — each n x itemsize raw little-endian bytes, back to back
+
+In the header every array is ``{"t": dtype, "n": length}``; its bytes are found by position
+(the arrays tile the data area in that order, exactly: nothing missing, nothing extra). The
+decoder reads the small header with msgpack and returns the arrays as read-only
+``numpy.frombuffer`` views of the payload, 8-byte aligned: a group of 200 KB is not copied
+again after Redis handed it over (a msgpack ``bin`` field would be). Decoding validates
+everything it is given (magic, schema version, field types, allowed dtypes, lengths that agree
+and tile the data exactly, bounded sizes) and raises ``CodecError`` naming the first problem;
+it never executes anything from the payload.
 """
 
 from __future__ import annotations
 
 import math
+import struct
 from typing import Any
 
 import msgpack
@@ -32,20 +42,27 @@ _DTYPES: dict[str, np.dtype[Any]] = {
 FINISH_REASONS = frozenset({"stop", "length", "abort"})
 
 
+MAGIC = b"SLTG"
+_PREFIX = struct.Struct("<4sI")
+# The arrays in the data area, in order: header key, dtype, bound on the length.
+_ARRAYS = (("p", "<i4"), ("len", "<i4"), ("o", "<i4"), ("l", "<f4"), ("v", "<i4"))
+_ALIGN = 8
+
+
 class CodecError(ValueError):
     """A payload that cannot be decoded into a valid ``TrajectoryGroup``; the message names why."""
 
 
-def _arr(a: npt.NDArray[Any], dtype: str) -> dict[str, Any]:
-    a = np.ascontiguousarray(a, dtype=_DTYPES[dtype])
-    return {"t": dtype, "n": int(a.shape[0]), "b": a.tobytes()}
+def _arr(a: npt.NDArray[Any], dtype: str) -> npt.NDArray[Any]:
+    return np.ascontiguousarray(a, dtype=_DTYPES[dtype])
 
 
 def encode_group(g: TrajectoryGroup) -> bytes:
     """Serialize a group. Raises ``CodecError`` for a group that would not decode.
 
-    Per-sample arrays are concatenated into one array per field plus a length array, so that
-    decoding is a handful of ``frombuffer`` views whatever the group size.
+    Per-sample arrays are laid end to end, one array per field plus a length array, so that
+    decoding is five ``frombuffer`` views whatever the group size; the bytes are copied once,
+    straight from the samples' arrays into the payload.
     """
     for s in g.samples:
         if not (s.output_ids.shape == s.behaviour_logp.shape == s.token_versions.shape):
@@ -54,32 +71,42 @@ def encode_group(g: TrajectoryGroup) -> bytes:
                 f"{s.behaviour_logp.shape} and token_versions {s.token_versions.shape} differ"
             )
     lens = np.fromiter((s.num_tokens for s in g.samples), dtype="<i4", count=len(g.samples))
-
-    def cat(name: str, dtype: str) -> dict[str, Any]:
-        parts = [getattr(s, name) for s in g.samples]
-        return _arr(np.concatenate(parts) if parts else np.zeros(0), dtype)
-
-    doc = {
+    total = int(lens.sum())
+    pieces = [
+        [_arr(g.prompt_ids, "<i4")],
+        [lens],
+        [_arr(s.output_ids, "<i4") for s in g.samples],
+        [_arr(s.behaviour_logp, "<f4") for s in g.samples],
+        [_arr(s.token_versions, "<i4") for s in g.samples],
+    ]
+    counts = (int(pieces[0][0].shape[0]), len(g.samples), total, total, total)
+    doc: dict[str, Any] = {
         "sv": g.schema_version,
         "run": g.run_id,
         "pid": g.prompt_id,
         "gid": g.group_id,
-        "p": _arr(g.prompt_ids, "<i4"),
         "w": g.worker_id,
         "av": int(g.admission_version),
         "ct": float(g.created_at),
         "ft": float(g.finished_at),
         "m": dict(g.metadata),
-        "len": _arr(lens, "<i4"),
-        "o": cat("output_ids", "<i4"),
-        "l": cat("behaviour_logp", "<f4"),
-        "v": cat("token_versions", "<i4"),
         "r": [float(s.reward) for s in g.samples],
         "f": [s.finish_reason for s in g.samples],
         "i": [int(s.index) for s in g.samples],
     }
-    out: bytes = msgpack.packb(doc, use_bin_type=True)
-    return out
+    for (k, dtype), n in zip(_ARRAYS, counts, strict=True):
+        doc[k] = {"t": dtype, "n": n}
+    return pack(doc, [a for arr in pieces for a in arr])
+
+
+def pack(header: dict[str, Any], arrays: list[npt.NDArray[Any]]) -> bytes:
+    """The container: magic, header length, msgpack header, zero padding, then the bytes of
+    ``arrays`` end to end. (Public so that tests can build payloads wrong in one chosen way.)"""
+    head = msgpack.packb(header, use_bin_type=True)
+    pad = -(_PREFIX.size + len(head)) % _ALIGN
+    parts: list[Any] = [_PREFIX.pack(MAGIC, len(head)), head, bytes(pad)]
+    parts += [a.data.cast("B") for a in arrays if a.size]
+    return b"".join(parts)
 
 
 def _field(d: dict[str, Any], key: str, typ: type | tuple[type, ...], where: str) -> Any:
@@ -95,26 +122,21 @@ def _field(d: dict[str, Any], key: str, typ: type | tuple[type, ...], where: str
     return v
 
 
-def _decode_arr(d: dict[str, Any], key: str, want: str, limit: int, where: str) -> npt.NDArray[Any]:
-    a = _field(d, key, dict, where)
+def _array_length(d: dict[str, Any], key: str, want: str, limit: int) -> int:
+    """The length of array ``key`` as the header declares it, checked (dtype, bounds)."""
+    a = d.get(key)
+    if type(a) is dict and a.get("t") == want:  # the common case, checked inline
+        n = a.get("n")
+        if type(n) is int and 0 <= n <= limit:
+            return n
+    a = _field(d, key, dict, "group")
     dt = a.get("t")
     if dt != want:
-        raise CodecError(f"{where}: array {key!r} has dtype {dt!r}, expected {want!r}")
+        raise CodecError(f"group: array {key!r} has dtype {dt!r}, expected {want!r}")
     n = a.get("n")
     if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-        raise CodecError(f"{where}: array {key!r} has invalid length {n!r}")
-    if n > limit:
-        raise CodecError(f"{where}: array {key!r} length {n} exceeds the limit {limit}")
-    b = a.get("b")
-    if not isinstance(b, bytes):
-        raise CodecError(f"{where}: array {key!r} payload is not bytes")
-    dtype = _DTYPES[want]
-    if len(b) != n * dtype.itemsize:
-        raise CodecError(
-            f"{where}: array {key!r} has {len(b)} bytes, expected {n * dtype.itemsize} "
-            f"({n} x {want}); truncated or corrupt"
-        )
-    return np.frombuffer(b, dtype=dtype)
+        raise CodecError(f"group: array {key!r} has invalid length {n!r}")
+    raise CodecError(f"group: array {key!r} length {n} exceeds the limit {limit}")
 
 
 _unpackb = msgpack.unpackb
@@ -122,45 +144,78 @@ _ONLY_FLOAT = {float}
 _ONLY_INT = {int}
 _MAX_TOKENS_PER_GROUP = MAX_TOKENS_PER_SAMPLE * MAX_SAMPLES_PER_GROUP
 _ITEMSIZE = {name: dt.itemsize for name, dt in _DTYPES.items()}
+_LIMITS = {
+    "p": MAX_PROMPT_TOKENS,
+    "len": MAX_SAMPLES_PER_GROUP,
+    "o": _MAX_TOKENS_PER_GROUP,
+    "l": _MAX_TOKENS_PER_GROUP,
+    "v": _MAX_TOKENS_PER_GROUP,
+}
+MAX_HEADER_BYTES = 1 << 20
 
 
-def _arr_fast(d: dict[str, Any], key: str, want: str, limit: int) -> npt.NDArray[Any]:
-    """``_decode_arr`` for the common case (a well-formed array); anything else goes to
-    ``_decode_arr``, which names the problem."""
-    a = d.get(key)
-    if type(a) is dict and a.get("t") == want:
-        n = a.get("n")
-        b = a.get("b")
-        if (
-            type(n) is int
-            and 0 <= n <= limit
-            and type(b) is bytes
-            and len(b) == n * _ITEMSIZE[want]
-        ):
-            return np.frombuffer(b, dtype=_DTYPES[want])
-    return _decode_arr(d, key, want, limit, "group")
+def _header(payload: bytes | bytearray | memoryview) -> tuple[dict[str, Any], int]:
+    """The msgpack header and the offset where the array data starts."""
+    size = len(payload)
+    if size > MAX_PAYLOAD_BYTES:
+        raise CodecError(f"payload of {size} bytes exceeds {MAX_PAYLOAD_BYTES}")
+    if size < _PREFIX.size or bytes(payload[:4]) != MAGIC:
+        raise CodecError(
+            f"not a sluice trajectory payload: no {MAGIC!r} magic (garbage, another writer's "
+            "entry, or a schema older than 2)"
+        )
+    hlen = _PREFIX.unpack_from(payload)[1]
+    end = _PREFIX.size + hlen
+    if hlen > MAX_HEADER_BYTES or end > size:
+        raise CodecError(
+            f"header of {hlen} bytes does not fit the payload of {size} bytes (limit "
+            f"{MAX_HEADER_BYTES}); truncated or corrupt"
+        )
+    try:
+        doc = _unpackb(
+            memoryview(payload)[_PREFIX.size : end],
+            raw=False,
+            strict_map_key=True,
+            max_bin_len=MAX_STR_LEN,
+        )
+    except Exception as e:  # msgpack raises several unrelated types on garbage
+        raise CodecError(f"header is not a msgpack document: {type(e).__name__}: {e}") from None
+    if type(doc) is not dict:
+        raise CodecError(f"header must be a map, got {type(doc).__name__}")
+    data = end + (-end % _ALIGN)
+    if data > size or any(payload[end:data]):
+        raise CodecError("padding after the header is missing or not zero; truncated or corrupt")
+    return doc, data
 
 
 def decode_group(payload: bytes) -> TrajectoryGroup:
     """Parse and validate. Raises ``CodecError`` (only) on any malformed payload.
 
     The fast path checks the common case inline (exact types, the encoder's dtypes); anything
-    unexpected falls back to ``_field`` / ``_decode_arr``, which raise the message naming the
+    unexpected falls back to ``_field`` / ``_array_length``, which raise the message naming the
     problem, so every check applies and every error reads the same on either path.
     """
     if not isinstance(payload, bytes | bytearray | memoryview):
         raise CodecError(f"payload must be bytes, got {type(payload).__name__}")
-    if len(payload) > MAX_PAYLOAD_BYTES:
-        raise CodecError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
-    try:
-        doc = _unpackb(payload, raw=False, strict_map_key=True, max_bin_len=MAX_PAYLOAD_BYTES)
-    except Exception as e:  # msgpack raises several unrelated types on garbage
-        raise CodecError(f"not a msgpack document: {type(e).__name__}: {e}") from None
-    if not isinstance(doc, dict):
-        raise CodecError(f"top level must be a map, got {type(doc).__name__}")
+    doc, start = _header(payload)
     sv = doc.get("sv")
     if sv != SCHEMA_VERSION:
         raise CodecError(f"unknown schema version {sv!r} (this build reads {SCHEMA_VERSION})")
+    # The arrays tile the data area in _ARRAYS order; each becomes a view into the payload.
+    spans = []
+    off = start
+    for k, dtype in _ARRAYS:
+        n = _array_length(doc, k, dtype, _LIMITS[k])
+        spans.append((off, n, _DTYPES[dtype]))
+        off += n * _ITEMSIZE[dtype]
+    if off != len(payload):
+        raise CodecError(
+            f"array data is {len(payload) - start} bytes, the header describes {off - start}; "
+            "truncated or corrupt"
+        )
+    p_ids, lens_arr, o, lp, tv = (
+        np.frombuffer(payload, dtype=dt, count=n, offset=at) for at, n, dt in spans
+    )
     where = "group"
     meta = doc.get("m")
     if type(meta) is not dict:
@@ -174,16 +229,13 @@ def decode_group(payload: bytes) -> TrajectoryGroup:
                 raise CodecError(f"group: metadata {k!r} must map str to a scalar")
             metadata[k] = v
     # Small per-group lists are checked in plain Python: cheaper than numpy calls at n ~ 8.
-    lens = _arr_fast(doc, "len", "<i4", MAX_SAMPLES_PER_GROUP).tolist()
+    lens = lens_arr.tolist()
     n = len(lens)
     if n < 1:
         raise CodecError(f"group: {n} samples, allowed 1..{MAX_SAMPLES_PER_GROUP}")
     if min(lens) < 0 or max(lens) > MAX_TOKENS_PER_SAMPLE:
         raise CodecError(f"group: sample lengths must lie in 0..{MAX_TOKENS_PER_SAMPLE}")
     total = sum(lens)
-    o = _arr_fast(doc, "o", "<i4", _MAX_TOKENS_PER_GROUP)
-    lp = _arr_fast(doc, "l", "<f4", _MAX_TOKENS_PER_GROUP)
-    tv = _arr_fast(doc, "v", "<i4", _MAX_TOKENS_PER_GROUP)
     if not (o.shape[0] == lp.shape[0] == tv.shape[0] == total):
         raise CodecError(
             f"group: lengths disagree (sample lengths sum to {total}; output_ids {o.shape[0]}, "
@@ -225,7 +277,7 @@ def decode_group(payload: bytes) -> TrajectoryGroup:
     prompt_id = doc.get("pid")
     group_id = doc.get("gid")
     worker_id = doc.get("w")
-    if (
+    if not (
         type(run_id) is str
         and type(prompt_id) is str
         and type(group_id) is str
@@ -234,13 +286,10 @@ def decode_group(payload: bytes) -> TrajectoryGroup:
         and len(prompt_id) <= MAX_STR_LEN
         and len(group_id) <= MAX_STR_LEN
         and len(worker_id) <= MAX_STR_LEN
-    ):
-        prompt_ids = _arr_fast(doc, "p", "<i4", MAX_PROMPT_TOKENS)
-    else:  # the checked path, in the order the fields are reported
+    ):  # the checked path, in the order the fields are reported
         run_id = _field(doc, "run", str, where)
         prompt_id = _field(doc, "pid", str, where)
         group_id = _field(doc, "gid", str, where)
-        prompt_ids = _arr_fast(doc, "p", "<i4", MAX_PROMPT_TOKENS)
         worker_id = _field(doc, "w", str, where)
     av = doc.get("av")
     if type(av) is not int:
@@ -255,7 +304,7 @@ def decode_group(payload: bytes) -> TrajectoryGroup:
         run_id=run_id,
         prompt_id=prompt_id,
         group_id=group_id,
-        prompt_ids=prompt_ids,
+        prompt_ids=p_ids,
         samples=samples,
         worker_id=worker_id,
         admission_version=av,

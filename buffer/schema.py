@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Scalars allowed in ``TrajectoryGroup.metadata`` values.
 MetaValue = str | int | float | bool | None

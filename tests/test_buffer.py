@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import pickle
+import struct
 import time
 import uuid
 
@@ -24,7 +25,7 @@ from buffer import (
     decode_group,
     encode_group,
 )
-from buffer.codec import MAX_TOKENS_PER_SAMPLE
+from buffer.codec import MAGIC, MAX_TOKENS_PER_SAMPLE, pack
 from buffer.connection import connect, redact_url, with_retries
 
 pytestmark = pytest.mark.timeout(120)
@@ -148,44 +149,67 @@ def test_encode_refuses_mismatched_lengths() -> None:
         encode_group(g)
 
 
-def _doc(g: TrajectoryGroup) -> dict:
-    return msgpack.unpackb(encode_group(g), raw=False)
+def _parts(g: TrajectoryGroup) -> tuple[dict, list[np.ndarray]]:
+    """A group's payload taken apart by hand (header, the five arrays), to break one thing."""
+    payload = encode_group(g)
+    magic, hlen = struct.unpack_from("<4sI", payload)
+    assert magic == MAGIC
+    head = msgpack.unpackb(payload[8 : 8 + hlen], raw=False)
+    off = 8 + hlen + (-(8 + hlen) % 8)
+    arrays = []
+    for k in ("p", "len", "o", "l", "v"):
+        dt = np.dtype(head[k]["t"])
+        arrays.append(np.frombuffer(payload, dt, head[k]["n"], off).copy())
+        off += head[k]["n"] * dt.itemsize
+    assert off == len(payload)
+    assert pack(head, arrays) == payload  # the helper rebuilds the encoder's bytes exactly
+    return head, arrays
 
 
 def _corruptions() -> list[tuple[str, bytes, str]]:
     g = make_group(n=2, tokens=8)
     good = encode_group(g)
-    d = _doc(g)
-    d["sv"] = 99
-    unknown = msgpack.packb(d, use_bin_type=True)
-    d = _doc(g)
-    d["o"]["b"] = d["o"]["b"][:-3]
-    truncated_arr = msgpack.packb(d, use_bin_type=True)
-    d = _doc(g)
-    d["l"]["t"] = "<f8"
-    wrong_dtype = msgpack.packb(d, use_bin_type=True)
-    d = _doc(g)
-    d["o"]["n"] = MAX_TOKENS_PER_SAMPLE * 10_000
-    oversized = msgpack.packb(d, use_bin_type=True)
-    d = _doc(g)
-    d["r"][0] = float("nan")
-    nan_reward = msgpack.packb(d, use_bin_type=True)
-    d = _doc(g)
-    d["len"] = {"t": "<i4", "n": 2, "b": np.array([8, 9], "<i4").tobytes()}
-    lens_disagree = msgpack.packb(d, use_bin_type=True)
+    h, arrs = _parts(g)
+    h["sv"] = 99
+    unknown = pack(h, arrs)
+    h, arrs = _parts(g)
+    h["l"]["t"] = "<f8"
+    wrong_dtype = pack(h, arrs)
+    h, arrs = _parts(g)
+    h["o"]["n"] = MAX_TOKENS_PER_SAMPLE * 10_000
+    oversized = pack(h, arrs)
+    h, arrs = _parts(g)
+    h["r"][0] = float("nan")
+    nan_reward = pack(h, arrs)
+    h, arrs = _parts(g)
+    arrs[1] = np.array([8, 9], "<i4")  # sample lengths sum to 17, arrays hold 16 tokens
+    arrs[2] = np.concatenate([arrs[2], arrs[2][:1]])
+    h["o"]["n"] += 1
+    lens_disagree = pack(h, arrs)
+    h, arrs = _parts(g)
+    h["o"]["n"] += 1  # the header claims one token more than the data holds
+    short_array = pack(h, arrs)
+    head = msgpack.packb(_parts(g)[0], use_bin_type=True)
+    bad_pad = MAGIC + struct.pack("<I", len(head)) + head + b"\x01" * (-(8 + len(head)) % 8 or 8)
     rng = np.random.default_rng(5)
     return [
-        ("random bytes", rng.bytes(300), "msgpack|top level|schema"),
+        ("random bytes", rng.bytes(300), "magic"),
         ("unknown schema version", unknown, "unknown schema version 99"),
-        ("truncated array", truncated_arr, "truncated or corrupt"),
+        ("truncated array", good[:-3], "truncated or corrupt"),
+        ("array shorter than its header says", short_array, "truncated or corrupt"),
+        ("extra bytes after the arrays", good + b"\0\0\0\0", "truncated or corrupt"),
         ("wrong dtype", wrong_dtype, "dtype '<f8'"),
         ("oversized field", oversized, "exceeds the limit"),
         (
             "pickle payload",
             pickle.dumps({"sv": SCHEMA_VERSION, "evil": object}),
-            "msgpack|top level",
+            "magic",
         ),
-        ("truncated message", good[: len(good) // 2], "msgpack"),
+        ("truncated message", good[: len(good) // 2], "truncated or corrupt"),
+        ("header length past the end", MAGIC + struct.pack("<I", 1 << 30) + b"x", "does not fit"),
+        ("garbage header", MAGIC + struct.pack("<I", 4) + b"\xc1\xc1\xc1\xc1", "not a msgpack"),
+        ("header not a map", MAGIC + struct.pack("<I", 1) + b"\x01" + bytes(7), "must be a map"),
+        ("non-zero padding", bad_pad, "padding"),
         ("nan reward", nan_reward, "not a finite number"),
         ("lengths disagree", lens_disagree, "lengths disagree"),
     ]
@@ -498,3 +522,19 @@ async def test_ack_commits_with_extra_commands_in_one_transaction(
         assert await buf.redis.get(pointer) == b"ckpt-8"
         # the seen marks were written: a late retry of these puts finds them
         assert await buf.find_put(got[0].group.group_id, lookback_s=60) == got[0].entry_id
+
+
+def test_decoded_arrays_are_aligned_read_only_views_of_the_payload() -> None:
+    """No copy after Redis: every array is a view into the payload bytes, 8-byte aligned."""
+    g = make_group(n=3, tokens=11)
+    payload = encode_group(g)
+    d = decode_group(payload)
+    arrays = [d.prompt_ids] + [
+        a for s in d.samples for a in (s.output_ids, s.behaviour_logp, s.token_versions)
+    ]
+    for a in arrays:
+        assert np.shares_memory(a, np.frombuffer(payload, np.uint8))
+        assert not a.flags.writeable
+    # Each field's data starts 8-byte aligned (samples after the first follow on).
+    assert d.prompt_ids.ctypes.data % 8 == 0
+    assert all(x.ctypes.data % 4 == 0 for x in arrays)

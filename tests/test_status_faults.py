@@ -61,12 +61,18 @@ async def test_status_shows_dead_letters_worker_metrics_and_eval(
     assert res.returncode == 0, res.stderr
     d = json.loads(res.stdout)
     assert d["buffer"]["dead_letter"] == 2
-    assert d["dead_letters"]["by_reason"] == {"not a msgpack document": 2}
+    assert d["dead_letters"]["by_reason"] == {"not a sluice trajectory payload": 2}
     assert [r["entry"] for r in d["dead_letters"]["recent"]] != []
     m = d["worker_metrics"]["w7"]
     assert (m["groups_pushed"], m["rejected_by"], m["version"]) == (5, {"inference_error": 1}, 3)
     assert 3 <= m["age_s"] < 30
     assert d["eval"][0]["greedy_reward"] == 0.75 and d["rejected_by"] == {"inference_error": 1}
     table = status(redis_url).stdout
-    for word in ("not a msgpack document", "worker metrics", "inference_error=1", "0.750", "w7"):
+    for word in (
+        "not a sluice trajectory payload",
+        "worker metrics",
+        "inference_error=1",
+        "0.750",
+        "w7",
+    ):
         assert word in table, (word, table)

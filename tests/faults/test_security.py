@@ -22,7 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-import msgpack
 import numpy as np
 import pytest
 
@@ -34,6 +33,7 @@ from buffer import (
     connect,
     key,
 )
+from buffer.codec import pack
 from buffer.connection import make_client
 from faults.harness import FaultRun
 from sluice.procs import free_port
@@ -90,7 +90,7 @@ def test_secured_live_run(tmp_path: Path) -> None:
         run.wait_steps(2, timeout=90)
         bad = [
             {"d": b"\x00\x01 not msgpack", "g": "garbage"},
-            {"d": msgpack.packb({"sv": 999, "gid": "future"}), "g": "future"},
+            {"d": pack({"sv": 999, "gid": "future"}, []), "g": "future"},
             {"g": "no-payload"},
             {"d": payload, "g": "pickle"},
         ]
@@ -138,7 +138,8 @@ def test_secured_live_run(tmp_path: Path) -> None:
 
     reasons = live["dead_letters"]["by_reason"]
     assert sum(reasons.values()) == len(bad)
-    assert any("msgpack" in r for r in reasons) and any("schema" in r for r in reasons)
+    assert any("not a sluice trajectory payload" in r for r in reasons)
+    assert any("unknown schema version 999" in r for r in reasons)
     assert any("'d'" in r for r in reasons)
     assert all(m["status"] == "running" for m in live["worker_metrics"].values())
     assert all(w["alive"] for w in live["workers"])
