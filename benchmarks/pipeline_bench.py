@@ -126,7 +126,12 @@ MEM_FIELDS = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workload", choices=sorted(WORKLOADS), default="reverse", help="task mix")
+    p.add_argument(
+        "--workload",
+        choices=sorted(WORKLOADS),
+        default=None,
+        help="task mix and model (default: reverse on cpu, long-tail-gpu on sglang)",
+    )
     p.add_argument(
         "--etas", type=int, nargs="+", default=None, help="staleness limits (default 0 1 2 4 8)"
     )
@@ -798,6 +803,8 @@ def run(args: argparse.Namespace) -> int:
     from rollout_workers.models import init_tiny_model
     from rollout_workers.tasks import get_task
 
+    if args.workload is None:
+        args.workload = "long-tail-gpu" if args.engine == "sglang" else "reverse"
     spec = json.loads(json.dumps(WORKLOADS[args.workload]))
     for k in ("layers", "hidden"):
         v = getattr(args, k)
@@ -831,6 +838,13 @@ def run(args: argparse.Namespace) -> int:
     ns = args.n_samples or spec["n_samples"]
     if bg < 1 or ns < 1:
         raise SystemExit("bench pipeline: --batch-groups and --n-samples must be >= 1")
+    if args.engine == "sglang":
+        from rollout_workers.launch import EngineUnavailable, choose_engine
+
+        try:
+            choose_engine("sglang")
+        except EngineUnavailable as e:
+            raise SystemExit(f"bench pipeline: {e}") from None
     own_dir = args.workdir is None
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="sluice-pipeline-"))
     workdir.mkdir(parents=True, exist_ok=True)

@@ -142,3 +142,14 @@ def test_bad_pipeline_arguments(flag: str, value: str, message: str) -> None:
     with pytest.raises(SystemExit) as e:
         main(["bench", "pipeline", flag, value, "--engine", "sglang"])
     assert message in str(e.value)
+
+
+def test_sglang_engine_unavailable_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without SGLang (or CUDA) the bench stops before starting anything, saying what is
+    missing, instead of a server that dies at start-up."""
+    import rollout_workers.launch as launch
+
+    monkeypatch.setattr(launch, "sglang_installed", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "pipeline", "--engine", "sglang", "--quick"])
+    assert "needs SGLang" in str(e.value)
