@@ -44,7 +44,7 @@ FINISH_REASONS = frozenset({"stop", "length", "abort"})
 
 MAGIC = b"SLTG"
 _PREFIX = struct.Struct("<4sI")
-# The arrays in the data area, in order: header key, dtype, bound on the length.
+# The arrays in the data area, in this order: header key, dtype.
 _ARRAYS = (("p", "<i4"), ("len", "<i4"), ("o", "<i4"), ("l", "<f4"), ("v", "<i4"))
 _ALIGN = 8
 
