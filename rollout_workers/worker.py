@@ -613,7 +613,7 @@ class RolloutWorker:
             me = asyncio.current_task()
             if me in self._doomed and not self._stopping:
                 await self._hand_back(
-                    "stale",
+                    "cancelled_stale",  # apart from the trainer's drops ("stale"): never pushed
                     f"admitted at v{admission_version}, weights now v{self.version}: past eta",
                     lease,
                     requeue=True,

@@ -471,6 +471,7 @@ class FaultRun:
             assert lo <= pushed <= hi, (pushed, snap.as_dict())
             unknown = set(snap.rejected_by) - {
                 "stale",
+                "cancelled_stale",
                 "future_version",
                 "worker_dead",
                 "shutdown",
