@@ -44,8 +44,15 @@ FINISH_REASONS = frozenset({"stop", "length", "abort"})
 
 MAGIC = b"SLTG"
 _PREFIX = struct.Struct("<4sI")
-# The arrays in the data area, in this order: header key, dtype.
-_ARRAYS = (("p", "<i4"), ("len", "<i4"), ("o", "<i4"), ("l", "<f4"), ("v", "<i4"))
+_MAX_TOKENS_PER_GROUP = MAX_TOKENS_PER_SAMPLE * MAX_SAMPLES_PER_GROUP
+# The arrays in the data area, in this order: header key, dtype, bound on the length.
+_ARRAYS = (
+    ("p", "<i4", MAX_PROMPT_TOKENS),
+    ("len", "<i4", MAX_SAMPLES_PER_GROUP),
+    ("o", "<i4", _MAX_TOKENS_PER_GROUP),
+    ("l", "<f4", _MAX_TOKENS_PER_GROUP),
+    ("v", "<i4", _MAX_TOKENS_PER_GROUP),
+)
 _ALIGN = 8
 
 
@@ -71,7 +78,6 @@ def encode_group(g: TrajectoryGroup) -> bytes:
                 f"{s.behaviour_logp.shape} and token_versions {s.token_versions.shape} differ"
             )
     lens = np.fromiter((s.num_tokens for s in g.samples), dtype="<i4", count=len(g.samples))
-    total = int(lens.sum())
     pieces = [
         [_arr(g.prompt_ids, "<i4")],
         [lens],
@@ -79,7 +85,6 @@ def encode_group(g: TrajectoryGroup) -> bytes:
         [_arr(s.behaviour_logp, "<f4") for s in g.samples],
         [_arr(s.token_versions, "<i4") for s in g.samples],
     ]
-    counts = (int(pieces[0][0].shape[0]), len(g.samples), total, total, total)
     doc: dict[str, Any] = {
         "sv": g.schema_version,
         "run": g.run_id,
@@ -94,8 +99,8 @@ def encode_group(g: TrajectoryGroup) -> bytes:
         "f": [s.finish_reason for s in g.samples],
         "i": [int(s.index) for s in g.samples],
     }
-    for (k, dtype), n in zip(_ARRAYS, counts, strict=True):
-        doc[k] = {"t": dtype, "n": n}
+    for (k, dtype, _), arr in zip(_ARRAYS, pieces, strict=True):
+        doc[k] = {"t": dtype, "n": sum(int(a.shape[0]) for a in arr)}
     return pack(doc, [a for arr in pieces for a in arr])
 
 
@@ -142,15 +147,7 @@ def _array_length(d: dict[str, Any], key: str, want: str, limit: int) -> int:
 _unpackb = msgpack.unpackb
 _ONLY_FLOAT = {float}
 _ONLY_INT = {int}
-_MAX_TOKENS_PER_GROUP = MAX_TOKENS_PER_SAMPLE * MAX_SAMPLES_PER_GROUP
 _ITEMSIZE = {name: dt.itemsize for name, dt in _DTYPES.items()}
-_LIMITS = {
-    "p": MAX_PROMPT_TOKENS,
-    "len": MAX_SAMPLES_PER_GROUP,
-    "o": _MAX_TOKENS_PER_GROUP,
-    "l": _MAX_TOKENS_PER_GROUP,
-    "v": _MAX_TOKENS_PER_GROUP,
-}
 MAX_HEADER_BYTES = 1 << 20
 
 
@@ -204,8 +201,8 @@ def decode_group(payload: bytes) -> TrajectoryGroup:
     # The arrays tile the data area in _ARRAYS order; each becomes a view into the payload.
     spans = []
     off = start
-    for k, dtype in _ARRAYS:
-        n = _array_length(doc, k, dtype, _LIMITS[k])
+    for k, dtype, limit in _ARRAYS:
+        n = _array_length(doc, k, dtype, limit)
         spans.append((off, n, _DTYPES[dtype]))
         off += n * _ITEMSIZE[dtype]
     if off != len(payload):
