@@ -104,10 +104,9 @@ WORKLOADS: dict[str, dict[str, Any]] = {
         "max_inflight_groups": 32,
         "steps": 16,
         "quick_steps": 5,
-        # A random-init 100M model at lr 1e-3 collapses within a few steps into 512-token
-        # outputs that never stop, so groups cost 15x more than in the ceiling runs; at 1e-5
-        # output lengths stay those the ceilings measured (a throughput workload, not a
-        # learning one).
+        # A random-init 100M model at lr 1e-3 collapses within 3 steps into 512-token outputs
+        # that never stop (groups cost ~15x more than in the ceiling runs); at 1e-5 outputs
+        # still grew 3-4x over 16 steps on the H100 (README, "On a GPU").
         "trainer": {"lr": 1e-5},
     },
 }
@@ -284,25 +283,28 @@ def _server_stats(url: str) -> dict[str, Any]:
     return info
 
 
-def _busy_sample(s: Setup, r: Any, run: str, url: str) -> tuple[float, float, float] | None:
-    """``(wall time, busy_s, uptime_s)`` of the inference server.
+def _sample_busy(
+    s: Setup, r: Any, run: str, url: str, out: list[tuple[float, float, float]]
+) -> None:
+    """Append ``(wall time, busy_s, uptime_s)`` of the inference server to ``out``.
 
     CPU server: its own ``/model_info`` (seconds with a forward pass running). SGLang has no
     such counter, so there it is the worker's view (its ``metrics`` hash in Redis, written every
     ``metrics_interval_s``): seconds with at least one request in flight on the server, i.e.
-    the time the server had work. ``None`` until the worker has written its metrics."""
+    the time the server had work. Nothing is appended until the worker has written metrics."""
     if s.engine == "cpu":
         st = _server_stats(url)
-        return time.time(), float(st["busy_s"]), float(st["uptime_s"])
+        out.append((time.time(), float(st["busy_s"]), float(st["uptime_s"])))
+        return
     from buffer import key
 
     raw = r.hmget(key(run, "worker", "w0", "metrics"), ["servers", "uptime_s", "updated_at"])
     if raw[0] is None or raw[1] is None or raw[2] is None:
-        return None
+        return
     servers = json.loads(raw[0])
     uptime = float(raw[1])
     busy = sum(float(x["utilisation"]) for x in servers) * uptime  # this worker: one server
-    return float(raw[2]), busy, uptime
+    out.append((float(raw[2]), busy, uptime))
 
 
 def _tail(log: Path, n: int = 30) -> str:
@@ -524,9 +526,7 @@ def run_ceilings(s: Setup) -> dict[str, Any]:
                 if done >= m and m not in marks:
                     marks[m] = now
             if now - last_srv > 0.5:
-                smp = _busy_sample(s, r, run, url)
-                if smp is not None:
-                    srv_samples.append(smp)
+                _sample_busy(s, r, run, url, srv_samples)
                 last_srv = now
             time.sleep(POLL_S)
         if worker.returncode != 0:
@@ -534,9 +534,7 @@ def run_ceilings(s: Setup) -> dict[str, Any]:
         done = int(r.hget(k_gate, "finished") or 0)
         marks.setdefault(target, time.time())
         marks.setdefault(s.batch_groups, marks[target])
-        smp = _busy_sample(s, r, run, url)
-        if smp is not None:
-            srv_samples.append(smp)
+        _sample_busy(s, r, run, url, srv_samples)
         if server is not None:
             s.procs.stop(server)
         wm = {
@@ -638,9 +636,7 @@ def run_pipeline(s: Setup, eta: int, bytes_hint: float | None) -> dict[str, Any]
                 top_mem = {k: mem[k] for k in MEM_FIELDS if k in mem}
                 top_mem["t_s"] = round(now - t_run, 2)
             if now - last_srv > 0.5:
-                smp = _busy_sample(s, r, run, url)
-                if smp is not None:
-                    srv_samples.append(smp)
+                _sample_busy(s, r, run, url, srv_samples)
                 b = _stream_bytes_per_entry(r, run)
                 if b is not None:
                     per_entry.append(b)
@@ -652,9 +648,7 @@ def run_pipeline(s: Setup, eta: int, bytes_hint: float | None) -> dict[str, Any]
             raise RuntimeError(
                 f"eta={eta}: trainer exited {trainer.returncode}:\n{_tail(d / 'trainer.log')}"
             )
-        smp = _busy_sample(s, r, run, url)
-        if smp is not None:
-            srv_samples.append(smp)
+        _sample_busy(s, r, run, url, srv_samples)
         s.procs.stop(worker)
         if server is not None:
             s.procs.stop(server)

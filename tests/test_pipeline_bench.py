@@ -100,7 +100,7 @@ def test_sglang_config_and_busy_from_worker_metrics(tmp_path: Path, redis_url: s
     import redis
     import yaml
 
-    from benchmarks.pipeline_bench import _busy_sample, _config
+    from benchmarks.pipeline_bench import _config, _sample_busy
     from buffer import key
 
     s = _setup(tmp_path, "sglang")
@@ -121,15 +121,20 @@ def test_sglang_config_and_busy_from_worker_metrics(tmp_path: Path, redis_url: s
     )
     assert cpu["trainer"]["device"] == "cpu" and "lr" not in cpu["trainer"]
 
+    def _samples(s: Any, r: Any) -> list[tuple[float, float, float]]:
+        out: list[tuple[float, float, float]] = []
+        _sample_busy(s, r, "r1", "http://x", out)
+        return out
+
     r = redis.Redis.from_url(redis_url)
     try:
-        assert _busy_sample(s, r, "r1", "http://x") is None  # the worker has not written yet
+        assert _samples(s, r) == []  # the worker has not written yet
         servers = json.dumps([{"url": "http://x", "utilisation": 0.25, "inflight": 3}])
         r.hset(
             key("r1", "worker", "w0", "metrics"),
             mapping={"servers": servers, "uptime_s": 8.0, "updated_at": 123.5},
         )
-        assert _busy_sample(s, r, "r1", "http://x") == (123.5, 2.0, 8.0)
+        assert _samples(s, r) == [(123.5, 2.0, 8.0)]
     finally:
         r.close()
 
