@@ -201,7 +201,7 @@ async def _bench(url: str, args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def run(args: argparse.Namespace) -> int:
     from benchmarks.common import machine_info, print_table, write_json
-    from sluice.procs import RedisServer
+    from procs import RedisServer
 
     server = None
     url = args.redis_url

@@ -84,9 +84,9 @@ def run(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
     from benchmarks.common import machine_info, print_table, write_json
-    from rollout_workers.cpu_server import CPUServerProcess
-    from rollout_workers.models import init_tiny_model, load_model
-    from sluice.procs import free_port
+    from inference.cpu_server import CPUServerProcess
+    from inference.models import init_tiny_model, load_model
+    from procs import free_port
 
     hf_logging.disable_progress_bar()
     torch.set_num_threads(args.threads)

@@ -59,6 +59,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from buffer import keys
+
 # Sizes picked so that, on one core each, generating a group and training on it take
 # comparable time (see the module docstring of each run's output for the measured ceilings).
 WORKLOADS: dict[str, dict[str, Any]] = {
@@ -251,7 +253,7 @@ class Procs:
         return proc
 
     def stop(self, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-        from sluice.procs import stop_pid
+        from procs import stop_pid
 
         stop_pid(proc, timeout=timeout)
 
@@ -296,9 +298,8 @@ def _sample_busy(
         st = _server_stats(url)
         out.append((time.time(), float(st["busy_s"]), float(st["uptime_s"])))
         return
-    from buffer import key
 
-    raw = r.hmget(key(run, "worker", "w0", "metrics"), ["servers", "uptime_s", "updated_at"])
+    raw = r.hmget(keys.worker_metrics(run, "w0"), ["servers", "uptime_s", "updated_at"])
     if raw[0] is None or raw[1] is None or raw[2] is None:
         return
     servers = json.loads(raw[0])
@@ -308,7 +309,7 @@ def _sample_busy(
 
 
 def _tail(log: Path, n: int = 30) -> str:
-    from sluice.procs import log_tail
+    from procs import log_tail
 
     return log_tail(log, n)
 
@@ -376,7 +377,7 @@ def _config(s: Setup, *, url: str, run: str, run_dir: Path, eta: int) -> Path:
 
 
 def _start_redis(s: Setup, d: Path) -> Any:
-    from sluice.procs import RedisServer
+    from procs import RedisServer
 
     r = RedisServer(directory=d / "redis").start()
     assert r.proc is not None
@@ -388,7 +389,7 @@ def _start_redis(s: Setup, d: Path) -> Any:
 
 def _start_server(s: Setup, d: Path) -> tuple[subprocess.Popen[bytes] | None, str]:
     """A fresh CPU server for one run, or (None, url) of the shared SGLang server."""
-    from sluice.procs import free_port
+    from procs import free_port
 
     if s.shared_server is not None:
         return None, s.shared_server
@@ -404,8 +405,8 @@ def _start_server(s: Setup, d: Path) -> tuple[subprocess.Popen[bytes] | None, st
 
 def start_sglang(s: Setup, mem_fraction: float, extra: list[str], timeout: float = 600.0) -> str:
     """Start the one SGLang server of this invocation (on the inference cpus) and wait for it."""
-    from rollout_workers.launch import sglang_command
-    from sluice.procs import free_port
+    from inference.launch import sglang_command
+    from procs import free_port
 
     port = free_port()
     cmd = sglang_command(s.model, port, mem_fraction=mem_fraction, extra_args=extra)
@@ -460,9 +461,8 @@ def _redis_client(url: str) -> Any:
 
 
 def _stream_bytes_per_entry(r: Any, run: str) -> float | None:
-    from buffer import key
 
-    stream = key(run, "stream")
+    stream = keys.stream(run)
     n = int(r.xlen(stream))
     if n == 0:
         return None
@@ -471,11 +471,10 @@ def _stream_bytes_per_entry(r: Any, run: str) -> float | None:
 
 
 def _other_keys_bytes(r: Any, run: str) -> int:
-    from buffer import key
 
-    stream = key(run, "stream").encode()
+    stream = keys.stream(run).encode()
     total = 0
-    for k in r.scan_iter(match=key(run, "*"), count=1000):
+    for k in r.scan_iter(match=keys.namespace(run), count=1000):
         if k != stream:
             total += int(r.memory_usage(k, samples=0) or 0)
     return total
@@ -486,7 +485,6 @@ def _other_keys_bytes(r: Any, run: str) -> int:
 
 def run_ceilings(s: Setup) -> dict[str, Any]:
     """Worker alone (gate open) to ``steps * B`` groups, then the trainer alone on them."""
-    from buffer import key
 
     d = s.workdir / "ceilings"
     d.mkdir(parents=True, exist_ok=True)
@@ -512,7 +510,7 @@ def run_ceilings(s: Setup) -> dict[str, Any]:
             s.placement.inference,
             d / "worker.log",
         )
-        k_gate = key(run, "gate")
+        k_gate = keys.gate(run)
         marks: dict[int, float] = {}
         srv_samples: list[tuple[float, float, float]] = []
         deadline = time.monotonic() + s.timeout
@@ -537,10 +535,7 @@ def run_ceilings(s: Setup) -> dict[str, Any]:
         _sample_busy(s, r, run, url, srv_samples)
         if server is not None:
             s.procs.stop(server)
-        wm = {
-            k.decode(): v.decode()
-            for k, v in r.hgetall(key(run, "worker", "w0", "metrics")).items()
-        }
+        wm = {k.decode(): v.decode() for k, v in r.hgetall(keys.worker_metrics(run, "w0")).items()}
         tokens_per_group = int(wm["tokens_out"]) / max(1, int(wm["groups_pushed"]))
         t0, t1 = marks[s.batch_groups], marks[target]
         gen_gps = (target - s.batch_groups) / max(t1 - t0, 1e-9)
@@ -592,7 +587,6 @@ def run_ceilings(s: Setup) -> dict[str, Any]:
 
 
 def run_pipeline(s: Setup, eta: int, bytes_hint: float | None) -> dict[str, Any]:
-    from buffer import key
 
     d = s.workdir / f"eta{eta}"
     d.mkdir(parents=True, exist_ok=True)
@@ -619,7 +613,7 @@ def run_pipeline(s: Setup, eta: int, bytes_hint: float | None) -> dict[str, Any]
         clients_mem = 0  # the largest client-buffer memory seen (connections of 3 processes)
         top_mem: dict[str, Any] = {}  # INFO memory at the largest used_memory sampled
         t_run = time.time()
-        k_gate = key(run, "gate")
+        k_gate = keys.gate(run)
         deadline = time.monotonic() + s.timeout
         last_srv = 0.0
         while trainer.poll() is None:
@@ -652,10 +646,7 @@ def run_pipeline(s: Setup, eta: int, bytes_hint: float | None) -> dict[str, Any]
         s.procs.stop(worker)
         if server is not None:
             s.procs.stop(server)
-        wm = {
-            k.decode(): v.decode()
-            for k, v in r.hgetall(key(run, "worker", "w0", "metrics")).items()
-        }
+        wm = {k.decode(): v.decode() for k, v in r.hgetall(keys.worker_metrics(run, "w0")).items()}
         b = _stream_bytes_per_entry(r, run)
         if b is not None:
             per_entry.append(b)
@@ -794,7 +785,7 @@ def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from benchmarks.common import machine_info, write_json
-    from rollout_workers.models import init_tiny_model
+    from inference.models import init_tiny_model
     from rollout_workers.tasks import get_task
 
     if args.workload is None:
@@ -833,7 +824,7 @@ def run(args: argparse.Namespace) -> int:
     if bg < 1 or ns < 1:
         raise SystemExit("bench pipeline: --batch-groups and --n-samples must be >= 1")
     if args.engine == "sglang":
-        from rollout_workers.launch import EngineUnavailable, choose_engine
+        from inference.launch import EngineUnavailable, choose_engine
 
         try:
             choose_engine("sglang")

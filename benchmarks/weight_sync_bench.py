@@ -109,10 +109,10 @@ class _Broadcaster:
 async def _bench_size(name: str, args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     import numpy as np
 
-    from rollout_workers.client import SamplingParams
-    from rollout_workers.launch import launch_cpu_server
-    from rollout_workers.models import init_tiny_model, load_state_dict
-    from sluice.procs import free_port
+    from inference.client import SamplingParams
+    from inference.launch import launch_cpu_server
+    from inference.models import init_tiny_model, load_state_dict
+    from procs import free_port
 
     shape = SIZES[name]
     vocab = shape["vocab"]
@@ -121,7 +121,7 @@ async def _bench_size(name: str, args: argparse.Namespace, work: Path) -> list[d
     if args.engine == "sglang":
         import os
 
-        from rollout_workers.launch import launch_sglang
+        from inference.launch import launch_sglang
 
         extra = os.environ.get("SLUICE_SGLANG_ARGS", SGLANG_ARGS).split()
         server = launch_sglang(

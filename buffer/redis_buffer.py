@@ -31,8 +31,9 @@ import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError
 
+from buffer import keys
 from buffer.codec import CodecError, decode_group, encode_group
-from buffer.connection import connect, key, with_retries
+from buffer.connection import connect, with_retries
 from buffer.schema import TrajectoryGroup
 
 log = logging.getLogger("sluice.buffer")
@@ -121,8 +122,8 @@ class RedisTrajectoryBuffer:
         self.redis = client
         self.run = run
         self.consumer = consumer or default_consumer_name()
-        self.stream_key = key(run, "stream")
-        self.dead_key = key(run, "deadletter")
+        self.stream_key = keys.stream(run)
+        self.dead_key = keys.dead_letters(run)
         self._owns_client = owns_client
         self._group_ready = False
         self._ack_script = client.register_script(_ACK_LUA)
@@ -279,7 +280,7 @@ class RedisTrajectoryBuffer:
         return decoded
 
     def _seen_key(self, bucket: int) -> str:
-        return key(self.run, "seen", str(bucket))
+        return keys.seen(self.run, str(bucket))
 
     async def dead_letter(self, entry_id: str, payload: bytes, reason: str) -> None:
         """Move an entry to the dead-letter stream (raw bytes + reason) and settle it."""
@@ -311,7 +312,7 @@ class RedisTrajectoryBuffer:
         bucket = int(time.time()) // SEEN_BUCKET_S
         if bucket != self._seen_bucket:
             self._seen_bucket, self._seen_bucket_key = bucket, self._seen_key(bucket)
-        keys = [self.stream_key, self._seen_bucket_key]
+        script_keys = [self.stream_key, self._seen_bucket_key]
         group_of = self._group_of
         chunks = [list(entry_ids[i : i + _ACK_CHUNK]) for i in range(0, len(entry_ids), _ACK_CHUNK)]
         # The group ids are looked up once, before any attempt: a retry re-sends the same marks.
@@ -322,10 +323,10 @@ class RedisTrajectoryBuffer:
 
         async def op() -> int:
             if also is None and len(args) == 1:
-                return int(await self._ack_script(keys=keys, args=args[0]))
+                return int(await self._ack_script(keys=script_keys, args=args[0]))
             async with self.redis.pipeline(transaction=True) as pipe:
                 for a in args:
-                    await self._ack_script(keys=keys, args=a, client=pipe)
+                    await self._ack_script(keys=script_keys, args=a, client=pipe)
                 if also is not None:
                     also(pipe)
                 res = await pipe.execute()

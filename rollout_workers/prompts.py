@@ -40,7 +40,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from buffer.connection import key, with_retries
+from buffer import keys
+from buffer.connection import with_retries
 from rollout_workers.tasks.base import Prompt
 
 
@@ -183,10 +184,10 @@ class PromptSource:
         self.worker_id = worker_id
         self.ttl_ms = max(1, round(lease_ttl_s * 1000))
         self.fingerprint = fingerprint(self.prompts)
-        self.k_cursor = key(run, "prompts", name, "cursor")
-        self.k_leases = key(run, "prompts", name, "leases")
-        self.k_holders = key(run, "prompts", name, "holders")
-        self.k_requeue = key(run, "prompts", name, "requeue")
+        self.k_cursor = keys.prompts(run, name, "cursor")
+        self.k_leases = keys.prompts(run, name, "leases")
+        self.k_holders = keys.prompts(run, name, "holders")
+        self.k_requeue = keys.prompts(run, name, "requeue")
         self._lease = client.register_script(_LEASE_LUA)
         self._release = client.register_script(_RELEASE_LUA)
         self._renew = client.register_script(_RENEW_LUA)
@@ -205,12 +206,12 @@ class PromptSource:
     async def lease(self) -> Lease:
         """Lease the next prompt (requeued, else expired, else the cursor's next)."""
         token = f"{self.worker_id}/{uuid.uuid4().hex}"
-        keys = [self.k_cursor, self.k_leases, self.k_holders, self.k_requeue]
+        script_keys = [self.k_cursor, self.k_leases, self.k_holders, self.k_requeue]
         args: list[str | int] = [len(self.prompts), self.fingerprint, self.ttl_ms, token]
 
         async def op() -> Any:
             try:
-                return await self._lease(keys=keys, args=args)
+                return await self._lease(keys=script_keys, args=args)
             except ResponseError as e:
                 if "SLUICE_PROMPTS" in str(e):
                     have = str(e).split("SLUICE_PROMPTS", 1)[1].strip()

@@ -15,7 +15,7 @@ again. The server answers every in-flight request with its partial output labell
 version; the worker resubmits ``prompt + partial`` with the remaining budget, so a sample's
 tokens, log-probs and versions are the concatenation of its segments. Events that arrive during
 an update are coalesced: the next update goes straight to the newest version. With
-``trainer.weight_sync=distributed`` the worker registers its servers and, on an announcement,
+``weights.distributed=distributed`` the worker registers its servers and, on an announcement,
 makes them join the trainer's group and receive the broadcast (``_receive``); a server that
 misses one is reloaded from the latest disk copy (``_catch_up_source``; docs/weight-sync.md).
 
@@ -55,12 +55,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from buffer.connection import connect, key, with_retries
+from buffer import keys
+from buffer.connection import connect, with_retries
 from buffer.redis_buffer import RedisTrajectoryBuffer
 from buffer.schema import Sample, TrajectoryGroup
-from rollout_workers.client import SGLangClient
-from rollout_workers.prompts import Lease, PromptSource
-from rollout_workers.protocol import (
+from inference.client import SGLangClient
+from inference.protocol import (
     InferenceError,
     InferenceTimeout,
     InvalidInputError,
@@ -69,14 +69,15 @@ from rollout_workers.protocol import (
     ServerDead,
     SGLangClientError,
 )
+from rollout_workers.prompts import Lease, PromptSource
 from rollout_workers.rewards import RewardFailure, RewardRunner, resolve_reward_fn
 from rollout_workers.tasks import get_task
 from rollout_workers.tasks.base import Prompt
-from staleness.sync_plan import DISTRIBUTED_FMTS, FMT_ANNOUNCE, SyncPlan
 from staleness.version_manager import RunNotFound, VersionManager, WeightEvent
+from weights.plan import DISTRIBUTED_FMTS, FMT_ANNOUNCE, SyncPlan
 
 if TYPE_CHECKING:
-    from rollout_workers.launch import ServerHandle
+    from inference.launch import ServerHandle
     from sluice.config import SluiceConfig
 
 log = logging.getLogger("sluice.rollout")
@@ -290,10 +291,10 @@ class RolloutWorker:
         self.vm: VersionManager | None = None
         self.buffer: RedisTrajectoryBuffer | None = None
         self.prompts: PromptSource | None = None
-        self.k_metrics = key(self.run_name, "worker", self.worker_id, "metrics")
-        self.k_updates = key(self.run_name, "worker", self.worker_id, "updates")
-        self.k_eval = key(self.run_name, "eval")
-        self._distributed = cfg.trainer.weight_sync == "distributed"
+        self.k_metrics = keys.worker_metrics(self.run_name, self.worker_id)
+        self.k_updates = keys.worker_updates(self.run_name, self.worker_id)
+        self.k_eval = keys.eval_results(self.run_name)
+        self._distributed = cfg.weights.distributed == "distributed"
         """Offer the servers for the trainer's broadcast (docs/weight-sync.md)."""
 
     # ------------------------------------------------------------------ lifecycle
@@ -1004,7 +1005,7 @@ class RolloutWorker:
         t.add_done_callback(self._evals.discard)
 
     async def _eval(self, version: int) -> None:
-        lock = key(self.run_name, "eval", "lock", str(version))
+        lock = keys.eval_lock(self.run_name, version)
         got = await with_retries(
             lambda: self.redis.set(lock, self.worker_id, nx=True, ex=METRICS_TTL_S),
             what="eval lock",

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from buffer import keys
 from sluice.config import (
     SluiceConfig,
     dump_config,
@@ -157,14 +158,14 @@ def resolve(opts: DemoOptions) -> SluiceConfig:
 # ---------------------------------------------------------------------- children
 def server_spec(cfg: SluiceConfig, engine: str, config_path: Path, port: int) -> ChildSpec:
     """The inference server child: the CPU reference server reading the run config, or SGLang
-    with the flags ``rollout_workers.launch.launch_sglang`` uses (token ids in and out)."""
+    with the flags ``inference.launch.launch_sglang`` uses (token ids in and out)."""
     py = sys.executable
     if engine == "cpu":
         args = [py, "-m", "sluice", "serve", "--config", str(config_path)]
         args += ["--host", "127.0.0.1", "--port", str(port)]
         env = {"OMP_NUM_THREADS": str(cfg.inference.threads), "PYTHONUNBUFFERED": "1"}
         return ChildSpec("server", args, env=env)
-    from rollout_workers.launch import sglang_command
+    from inference.launch import sglang_command
 
     inf = cfg.inference
     args = sglang_command(
@@ -429,7 +430,7 @@ class Demo:
 
     # -- set-up
     def _prepare(self) -> tuple[SluiceConfig, Path, dict[str, str]]:
-        from rollout_workers.launch import EngineUnavailable, choose_engine
+        from inference.launch import EngineUnavailable, choose_engine
         from rollout_workers.tasks import get_task
 
         cfg = self.cfg
@@ -444,7 +445,7 @@ class Demo:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         model_path = cfg.model.path
         if not model_path:
-            from rollout_workers.models import init_tiny_model
+            from inference.models import init_tiny_model
 
             mdir = self.run_dir / "model"
             if not (mdir / "config.json").is_file():
@@ -468,7 +469,7 @@ class Demo:
         url = self.opts.redis_url
         env: dict[str, str] = {}
         if url is None:
-            from sluice.procs import RedisServer
+            from procs import RedisServer
 
             self.redis = RedisServer().start()
             url = self.redis.url
@@ -541,7 +542,6 @@ class Demo:
 
     # -- monitoring
     async def _sample(self, client: Any, vm: Any, buf: Any) -> None:
-        from buffer.connection import key
 
         p = self.progress
         p.read_metrics(self.run_dir / "metrics.jsonl")
@@ -555,7 +555,7 @@ class Demo:
         now = time.time()
         p.gen_window.append((now, snap["finished"] + snap["rejected"]))
         workers = []
-        async for k in client.scan_iter(match=key(self.cfg.run.name, "worker", "*", "metrics")):
+        async for k in client.scan_iter(match=keys.worker_metrics_glob(self.cfg.run.name)):
             raw = await client.hgetall(k)
             workers.append({kk.decode(): _maybe_json(v.decode()) for kk, v in raw.items()})
         p.workers = workers
@@ -574,14 +574,13 @@ class Demo:
 
     async def _save_workers(self, client: Any) -> None:
         """Worker metrics and weight-update records from Redis into ``RUN_DIR/workers.json``."""
-        from buffer.connection import key
 
         out = []
-        async for k in client.scan_iter(match=key(self.cfg.run.name, "worker", "*", "metrics")):
+        async for k in client.scan_iter(match=keys.worker_metrics_glob(self.cfg.run.name)):
             raw = await client.hgetall(k)
             m = {kk.decode(): _maybe_json(v.decode()) for kk, v in raw.items()}
             wid = str(m.get("worker", ""))
-            ups = await client.lrange(key(self.cfg.run.name, "worker", wid, "updates"), 0, -1)
+            ups = await client.lrange(keys.worker_updates(self.cfg.run.name, wid), 0, -1)
             m["updates"] = [json.loads(u) for u in ups]
             out.append(m)
         snap = self.progress.snap
@@ -614,7 +613,7 @@ class Demo:
         )
         code = 1
         try:
-            from sluice.procs import free_port
+            from procs import free_port
 
             port = free_port()
             server_url = f"http://127.0.0.1:{port}"

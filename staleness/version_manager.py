@@ -46,12 +46,12 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from buffer import keys
 from buffer.connection import (
     TRANSIENT,
     check_run_name,
     closed_transport,
     connect,
-    key,
     with_retries,
 )
 from staleness.gate import admission_capacity
@@ -426,16 +426,16 @@ class VersionManager:
         self.run = run
         self.default_worker_ttl = default_worker_ttl
         self._owns_client = owns_client
-        self.k_settings = key(run, "settings")
-        self.k_gate = key(run, "gate")
-        self.k_rejected_by = key(run, "gate", "rejected_by")
-        self.k_inflight = key(run, "gate", "inflight")
-        self.k_expiry = key(run, "workers", "expiry")
-        self.k_seen = key(run, "workers", "seen")
-        self.k_weights = key(run, "weights")
-        self.k_events = key(run, "weights", "events")
-        self.k_disk = key(run, "weights", "disk")
-        self.k_sync_servers = key(run, "weights", "sync_servers")
+        self.k_settings = keys.settings(run)
+        self.k_gate = keys.gate(run)
+        self.k_rejected_by = keys.gate_rejected_by(run)
+        self.k_inflight = keys.gate_inflight(run)
+        self.k_expiry = keys.worker_expiry(run)
+        self.k_seen = keys.workers_seen(run)
+        self.k_weights = keys.weights(run)
+        self.k_events = keys.weight_events(run)
+        self.k_disk = keys.weights_disk(run)
+        self.k_sync_servers = keys.sync_servers(run)
         self._open = client.register_script(_OPEN_LUA)
         self._admit = client.register_script(_ADMIT_LUA)
         self._release = client.register_script(_RELEASE_LUA)
@@ -529,10 +529,12 @@ class VersionManager:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def _call(self, script: Any, keys: list[str], args: list[Any], *, what: str) -> Any:
+    async def _call(
+        self, script: Any, script_keys: list[str], args: list[Any], *, what: str
+    ) -> Any:
         async def op() -> Any:
             try:
-                return await script(keys=keys, args=args)
+                return await script(keys=script_keys, args=args)
             except ResponseError as e:
                 msg = str(e)
                 if "SLUICE_NORUN" in msg:
@@ -551,7 +553,7 @@ class VersionManager:
 
     def _request_key(self) -> str:
         """A fresh request id's key: one per logical call, shared by its retries."""
-        return key(self.run, "req", uuid.uuid4().hex)
+        return keys.request(self.run, uuid.uuid4().hex)
 
     async def _retry(self, op: Callable[[], Awaitable[T]], what: str) -> T:
         return await with_retries(op, what=f"run {self.run}: {what}")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sluice.procs import RedisServer
+from procs import RedisServer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

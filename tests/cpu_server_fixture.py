@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from sluice.procs import free_port
+from procs import free_port
 
 TINY = dict(vocab=128, layers=2, hidden=64, init_std=0.3)
 
 
 def make_model(directory: Path, seed: int = 1) -> Path:
     """A sharp-ish tiny llama (init_std 0.3: input-dependent next-token distributions)."""
-    from rollout_workers.models import init_tiny_model
+    from inference.models import init_tiny_model
 
     return init_tiny_model(directory, seed=seed, **TINY)  # type: ignore[arg-type]
 
@@ -32,7 +32,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def cpu_server_factory(tmp_path: Path) -> Iterator[Callable[..., object]]:
     """``start(model_dir, *extra_args)`` -> a started ``CPUServerProcess`` (stopped at teardown)."""
-    from rollout_workers.cpu_server import CPUServerProcess
+    from inference.cpu_server import CPUServerProcess
 
     started: list[CPUServerProcess] = []
 
@@ -54,7 +54,7 @@ def cpu_server_factory(tmp_path: Path) -> Iterator[Callable[..., object]]:
 @pytest.fixture(scope="module")
 def cpu_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """One server on ``tiny_model`` shared by a module's read-only tests."""
-    from rollout_workers.cpu_server import CPUServerProcess
+    from inference.cpu_server import CPUServerProcess
 
     log = tmp_path_factory.mktemp("cpu-server") / "server.log"
     with CPUServerProcess(tiny_model, port=free_port(), log_path=log) as srv:

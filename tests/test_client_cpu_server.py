@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rollout_workers.client import SGLangClient
-from rollout_workers.launch import ServerHandle, launch_cpu_server
-from rollout_workers.protocol import (
+from inference.client import SGLangClient
+from inference.launch import ServerHandle, launch_cpu_server
+from inference.protocol import (
     GenerateResult,
     InferenceError,
     InvalidInputError,
@@ -33,7 +33,7 @@ PROMPT = [1, 7, 9, 11]
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """Two tiny models of the same shape with different random weights."""
-    from rollout_workers.models import init_tiny_model
+    from inference.models import init_tiny_model
 
     root = tmp_path_factory.mktemp("models")
     kw = {"vocab": VOCAB, "layers": 1, "hidden": 32, "max_positions": 4096}

@@ -23,8 +23,8 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from rollout_workers.client import SGLangClient, parse_generate
-from rollout_workers.protocol import (
+from inference.client import SGLangClient, parse_generate
+from inference.protocol import (
     GenerateResult,
     InferenceClient,
     InferenceError,
@@ -34,7 +34,7 @@ from rollout_workers.protocol import (
     SamplingParams,
     ServerDead,
 )
-from sluice.procs import free_port
+from procs import free_port
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

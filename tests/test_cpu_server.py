@@ -15,8 +15,8 @@ import pytest
 import torch
 from cpu_server_fixture import cpu_server, cpu_server_factory, make_model, tiny_model  # noqa: F401
 
-from rollout_workers.models import load_model
-from sluice.procs import free_port
+from inference.models import load_model
+from procs import free_port
 
 ADMIN = "s3cret"
 AUTH = {"Authorization": f"Bearer {ADMIN}"}

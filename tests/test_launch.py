@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from rollout_workers import launch
-from rollout_workers.launch import (
+from inference import launch
+from inference.launch import (
     EngineUnavailable,
     ServerStartError,
     _start,
@@ -22,8 +22,8 @@ from rollout_workers.launch import (
     launch_sglang,
     model_vocab_size,
 )
-from rollout_workers.protocol import SamplingParams
-from sluice.procs import free_port
+from inference.protocol import SamplingParams
+from procs import free_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -190,7 +190,7 @@ def test_launch_cpu_server_missing_model(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from rollout_workers.models import init_tiny_model
+    from inference.models import init_tiny_model
 
     return init_tiny_model(tmp_path_factory.mktemp("tiny"), vocab=64, layers=1, hidden=32)
 
@@ -218,7 +218,7 @@ async def test_launch_cpu_server_serves_and_stops(tiny_model: Path, tmp_path: Pa
 def test_sglang_command_line_is_the_same_for_the_launcher_and_the_demo(tmp_path: Path) -> None:
     """Token ids in and out, an explicit weight version, and the config's engine options, from
     one function for ``launch_sglang`` and ``sluice demo``."""
-    from rollout_workers.launch import sglang_command
+    from inference.launch import sglang_command
     from sluice.config import load_config
     from sluice.demo import server_spec
 

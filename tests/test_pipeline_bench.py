@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from buffer import keys
 from sluice.cli import main
 
 RUN_KEYS = (
@@ -101,7 +102,6 @@ def test_sglang_config_and_busy_from_worker_metrics(tmp_path: Path, redis_url: s
     import yaml
 
     from benchmarks.pipeline_bench import _config, _sample_busy
-    from buffer import key
 
     s = _setup(tmp_path, "sglang")
     cfg = yaml.safe_load(
@@ -131,7 +131,7 @@ def test_sglang_config_and_busy_from_worker_metrics(tmp_path: Path, redis_url: s
         assert _samples(s, r) == []  # the worker has not written yet
         servers = json.dumps([{"url": "http://x", "utilisation": 0.25, "inflight": 3}])
         r.hset(
-            key("r1", "worker", "w0", "metrics"),
+            keys.worker_metrics("r1", "w0"),
             mapping={"servers": servers, "uptime_s": 8.0, "updated_at": 123.5},
         )
         assert _samples(s, r) == [(123.5, 2.0, 8.0)]
@@ -152,7 +152,7 @@ def test_bad_pipeline_arguments(flag: str, value: str, message: str) -> None:
 def test_sglang_engine_unavailable_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without SGLang (or CUDA) the bench stops before starting anything, saying what is
     missing, instead of a server that dies at start-up."""
-    import rollout_workers.launch as launch
+    import inference.launch as launch
 
     monkeypatch.setattr(launch, "sglang_installed", lambda: False)
     with pytest.raises(SystemExit) as e:

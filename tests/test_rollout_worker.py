@@ -21,17 +21,18 @@ import numpy as np
 import pytest
 from cpu_server_fixture import cpu_server_factory, make_model  # noqa: F401
 
+from buffer import keys
 from buffer.codec import decode_group
-from buffer.connection import connect, key
+from buffer.connection import connect
 from buffer.redis_buffer import RedisTrajectoryBuffer
 from buffer.schema import TrajectoryGroup
-from rollout_workers.client import SGLangClient
-from rollout_workers.cpu_server import CPUServerProcess
+from inference.client import SGLangClient
+from inference.cpu_server import CPUServerProcess
+from procs import free_port
 from rollout_workers.prompts import PromptSource
 from rollout_workers.tasks import get_task
 from rollout_workers.worker import RolloutWorker, make_servers
 from sluice.config import SluiceConfig, load_config
-from sluice.procs import free_port
 from staleness.version_manager import RunNotFound, VersionManager
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,7 +105,7 @@ def recompute_logprobs(model_dir: Path, prompt: list[int], output: list[int], t:
     in float64 (so the only rounding left is the server's float32)."""
     import torch
 
-    from rollout_workers.models import load_model
+    from inference.models import load_model
 
     model = load_model(model_dir, dtype="float64")
     ids = torch.tensor([prompt + output])
@@ -153,11 +154,11 @@ async def test_worker_fills_buffer_with_correct_groups(
         src = PromptSource(c, run_name, task.prompts("train"), seed=3, worker_id="x", lease_ttl_s=1)
         assert (await src.state())["leases"] == {}
         # Eval of version 0 recorded (greedy and sampled), outside the stream and the gate.
-        rec = json.loads((await c.hget(key(run_name, "eval"), "0")).decode())
+        rec = json.loads((await c.hget(keys.eval_results(run_name), "0")).decode())
         assert rec["prompts"] == 4 and rec["worker"] == "w-fill"
         assert 0 <= rec["greedy_reward"] <= 1 and 0 <= rec["sampled_reward"] <= 1
-        assert await c.xlen(key(run_name, "stream")) == 6
-        m = await c.hgetall(key(run_name, "worker", "w-fill", "metrics"))
+        assert await c.xlen(keys.stream(run_name)) == 6
+        m = await c.hgetall(keys.worker_metrics(run_name, "w-fill"))
         assert int(m[b"groups_pushed"]) == 6 and m[b"status"] == b"stopped"
     finally:
         await c.aclose()
@@ -273,8 +274,8 @@ async def test_reward_failures_reject_the_group_with_their_reason(
     assert all(by_id[g.prompt_id].answer[-1] % 4 == 3 for g in groups)
     c = await connect(redis_url)
     try:  # rejected prompts were released, not requeued
-        assert await c.hlen(key(run_name, "prompts", "train", "holders")) == 0
-        assert await c.llen(key(run_name, "prompts", "train", "requeue")) == 0
+        assert await c.hlen(keys.prompts(run_name, "train", "holders")) == 0
+        assert await c.llen(keys.prompts(run_name, "train", "requeue")) == 0
     finally:
         await c.aclose()
 
@@ -397,7 +398,7 @@ async def test_sigkill_worker_prompts_and_slots_come_back(
     a = start_worker(path, tmp_path / "a.log", "--servers", server.url, "--worker-id", "A")
     b: subprocess.Popen[bytes] | None = None
     c = await connect(redis_url)
-    k_holders = key(run_name, "prompts", "train", "holders")
+    k_holders = keys.prompts(run_name, "train", "holders")
 
     async def holders() -> dict[str, str]:
         return {m.decode(): t.decode() for m, t in (await c.hgetall(k_holders)).items()}
@@ -418,7 +419,7 @@ async def test_sigkill_worker_prompts_and_slots_come_back(
 
         async def pushed_by_b() -> Any:
             out = {}
-            for _eid, fields in await c.xrange(key(run_name, "stream")):
+            for _eid, fields in await c.xrange(keys.stream(run_name)):
                 g = decode_group(fields[b"d"])
                 out[f"{g.metadata['prompt_epoch']}:{g.metadata['prompt_pos']}"] = g
             return out if held <= set(out) else None
@@ -475,9 +476,9 @@ async def test_sigterm_exits_clean(
         assert snap.rejected_by.get("shutdown", 0) >= 1
         c = await connect(redis_url)
         try:
-            assert await c.hlen(key(run_name, "prompts", "train", "holders")) == 0
-            assert await c.zcard(key(run_name, "prompts", "train", "leases")) == 0
-            m = await c.hgetall(key(run_name, "worker", "T", "metrics"))
+            assert await c.hlen(keys.prompts(run_name, "train", "holders")) == 0
+            assert await c.zcard(keys.prompts(run_name, "train", "leases")) == 0
+            m = await c.hgetall(keys.worker_metrics(run_name, "T"))
             assert m[b"status"] == b"stopped"
         finally:
             await c.aclose()
@@ -511,7 +512,7 @@ async def test_cli_launch_restarts_crashed_server(
         "L",
     )
     c = await connect(redis_url)
-    k = key(run_name, "worker", "L", "metrics")
+    k = keys.worker_metrics(run_name, "L")
 
     async def server_state() -> Any:
         raw = await c.hget(k, "servers")

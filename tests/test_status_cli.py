@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from buffer import RedisTrajectoryBuffer, Sample, TrajectoryGroup
-from sluice.procs import RedisServer
+from procs import RedisServer
 from staleness import VersionManager
 
 pytestmark = pytest.mark.timeout(60)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from buffer import RedisTrajectoryBuffer, connect, key
+from buffer import RedisTrajectoryBuffer, connect, keys
 from staleness import VersionManager
 
 pytestmark = pytest.mark.timeout(60)
@@ -36,12 +36,12 @@ async def test_status_shows_dead_letters_worker_metrics_and_eval(
     c = await connect(redis_url)
     try:
         buf = RedisTrajectoryBuffer(c, run_name, "t")
-        await c.xadd(key(run_name, "stream"), {"d": b"junk", "g": "x"})
-        await c.xadd(key(run_name, "stream"), {"d": b"junk2", "g": "y"})
+        await c.xadd(keys.stream(run_name), {"d": b"junk", "g": "x"})
+        await c.xadd(keys.stream(run_name), {"d": b"junk2", "g": "y"})
         assert await buf.get_batch(2, block_ms=200) == []
         now = float((await c.time())[0])
         await c.hset(
-            key(run_name, "worker", "w7", "metrics"),
+            keys.worker_metrics(run_name, "w7"),
             mapping={
                 "status": "running",
                 "groups_pushed": 5,
@@ -54,7 +54,7 @@ async def test_status_shows_dead_letters_worker_metrics_and_eval(
             },
         )
         rec = {"version": 3, "greedy_reward": 0.75, "sampled_reward": 0.5, "prompts": 8}
-        await c.hset(key(run_name, "eval"), "3", json.dumps({**rec, "worker": "w7"}))
+        await c.hset(keys.eval_results(run_name), "3", json.dumps({**rec, "worker": "w7"}))
     finally:
         await c.aclose()
     res = status(redis_url, "--json")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rollout_workers.models import ModelDirError, check_model_dir, init_tiny_model, load_model
+from inference.models import ModelDirError, check_model_dir, init_tiny_model, load_model
 from sluice.cli import main
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from trainer_helpers import base_config, make_group, make_model, put_groups, read_metrics
 
-from buffer import Sample, TrajectoryGroup
+from buffer import Sample, TrajectoryGroup, keys
 from sluice.config import SluiceConfig
 from trainer.batch import TrainSample, make_micro_batch, samples_from_groups, token_logprobs
 from trainer.step import LossSettings, train_step
@@ -240,7 +240,7 @@ def test_stale_groups_are_dropped_counted_and_never_trained(
     async def check() -> None:
         import json
 
-        from buffer import RedisTrajectoryBuffer, connect, key
+        from buffer import RedisTrajectoryBuffer, connect
 
         r = await connect(redis_url)
         try:
@@ -249,7 +249,7 @@ def test_stale_groups_are_dropped_counted_and_never_trained(
             assert snap.rejected_by == {"stale": 2}
             stats = await RedisTrajectoryBuffer(r, run_name, "probe").stats()
             assert (stats.length, stats.pending) == (0, 0)
-            ptr = await r.hgetall(key(run_name, "trainer", "trainer-0", "ckpt"))
+            ptr = await r.hgetall(keys.trainer_checkpoint(run_name, "trainer-0"))
             state = json.loads((Path(ptr[b"path"].decode()) / "state.json").read_text())
             assert sorted(state["groups"]) == ["v2", "v3"]
         finally:

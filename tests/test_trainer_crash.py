@@ -33,8 +33,8 @@ from trainer_helpers import (
     write_config,
 )
 
-from buffer import RedisTrajectoryBuffer, connect, key
-from sluice.procs import RedisServer
+from buffer import RedisTrajectoryBuffer, connect, keys
+from procs import RedisServer
 
 N_GROUPS = 12  # 6 steps x 2 groups, checkpoint every 2 steps
 
@@ -58,10 +58,10 @@ def _chain(ckpt: Path) -> list[list[str]]:
 async def _redis_state(url: str, run: str) -> tuple[dict[bytes, bytes], int, int, list[int]]:
     r = await connect(url)
     try:
-        ptr = await r.hgetall(key(run, "trainer", "trainer-0", "ckpt"))
+        ptr = await r.hgetall(keys.trainer_checkpoint(run, "trainer-0"))
         buf = RedisTrajectoryBuffer(r, run, "probe")
         stats = await buf.stats()
-        events = await r.xrange(key(run, "weights", "events"))
+        events = await r.xrange(keys.weight_events(run))
         versions = [int(f[b"version"]) for _, f in events]
         return ptr, stats.length, stats.pending, versions
     finally:

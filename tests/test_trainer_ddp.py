@@ -13,6 +13,8 @@ import torch
 from safetensors.torch import load_file
 from trainer_helpers import make_model
 
+from buffer import keys
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -65,7 +67,7 @@ def test_torchrun_two_ranks_matches_one_process(redis_url: str, tmp_path: Path) 
     import numpy as np
     from trainer_helpers import base_config, make_group, put_groups, run_train, write_config
 
-    from buffer import RedisTrajectoryBuffer, connect, key
+    from buffer import RedisTrajectoryBuffer, connect
 
     model = make_model(tmp_path / "model")
     finals = {}
@@ -101,7 +103,7 @@ def test_torchrun_two_ranks_matches_one_process(redis_url: str, tmp_path: Path) 
         async def state(run: str = name) -> tuple[bytes, int]:
             r = await connect(redis_url)
             try:
-                ptr = await r.hgetall(key(run, "trainer", "trainer-0", "ckpt"))
+                ptr = await r.hgetall(keys.trainer_checkpoint(run, "trainer-0"))
                 stats = await RedisTrajectoryBuffer(r, run, "probe").stats()
                 return ptr[b"path"], stats.length + stats.pending
             finally:

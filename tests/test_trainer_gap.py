@@ -13,8 +13,8 @@ from cpu_server_fixture import cpu_server, tiny_model  # noqa: F401
 from trainer_helpers import base_config, put_groups, read_metrics
 
 from buffer import Sample, TrajectoryGroup
-from rollout_workers.client import SGLangClient
-from rollout_workers.protocol import SamplingParams
+from inference.client import SGLangClient
+from inference.protocol import SamplingParams
 from sluice.config import SluiceConfig
 
 pytestmark = pytest.mark.timeout(120)

@@ -15,8 +15,9 @@ from gate_model import Counters, GateBackend, GateMachine
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import run_state_machine_as_test
 
-from buffer.connection import connect, key
-from sluice.procs import RedisServer
+from buffer import keys
+from buffer.connection import connect
+from procs import RedisServer
 from staleness import (
     RunNotFound,
     RunSettingsMismatch,
@@ -183,14 +184,14 @@ async def test_retried_mutation_is_applied_once(redis_url: str, run_name: str) -
     # A retry after a lost reply re-sends the same request id: the script returns the stored
     # result and admits (or publishes) nothing twice.
     async with await VersionManager.open(redis_url, run_name, eta=0, batch_groups=5) as vm:
-        req = key(run_name, "req", "fixed")
+        req = keys.request(run_name, "fixed")
         admit_keys = [vm.k_settings, vm.k_gate, vm.k_inflight, vm.k_expiry, vm.k_seen, req]
         for _ in range(2):
             assert (
                 await vm._call(vm._admit, admit_keys, ["w", 3, 30000, REQUEST_TTL_S], what="t") == 3
             )
         assert (await vm.snapshot()).admitted == 3
-        pub = key(run_name, "req", "pub")
+        pub = keys.request(run_name, "pub")
         pub_keys = [vm.k_settings, vm.k_gate, vm.k_weights, vm.k_events, pub]
         ids = [
             await vm._call(vm._publish, pub_keys, [1, "/w/1", "st", 100, REQUEST_TTL_S], what="p")

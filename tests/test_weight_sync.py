@@ -1,5 +1,5 @@
 """Distributed weight sync over gloo (docs/weight-sync.md): the trainer's rank-0 code
-(``trainer.weight_sync.DistributedSync``) broadcasts to a real CPU server driven by an
+(``weights.distributed.DistributedSync``) broadcasts to a real CPU server driven by an
 in-process ``RolloutWorker``, through a real Redis.
 """
 
@@ -17,14 +17,14 @@ import torch
 from cpu_server_fixture import make_model
 
 from buffer.redis_buffer import RedisTrajectoryBuffer
-from rollout_workers.cpu_server import CPUServerProcess
-from rollout_workers.models import load_model
+from inference.cpu_server import CPUServerProcess
+from inference.models import load_model
+from procs import free_port
 from rollout_workers.worker import RolloutWorker, make_servers
 from sluice.config import load_config
-from sluice.procs import free_port
-from staleness.sync_plan import FMT_DONE, SyncPlan
 from staleness.version_manager import VersionManager
-from trainer.weight_sync import DistributedSync, bucket_plan
+from weights.distributed import DistributedSync, bucket_plan
+from weights.plan import FMT_DONE, SyncPlan
 
 
 async def until(cond: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
@@ -101,7 +101,7 @@ async def test_distributed_sync_worker_server_and_catch_up_from_disk(
             "rollout.n_samples=2",
             "rollout.max_inflight_groups=2",
             "rollout.health_interval_s=0.3",
-            "trainer.weight_sync=distributed",
+            "weights.distributed=distributed",
         ],
     )
     vm = await VersionManager.open(redis_url, run_name, eta=100, batch_groups=2)
@@ -203,7 +203,7 @@ async def test_trainer_process_publishes_over_the_distributed_path(
         "rollout.n_samples=2",
         "rollout.max_inflight_groups=2",
         "rollout.health_interval_s=0.3",
-        "trainer.weight_sync=distributed",
+        "weights.distributed=distributed",
     ]
     worker = RolloutWorker(load_config(None, sets), make_servers([srv.url]), worker_id="w-tr")
     task = asyncio.create_task(worker.run())

@@ -20,7 +20,7 @@ TINY = dict(vocab=VOCAB, layers=2, hidden=32, heads=2)
 
 
 def make_model(directory: Path, seed: int = 0) -> Path:
-    from rollout_workers.models import init_tiny_model
+    from inference.models import init_tiny_model
 
     return init_tiny_model(directory, seed=seed, init_std=0.2, **TINY)  # type: ignore[arg-type]
 

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from buffer import Delivered, RedisTrajectoryBuffer, key
+from buffer import Delivered, RedisTrajectoryBuffer, keys
 from buffer.connection import with_retries
 from trainer.batch import samples_from_groups
 from trainer.checkpoint import (
@@ -166,10 +166,9 @@ class Trainer:
             raise TrainerError(f"model.path={self.model_path} has no *.safetensors weights")
         base = self.tc.consumer
         self.consumer = base if self.dist.world_size == 1 else f"{base}-r{self.dist.rank}"
-        self.k_ckpt = key(self.run_name, "trainer", base, "ckpt")
+        self.k_ckpt = keys.trainer_checkpoint(self.run_name, base)
         self.k_steps = [
-            key(self.run_name, "trainer", base, "steps", f"r{r}")
-            for r in range(self.dist.world_size)
+            keys.trainer_steps(self.run_name, base, r) for r in range(self.dist.world_size)
         ]
         self.share = self.cfg.staleness.batch_groups // self.dist.world_size + (
             1 if self.dist.rank < self.cfg.staleness.batch_groups % self.dist.world_size else 0
@@ -180,7 +179,7 @@ class Trainer:
         self._dead_settled = 0
         self.st = _State()
         self.sync: Any = None
-        """Rank 0's ``trainer.weight_sync.DistributedSync`` (weight_sync=distributed)."""
+        """Rank 0's ``weights.distributed.DistributedSync`` (weight_sync=distributed)."""
         self._buffer_s = 0.0
         """Seconds in buffer/gate Redis calls since the last metrics row, the blocking read
         excluded (that is ``idle_s``): step records, eta, drop, ack, publish, reap."""
@@ -399,8 +398,8 @@ class Trainer:
         Every ``disk_every`` versions, and whenever the broadcast fails, the disk copy is
         written and recorded first (the catch-up source); on failure ``v`` is published as
         safetensors from it."""
-        from staleness.sync_plan import FMT_DONE
-        from trainer.weight_sync import DistributedSync
+        from weights.distributed import DistributedSync
+        from weights.plan import FMT_DONE
 
         if self.sync is None:
             self.sync = DistributedSync(

@@ -1,7 +1,7 @@
 """The task contract: a vocabulary of token ids, a deterministic prompt set, a reward in [0, 1].
 
 Tasks need no tokenizer: prompts are token ids and the reward reads token ids. Every built-in
-task uses the same special ids as ``rollout_workers.models.init_tiny_model``'s defaults
+task uses the same special ids as ``inference.models.init_tiny_model``'s defaults
 (``PAD=0, BOS=1, EOS=2``), so ``sluice model init DIR --task NAME`` makes a matching model.
 
 Invariants (tests/test_tasks.py):

@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rollout_workers.models import init_tiny_model
+    from inference.models import init_tiny_model
 
     special: dict[str, int] = {}
     vocab = args.vocab

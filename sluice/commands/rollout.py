@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
             f"them with `sluice model init DIR --task {cfg.task.name}` and pass "
             "--set model.path=DIR (or set model.path in the config)"
         )
-    from rollout_workers.models import ModelDirError, check_model_dir
+    from inference.models import ModelDirError, check_model_dir
 
     try:
         check_model_dir(cfg.model.path)
@@ -102,7 +102,7 @@ async def _main(cfg, args: argparse.Namespace) -> int:  # type: ignore[no-untype
     import asyncio
     import signal
 
-    from rollout_workers.launch import (
+    from inference.launch import (
         ServerHandle,
         choose_engine,
         launch_server,

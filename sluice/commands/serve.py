@@ -1,6 +1,6 @@
 """Serve a transformers causal LM on CPU behind SGLang's HTTP subset (shared/SGLANG_PROTOCOL.md).
 
-The CPU reference server of ``rollout_workers.cpu_server``: float32, weights only from
+The CPU reference server of ``inference.cpu_server``: float32, weights only from
 safetensors, continuous batching with a KV cache. Token ids in, token ids out.
 
 With ``--config RUN.yaml`` the model directory (``model.path``), threads
@@ -84,8 +84,8 @@ def run(args: argparse.Namespace) -> int:
     for name in ("port", "max_batch", "threads"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    from rollout_workers.cpu_server import serve
-    from rollout_workers.models import ModelDirError, check_model_dir
+    from inference.cpu_server import serve
+    from inference.models import ModelDirError, check_model_dir
 
     try:
         check_model_dir(args.model)

@@ -16,6 +16,8 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
+from buffer import keys
+
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
@@ -143,13 +145,12 @@ def _dead_letter_summary(rows: list[dict[str, str]]) -> dict[str, Any]:
 async def _worker_metrics(client: aioredis.Redis, run: str) -> dict[str, dict[str, Any]]:
     """Each worker's last metrics write (``sluice:{run}:worker:{id}:metrics``), JSON decoded,
     with ``age_s``: seconds since it was written (Redis clock)."""
-    from buffer import key
 
-    prefix = key(run, "worker", "")
+    prefix = keys.worker_prefix(run)
     now_s, now_us = await client.time()
     now = float(now_s) + float(now_us) / 1e6
     out: dict[str, dict[str, Any]] = {}
-    async for k in client.scan_iter(match=key(run, "worker", "*", "metrics"), count=1000):
+    async for k in client.scan_iter(match=keys.worker_metrics_glob(run), count=1000):
         name = k.decode() if isinstance(k, bytes) else str(k)
         wid = name[len(prefix) : -len(":metrics")]
         raw = await client.hgetall(k)
@@ -168,10 +169,9 @@ async def _worker_metrics(client: aioredis.Redis, run: str) -> dict[str, dict[st
 
 async def _evals(client: aioredis.Redis, run: str) -> list[dict[str, Any]]:
     """Eval records (``sluice:{run}:eval``: version -> JSON), by version."""
-    from buffer import key
 
     rows = []
-    for _v, raw in (await client.hgetall(key(run, "eval"))).items():
+    for _v, raw in (await client.hgetall(keys.eval_results(run))).items():
         try:
             rows.append(json.loads(raw))
         except ValueError:

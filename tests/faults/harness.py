@@ -34,14 +34,15 @@ from typing import Any
 
 import yaml
 
-from sluice.procs import RedisServer, free_port, log_tail
+from buffer import keys
+from procs import RedisServer, free_port, log_tail
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def make_model(directory: Path, seed: int = 1) -> Path:
     """A tiny llama for the ``reverse`` task (its vocabulary and special ids)."""
-    from rollout_workers.models import init_tiny_model
+    from inference.models import init_tiny_model
     from rollout_workers.tasks import get_task
 
     task = get_task("reverse", n_digits=3, n_train=256, n_eval=16)
@@ -389,7 +390,7 @@ class FaultRun:
     # ------------------------------------------------------------------ invariants
     async def audit(self) -> Audit:
         """Check the run's books (raises AssertionError naming the first broken invariant)."""
-        from buffer import RedisTrajectoryBuffer, connect, key
+        from buffer import RedisTrajectoryBuffer, connect
         from buffer.codec import decode_group
         from staleness import VersionManager
 
@@ -416,7 +417,7 @@ class FaultRun:
         # The committed checkpoint chain names the same groups (keep_checkpoints is large).
         client = await connect(self.redis.url)
         try:
-            ptr = await client.hgetall(key(self.run_name, "trainer", "trainer-0", "ckpt"))
+            ptr = await client.hgetall(keys.trainer_checkpoint(self.run_name, "trainer-0"))
             assert int(ptr[b"step"]) == self.steps, ptr
             chain: list[str] = []
             cur: str | None = ptr[b"path"].decode()
@@ -431,7 +432,7 @@ class FaultRun:
             # 3. Every pushed group is accounted for: acked (trained or dropped: the seen
             # marks), still in the stream, or dead-lettered; nothing is pending on a consumer.
             acked: set[str] = set()
-            async for k in client.scan_iter(match=key(self.run_name, "seen", "*")):
+            async for k in client.scan_iter(match=keys.seen(self.run_name, "*")):
                 acked.update(g.decode() for g in await client.hkeys(k))
             buf = RedisTrajectoryBuffer(client, self.run_name, "audit")
             stats = await buf.stats()
@@ -439,7 +440,7 @@ class FaultRun:
             snap_rej = (await vm.snapshot()).rejected_by
             assert stats.pending == 0, f"{stats.pending} groups still pending on a consumer"
             remaining = set()
-            for _eid, fields in await client.xrange(key(self.run_name, "stream")):
+            for _eid, fields in await client.xrange(keys.stream(self.run_name)):
                 remaining.add(decode_group(fields[b"d"]).group_id)
             drops = sum(snap_rej.get(r, 0) for r in ("stale", "future_version"))
             dead = snap_rej.get("dead_letter", 0)  # slots of dead-lettered entries

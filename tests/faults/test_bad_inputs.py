@@ -26,8 +26,8 @@ import pytest
 import yaml
 from aiohttp import ClientSession, web
 
+from procs import RedisServer, free_port
 from sluice.cli import COMMANDS, build_parser
-from sluice.procs import RedisServer, free_port
 
 pytestmark = [pytest.mark.faults]
 ROOT = Path(__file__).resolve().parents[2]
@@ -209,7 +209,7 @@ async def test_server_400_500_and_timeout_reject_the_group_and_the_worker_goes_o
 ) -> None:
     from cpu_server_fixture import make_model as make_llama
 
-    from rollout_workers.cpu_server import CPUServerProcess
+    from inference.cpu_server import CPUServerProcess
     from rollout_workers.worker import RolloutWorker, make_servers
     from sluice.config import load_config
     from staleness import VersionManager

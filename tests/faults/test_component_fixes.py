@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from trainer_helpers import base_config, make_group, make_model, put_groups, write_config
 
-from buffer import RedisTrajectoryBuffer, RedisUnavailable, connect, key
+from buffer import RedisTrajectoryBuffer, RedisUnavailable, connect, keys
+from procs import RedisServer, free_port
 from sluice.config import load_config
-from sluice.procs import RedisServer, free_port
 from staleness import VersionManager
 
 pytestmark = [pytest.mark.faults]
@@ -101,7 +101,7 @@ def test_dead_lettered_group_hands_its_slot_back(redis_url: str, tmp_path: Path)
             assert await vm.try_admit("w", 5) == 2
             buf = await RedisTrajectoryBuffer.open(redis_url, run, "w")
             await buf.put(make_group(rng, run))
-            await buf.redis.xadd(key(run, "stream"), {"d": b"\x93corrupt", "g": "bad"})
+            await buf.redis.xadd(keys.stream(run), {"d": b"\x93corrupt", "g": "bad"})
             await buf.close()
             assert await vm.finish("w", 2) == 2
             assert await vm.try_admit("w", 1) == 0  # the gate is full
@@ -162,7 +162,7 @@ async def test_rollout_sigterm_while_starting_exits_0(redis_url: str, tmp_path: 
     client = await connect(redis_url)
     try:
         deadline = time.monotonic() + 60
-        while not await client.zscore(key("early", "workers", "expiry"), "E"):
+        while not await client.zscore(keys.worker_expiry("early"), "E"):
             assert w.poll() is None and time.monotonic() < deadline
             await asyncio.sleep(0.1)
         await asyncio.sleep(0.5)  # now polling the dead server's /health

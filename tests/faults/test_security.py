@@ -31,12 +31,12 @@ from buffer import (
     Sample,
     TrajectoryGroup,
     connect,
-    key,
+    keys,
 )
 from buffer.codec import pack
 from buffer.connection import make_client
 from faults.harness import FaultRun
-from sluice.procs import free_port
+from procs import free_port
 
 pytestmark = [pytest.mark.faults]
 ROOT = Path(__file__).resolve().parents[2]
@@ -99,7 +99,7 @@ def test_secured_live_run(tmp_path: Path) -> None:
             c = await connect(run.redis.url)
             try:
                 for fields in bad:
-                    await c.xadd(key(run.run_name, "stream"), fields)
+                    await c.xadd(keys.stream(run.run_name), fields)
             finally:
                 await c.aclose()
 
@@ -109,8 +109,8 @@ def test_secured_live_run(tmp_path: Path) -> None:
         # The server refuses control calls without the admin key (the worker has it: the
         # run's weight updates go through).
         async def no_key() -> None:
-            from rollout_workers.client import SGLangClient
-            from rollout_workers.protocol import InferenceError
+            from inference.client import SGLangClient
+            from inference.protocol import InferenceError
 
             async with SGLangClient(run.server_url) as cl:
                 with pytest.raises(InferenceError) as e:

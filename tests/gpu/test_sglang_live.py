@@ -28,10 +28,10 @@ if not (torch.cuda.is_available() and importlib.util.find_spec("sglang")):
     pytest.skip("needs CUDA and SGLang", allow_module_level=True)
 
 from buffer.redis_buffer import RedisTrajectoryBuffer  # noqa: E402
-from rollout_workers.client import SamplingParams  # noqa: E402
-from rollout_workers.launch import ServerHandle, launch_sglang  # noqa: E402
-from rollout_workers.models import init_tiny_model, load_model  # noqa: E402
-from rollout_workers.protocol import InvalidInputError  # noqa: E402
+from inference.client import SamplingParams  # noqa: E402
+from inference.launch import ServerHandle, launch_sglang  # noqa: E402
+from inference.models import init_tiny_model, load_model  # noqa: E402
+from inference.protocol import InvalidInputError  # noqa: E402
 from rollout_workers.worker import RolloutWorker, make_servers  # noqa: E402
 from sluice.config import load_config  # noqa: E402
 from staleness.version_manager import VersionManager  # noqa: E402

@@ -11,7 +11,7 @@ Invariants:
 - Only connection attempts that never reached the server are retried (same rid, jittered
   exponential backoff). A generate whose connection dropped after sending is *not* resent;
   ``generate_with_retry`` resubmits it under a NEW rid after a best-effort abort of the old one.
-- Every call has a timeout; every failure is one of the errors in ``rollout_workers.protocol``.
+- Every call has a timeout; every failure is one of the errors in ``inference.protocol``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from rollout_workers.protocol import (
+from inference.protocol import (
     PAUSE_MODES,
     FinishReason,
     GenerateResult,

@@ -33,9 +33,9 @@ from typing import Any
 
 import torch
 
-from staleness.sync_plan import FMT_ANNOUNCE, SyncPlan
+from weights.plan import FMT_ANNOUNCE, SyncPlan
 
-log = logging.getLogger("sluice.trainer.weight_sync")
+log = logging.getLogger("sluice.weights.distributed")
 
 
 def bucket_plan(named: list[tuple[str, torch.Tensor]], bucket_mb: int) -> list[dict[str, Any]]:

@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from sluice.procs import free_port, log_tail
+from procs import free_port, log_tail
 
 if TYPE_CHECKING:
-    from rollout_workers.client import SGLangClient
+    from inference.client import SGLangClient
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ class ServerHandle:
 
     def client(self, **kwargs: Any) -> SGLangClient:
         """An ``SGLangClient`` for this server (vocab size and admin key filled in)."""
-        from rollout_workers.client import SGLangClient
+        from inference.client import SGLangClient
 
         kwargs.setdefault("vocab_size", self.vocab_size)
         kwargs.setdefault("admin_api_key", self.admin_api_key)

@@ -69,7 +69,7 @@ from typing import Any
 import torch
 from aiohttp import web
 
-from rollout_workers.models import eos_token_ids, load_model, load_state_dict
+from inference.models import eos_token_ids, load_model, load_state_dict
 
 log = logging.getLogger("sluice.cpu_server")
 
@@ -1095,7 +1095,7 @@ class CPUServerProcess:
         raise TimeoutError(f"CPU server on {self.url} not healthy within {timeout}s")
 
     def stop(self) -> None:
-        from sluice.procs import stop_pid
+        from procs import stop_pid
 
         if self.proc is not None:
             stop_pid(self.proc)

@@ -1,0 +1,135 @@
+"""Every Redis key of a run, in one place.
+
+All keys live under ``sluice:{RUN}:`` (``buffer.connection.key``): the braces are a Redis
+Cluster hash tag, so every key of a run hashes to one slot and the Lua scripts that touch
+several of them stay valid on a cluster. A component names a key only through a function here.
+"""
+
+from __future__ import annotations
+
+from buffer.connection import key
+
+
+def namespace(run: str) -> str:
+    """A glob matching every key of the run (``sluice:{RUN}:*``)."""
+    return key(run, "*")
+
+
+# --- trajectories (buffer.redis_buffer)
+def stream(run: str) -> str:
+    """The trajectory stream (XADD by workers, read by the trainers' consumer group)."""
+    return key(run, "stream")
+
+
+def dead_letters(run: str) -> str:
+    """Entries that failed to decode, with the reason."""
+    return key(run, "deadletter")
+
+
+def seen(run: str, bucket: str) -> str:
+    """Group ids already put, bucketed by time (a put retried after a lost reply is stored once)."""
+    return key(run, "seen", bucket)
+
+
+# --- the version manager (staleness.version_manager)
+def settings(run: str) -> str:
+    """The run's fixed settings (eta, batch groups, ...): a hash."""
+    return key(run, "settings")
+
+
+def gate(run: str) -> str:
+    """Admission counters and the current version: a hash."""
+    return key(run, "gate")
+
+
+def gate_rejected_by(run: str) -> str:
+    """Rejected admissions counted by reason: a hash."""
+    return key(run, "gate", "rejected_by")
+
+
+def gate_inflight(run: str) -> str:
+    """Admitted, unfinished slots per worker: a hash."""
+    return key(run, "gate", "inflight")
+
+
+def worker_expiry(run: str) -> str:
+    """Heartbeat deadlines per worker: a sorted set."""
+    return key(run, "workers", "expiry")
+
+
+def workers_seen(run: str) -> str:
+    """Every worker that ever heartbeat, with its last info: a hash."""
+    return key(run, "workers", "seen")
+
+
+def weights(run: str) -> str:
+    """The latest published weights (version, path, plan): a hash."""
+    return key(run, "weights")
+
+
+def weight_events(run: str) -> str:
+    """Weight publications and announcements: a capped stream."""
+    return key(run, "weights", "events")
+
+
+def weights_disk(run: str) -> str:
+    """The latest disk copy of the weights (for servers that missed a broadcast): a hash."""
+    return key(run, "weights", "disk")
+
+
+def sync_servers(run: str) -> str:
+    """Servers registered for the distributed weight broadcast: a hash."""
+    return key(run, "weights", "sync_servers")
+
+
+def request(run: str, request_id: str) -> str:
+    """The stored reply of one idempotent version-manager call."""
+    return key(run, "req", request_id)
+
+
+# --- prompts (rollout_workers.prompts)
+def prompts(run: str, source: str, part: str) -> str:
+    """A prompt source's shared state: ``cursor``, ``leases``, ``holders`` or ``requeue``."""
+    return key(run, "prompts", source, part)
+
+
+# --- rollout workers
+def worker_metrics(run: str, worker_id: str) -> str:
+    """A worker's latest metrics: a hash (read by ``sluice status``, the demo, the benches)."""
+    return key(run, "worker", worker_id, "metrics")
+
+
+def worker_metrics_glob(run: str) -> str:
+    """Matches every worker's metrics hash."""
+    return key(run, "worker", "*", "metrics")
+
+
+def worker_prefix(run: str) -> str:
+    """The prefix of every per-worker key (``...:worker:``)."""
+    return key(run, "worker", "")
+
+
+def worker_updates(run: str, worker_id: str) -> str:
+    """A worker's recent weight-update records: a capped list."""
+    return key(run, "worker", worker_id, "updates")
+
+
+def eval_results(run: str) -> str:
+    """Eval results by version: a hash."""
+    return key(run, "eval")
+
+
+def eval_lock(run: str, version: int) -> str:
+    """Held by the one worker that evaluates ``version`` (SET NX)."""
+    return key(run, "eval", "lock", str(version))
+
+
+# --- the trainer
+def trainer_checkpoint(run: str, consumer: str) -> str:
+    """A trainer's checkpoint pointer (committed with its acks in one transaction)."""
+    return key(run, "trainer", consumer, "ckpt")
+
+
+def trainer_steps(run: str, consumer: str, rank: int) -> str:
+    """One rank's step records (which groups went into which step), for exactly-once replay."""
+    return key(run, "trainer", consumer, "steps", f"r{rank}")

@@ -1,0 +1,9 @@
+"""Weight transports: where the trainer (publisher) and the rollout workers (receivers) meet
+for weights, as ``buffer`` is where they meet for trajectories.
+
+- ``plan``: the sync plan a weight event carries (format, path, group address, buckets).
+- ``distributed``: the trainer side of the broadcast to the servers (gloo / NCCL).
+
+Imports ``buffer``, ``staleness`` and ``inference`` only; never ``rollout_workers``, ``trainer``
+or the CLI.
+"""
