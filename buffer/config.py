@@ -1,0 +1,15 @@
+"""The ``redis`` section of the run config: where a run's Redis is and how to reach it."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class RedisConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="Redis URL: redis:// or rediss:// (TLS), optional user:password@, db. "
+        "The password may instead come from $SLUICE_REDIS_PASSWORD.",
+    )

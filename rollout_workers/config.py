@@ -1,0 +1,76 @@
+"""Config sections owned by the rollout workers: the task and the ``rollout`` section."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class TaskConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    name: str = Field(
+        "reverse", description="Task: reverse | long-tail | jsonl (built in) or a registered name."
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Task options, e.g. {digits: 4} for reverse, {path: data.jsonl, reward: mod:fn} for jsonl.",
+    )
+
+
+class RolloutConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    n_samples: int = Field(8, ge=1, le=4096, description="Samples per group (GRPO group size).")
+    max_inflight_groups: int = Field(
+        8, ge=1, le=100_000, description="Groups generated concurrently per worker."
+    )
+    temperature: float = Field(1.0, ge=0, le=10, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    top_k: int = Field(-1, ge=-1, description="Top-k (-1 = whole vocabulary).")
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="Output budget per sample (default: the task's)."
+    )
+    lease_ttl_s: float = Field(
+        60.0,
+        gt=0,
+        description="Prompt lease TTL: prompts held by a dead worker are served again after it.",
+    )
+    heartbeat_ttl_s: float = Field(
+        15.0, gt=0, description="Worker heartbeat TTL: a silent worker's slots are reaped after it."
+    )
+    reward_timeout_s: float = Field(
+        30.0, gt=0, description="A reward call slower than this rejects the group."
+    )
+    reward_fn: str | None = Field(None, description="module:function overriding the task's reward.")
+    eval_every: int = Field(
+        0, ge=0, description="Evaluate held-out prompts every N versions (0 = never)."
+    )
+    eval_prompts: int = Field(
+        64, ge=1, le=100_000, description="Eval prompts per evaluation (the task's first N)."
+    )
+    update_mode: Literal["abort_all", "pause"] = Field(
+        "abort_all",
+        description="Weight update: abort_all = one update_weights_from_disk(abort_all_requests) "
+        "per server (fast); pause = pause -> update -> continue (servers shared by other clients).",
+    )
+    ignore_eos: bool = Field(
+        False, description="Generate max_new_tokens every time (benchmarks, interruption tests)."
+    )
+    health_interval_s: float = Field(
+        1.0, gt=0, le=600, description="Seconds between server health polls."
+    )
+    log_every: int = Field(
+        50, ge=1, description="One JSON metrics line on stderr per this many pushed groups."
+    )
+    metrics_interval_s: float = Field(
+        2.0, gt=0, le=600, description="Seconds between metrics writes to Redis."
+    )
+    shutdown_grace_s: float = Field(
+        10.0,
+        gt=0,
+        le=25,
+        description="On SIGTERM, seconds to let aborted groups hand back their slots before "
+        "cancelling them (exit stays within 30 s).",
+    )

@@ -1,0 +1,72 @@
+"""The ``trainer`` section of the run config (the loss settings come from ``staleness.config``)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import ConfigDict, Field
+
+from staleness.config import LossConfig
+
+
+class TrainerConfig(LossConfig):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    lr: float = Field(1e-3, gt=0, le=1, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up steps.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    max_steps: int = Field(100, ge=1, description="Train steps before the trainer stops.")
+    normalize_adv_std: bool = Field(
+        True, description="GRPO: divide advantages by the group's reward std."
+    )
+    prox_logp: Literal["recompute", "behaviour"] = Field(
+        "recompute",
+        description="Proximal log-probs: recomputed by one no-grad forward pass, or the behaviour ones.",
+    )
+    micro_batch_tokens: int = Field(16384, ge=1, description="Token budget per micro-batch.")
+    publish_every: int = Field(1, ge=1, description="Publish weights every N steps.")
+    keep_weights: int = Field(3, ge=1, description="Weight versions kept on disk.")
+    checkpoint_every: int = Field(
+        10, ge=1, description="Checkpoint every N steps (bounds replay after a crash)."
+    )
+    reclaim_idle_ms: int = Field(
+        60_000, ge=1, description="Reclaim groups pending on a consumer idle this long."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Training device.")
+    threads: int | None = Field(
+        None, ge=1, description="Torch threads for training (None: torch default)."
+    )
+    reward_target: float | None = Field(
+        None, ge=0, le=1, description="Stop once the mean reward of a step reaches this."
+    )
+    consumer: str = Field(
+        "trainer-0",
+        pattern=r"^[A-Za-z0-9_.\-]{1,100}$",
+        description="Stable consumer name (suffixed -r{rank} under torchrun): a restarted "
+        "trainer finds its own pending groups and checkpoint under it.",
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk.")
+    wait_log_s: float = Field(
+        30.0, gt=0, description="Log a line every this many seconds while waiting for data."
+    )
+    weight_sync: Literal["disk", "distributed"] = Field(
+        "disk",
+        description="How new weights reach the servers: disk (safetensors dir per version) or "
+        "distributed (broadcast from the trainer to the servers; docs/weight-sync.md).",
+    )
+    bucket_mb: int = Field(
+        256, ge=1, le=65536, description="distributed: MiB of parameters per broadcast bucket."
+    )
+    disk_every: int = Field(
+        10, ge=1, description="distributed: also write the disk copy every N versions."
+    )
+    sync_master_addr: str = Field(
+        "127.0.0.1", min_length=1, description="distributed: address the servers reach rank 0 at."
+    )
+    sync_port: int = Field(
+        0, ge=0, le=65535, description="distributed: rendezvous port (0: pick a free one)."
+    )
+    sync_timeout_s: float = Field(
+        60.0, gt=0, description="distributed: seconds to wait for servers to join or receive."
+    )
