@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from staleness.advantages import grpo_advantages
-    from staleness.gate import admission_capacity, staleness
+    from staleness.gate import admission_capacity, group_staleness, past_eta, staleness
     from staleness.loss import AGGREGATIONS, LossInputs, LossOutputs, decoupled_ppo_loss
     from staleness.version_manager import (
         WORKER_DEAD,
@@ -38,6 +38,8 @@ _WHERE: dict[str, str] = {
     "grpo_advantages": "staleness.advantages",
     "admission_capacity": "staleness.gate",
     "staleness": "staleness.gate",
+    "group_staleness": "staleness.gate",
+    "past_eta": "staleness.gate",
     "AGGREGATIONS": "staleness.loss",
     "LossInputs": "staleness.loss",
     "LossOutputs": "staleness.loss",
@@ -74,6 +76,8 @@ __all__ = [
     "WeightEvent",
     "WorkerInfo",
     "admission_capacity",
+    "group_staleness",
+    "past_eta",
     "behaviour_weights",
     "decoupled_ppo_loss",
     "grpo_advantages",

@@ -1,4 +1,6 @@
-"""The staleness rule as two pure functions: how many groups may start, and how stale one is.
+"""The staleness rule as pure functions: how many groups may start (``admission_capacity``),
+how stale a trajectory is (``staleness``, ``group_staleness``) and whether it may be trained
+(``past_eta``). The worker, the trainer and the reports use these; nothing recomputes them inline.
 
 The version manager (``staleness.version_manager``) runs the same formula inside one Lua script;
 ``tests/test_staleness_math.py`` checks the two against each other on random schedules.
@@ -12,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # torch / numpy stay unimported: the version manager uses this module
     import numpy as np
     import torch
+
+    from buffer.schema import TrajectoryGroup
 
 
 def admission_capacity(
@@ -56,24 +60,44 @@ def admission_capacity(
 
 
 def staleness(
-    current_version: int, token_versions: Iterable[int] | torch.Tensor | np.ndarray
+    current_version: int,
+    token_versions: Iterable[int] | torch.Tensor | np.ndarray,
+    *,
+    admission_version: int | None = None,
 ) -> int:
-    """``current_version - min(token_versions)``: how many versions old the oldest token is.
+    """The staleness rule: ``current_version - oldest``, how many versions old a trajectory is.
 
-    ``token_versions`` holds the policy version that produced each generated token of a sample
-    or group (a sample interrupted by a weight update carries several). The trainer drops a
-    group with ``staleness > eta``. A negative result means a token claims a version the
-    trainer has not reached: a bug upstream, returned as is for the caller to report.
-    Raises ``ValueError`` on an empty input (a group without generated tokens has no age).
+    ``oldest`` is the smallest policy version among ``token_versions`` (the version that
+    produced each generated token; a sample interrupted by a weight update carries several).
+    A trajectory without generated tokens is as old as its admission: with no tokens,
+    ``admission_version`` is ``oldest`` (and ``ValueError`` when it is not given). The same
+    function decides for the trainer (drop a group read with ``staleness > eta``:
+    ``group_staleness``) and for the worker (stop a group that can no longer be trained,
+    before it has tokens: ``staleness(version, (), admission_version=v)``).
+
+    A negative result means a token claims a version the trainer has not reached: a bug
+    upstream, returned as is for the caller to report.
     """
     arr: Any = token_versions
     if hasattr(arr, "shape") and callable(getattr(arr, "min", None)):  # torch.Tensor, np.ndarray
-        if 0 in tuple(arr.shape):
-            raise ValueError("staleness: token_versions is empty")
-        oldest = int(arr.min())
+        oldest = None if 0 in tuple(arr.shape) else int(arr.min())
     else:
         values = [int(v) for v in token_versions]
-        if not values:
-            raise ValueError("staleness: token_versions is empty")
-        oldest = min(values)
+        oldest = min(values) if values else None
+    if oldest is None:
+        if admission_version is None:
+            raise ValueError("staleness: token_versions is empty and no admission_version given")
+        oldest = int(admission_version)
     return int(current_version) - oldest
+
+
+def group_staleness(current_version: int, group: TrajectoryGroup) -> int:
+    """``staleness`` of a whole group: its oldest token over every sample, or its admission
+    version when no sample has a token."""
+    mins = [int(s.token_versions.min()) for s in group.samples if s.num_tokens]
+    return staleness(current_version, mins, admission_version=group.admission_version)
+
+
+def past_eta(staleness_: int, eta: int) -> bool:
+    """True when a trajectory this stale may not be trained (``staleness > eta``)."""
+    return staleness_ > eta

@@ -60,6 +60,7 @@ def test_staleness_is_current_minus_oldest_token() -> None:
         staleness(3, [])
     with pytest.raises(ValueError, match="empty"):
         staleness(3, torch.zeros(2, 0))
+    assert staleness(3, torch.zeros(2, 0), admission_version=1) == 2
 
 
 # ------------------------------------------------------------------ behaviour weights
