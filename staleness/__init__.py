@@ -76,13 +76,13 @@ __all__ = [
     "WeightEvent",
     "WorkerInfo",
     "admission_capacity",
-    "group_staleness",
-    "past_eta",
     "behaviour_weights",
     "decoupled_ppo_loss",
+    "group_staleness",
     "grpo_advantages",
     "list_runs",
     "logprob_gap",
+    "past_eta",
     "staleness",
 ]
 
