@@ -49,7 +49,7 @@ test-fast: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy buffer staleness
+	$(VENV)/bin/mypy
 
 bench: setup
 	$(VENV)/bin/sluice bench buffer --json benchmarks/results/buffer.json

@@ -43,7 +43,8 @@ def rows(cfg: Any) -> list[tuple[str, str, Any, Any, str]]:
             value = section.model_dump(mode="json")[name]
             default = defaults.model_dump(mode="json")[name] if defaults is not None else None
             if section_name == "redis" and name == "url":
-                value, default = redact_url(value), redact_url(default)
+                value = redact_url(value)
+                default = redact_url(default) if default is not None else None
             out.append((section_name, name, value, default, f.description or ""))
     return out
 
