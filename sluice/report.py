@@ -4,9 +4,11 @@ Inputs (only ``metrics.jsonl`` is required; every key is optional and a line tha
 object is skipped and counted):
 
 - ``metrics.jsonl``: one object per trainer step (``trainer/loop.py``): ``step``,
-  ``reward_mean``, ``reward_std``, ``staleness_hist`` ({staleness: groups}), ``staleness_max``,
-  ``dropped``, ``dropped_total``, ``groups``, ``samples``, ``tokens``, ``idle_s``, ``step_s``,
-  ``wall_s`` (since that trainer process started), ``time`` (unix), ``replay``.
+  ``reward_mean``, ``reward_std``, ``staleness_hist`` ({staleness: groups} over the groups
+  that arrived), ``staleness_max``, ``staleness_max_trained`` (the max staleness over the groups
+  that reached that optimizer step; null when none did), ``dropped``, ``dropped_total``,
+  ``groups``, ``samples``, ``tokens``, ``idle_s``, ``step_s``, ``wall_s`` (since that trainer
+  process started), ``time`` (unix), ``replay``.
 - ``config.yaml``: the run config (``staleness.eta``, ``staleness.batch_groups``,
   ``trainer.reward_target``, ``task.name``).
 - ``progress.jsonl`` (written by ``sluice demo``): gate counters over time (``time``,
@@ -21,6 +23,9 @@ Invariants (tests/test_report.py):
 - ``initial_reward`` is the reward of the first step, ``final_reward`` that of the last;
   ``wall_s`` runs from the first trainer start (``time - wall_s`` of the earliest row) to the
   last row's ``time``; ``groups_per_s`` = groups the trainer received / ``wall_s``.
+- ``max_staleness_trained`` comes from the steps' ``staleness_max_trained`` only and is never
+  clipped to eta: a group trained over eta shows as such. ``max_staleness_arrived`` comes from
+  the arrival histogram (dropped groups included). report.md shows the two apart.
 - The same files give the same ``summary.json`` (nothing depends on when it is built).
 """
 
@@ -154,6 +159,87 @@ def _restarts(run_dir: Path) -> dict[str, int]:
     return out
 
 
+def _ints(steps: list[dict[str, Any]], key: str) -> list[int]:
+    """The numeric values of ``key`` over ``steps`` as ints (absent, null or not a number:
+    left out)."""
+    vals = (_num(r.get(key)) for r in steps)
+    return [int(x) for x in vals if x is not None]
+
+
+def _staleness(steps: list[dict[str, Any]]) -> dict[str, Any]:
+    """Staleness as it reached the optimizer and as it arrived, kept apart.
+
+    ``max_staleness_trained``: the largest per-step ``staleness_max_trained`` (the trainer's
+    max over the groups that reached that optimizer step); None when no step carries one. It
+    is reported as logged, never clipped to eta, so a group trained over eta shows.
+    ``max_staleness_arrived``: the largest staleness in the arrival histogram (every group the
+    trainer received, dropped ones included). ``max_staleness``: the larger of that and every
+    step's ``staleness_max``."""
+    hist = _hist(steps)
+    n_hist = sum(hist.values())
+    return {
+        "max_staleness": max(_ints(steps, "staleness_max") + list(hist), default=None),
+        "max_staleness_trained": max(_ints(steps, "staleness_max_trained"), default=None),
+        "max_staleness_arrived": max(hist, default=None),
+        "mean_staleness": sum(k * v for k, v in hist.items()) / n_hist if n_hist else None,
+        "staleness_hist": {str(k): v for k, v in hist.items()},
+    }
+
+
+def _dropped(steps: list[dict[str, Any]]) -> int:
+    """Groups dropped over eta: the largest running total when the rows carry one, else the
+    sum of the per-step counts."""
+    totals = [t for t in (_num(r.get("dropped_total")) for r in steps) if t is not None]
+    if totals:
+        return int(max(totals))
+    return int(sum(_num(r.get("dropped")) or 0 for r in steps))
+
+
+def _throughput(steps: list[dict[str, Any]], wall: float | None) -> dict[str, Any]:
+    """What the trainer received and how fast, over the run's wall time."""
+    groups = int(sum(_num(r.get("groups")) or 0 for r in steps))
+    samples = int(sum(_num(r.get("samples")) or 0 for r in steps))
+    tokens = int(sum(_num(r.get("tokens")) or 0 for r in steps))
+    idle = sum(_num(r.get("idle_s")) or 0.0 for r in steps)
+
+    def rate(n: int) -> float | None:
+        return n / wall if wall and wall > 0 else None
+
+    return {
+        "groups_trained": groups,
+        "groups_per_s": rate(groups),
+        "samples_per_s": rate(samples),
+        "tokens_per_s": rate(tokens),
+        "trainer_idle_s": idle,
+        "trainer_idle_frac": idle / wall if wall else None,
+    }
+
+
+def _weight_updates(run_dir: Path) -> dict[str, Any] | None:
+    lat = sorted(float(u["latency_s"]) for u in _updates(run_dir))
+    if not lat:
+        return None
+    return {
+        "count": len(lat),
+        "mean_s": statistics.fmean(lat),
+        "p50_s": statistics.median(lat),
+        "max_s": lat[-1],
+    }
+
+
+def _rewards(steps: list[dict[str, Any]], target: Any) -> dict[str, Any]:
+    rewards = [_num(r.get("reward_mean")) for r in steps]
+    known = [x for x in rewards if x is not None]
+    final = rewards[-1]
+    return {
+        "initial_reward": rewards[0],
+        "final_reward": final,
+        "best_reward": max(known) if known else None,
+        "reward_target": target,
+        "reached_target": (final >= target) if (target is not None and final is not None) else None,
+    }
+
+
 def summarize(run_dir: str | Path, *, eta: int | None = None) -> dict[str, Any]:
     """The run's summary (see the module docstring); ``ReportError`` if there is no step."""
     run_dir = Path(run_dir)
@@ -167,72 +253,24 @@ def summarize(run_dir: str | Path, *, eta: int | None = None) -> dict[str, Any]:
     cfg = _read_config(run_dir)
     if eta is None:
         eta = _cfg(cfg, "staleness", "eta")
-    rewards = [_num(r.get("reward_mean")) for r in steps]
-    known = [x for x in rewards if x is not None]
-    hist = _hist(steps)
-    smax = [_num(r.get("staleness_max")) for r in steps]
-    smax_known = [int(x) for x in smax if x is not None]
-    max_staleness = max(smax_known + list(hist), default=None)
-    n_hist = sum(hist.values())
-    mean_staleness = sum(k * v for k, v in hist.items()) / n_hist if n_hist else None
-    totals = [_num(r.get("dropped_total")) for r in steps]
-    if any(t is not None for t in totals):
-        dropped = int(max(t for t in totals if t is not None))
-    else:
-        dropped = int(sum(_num(r.get("dropped")) or 0 for r in steps))
-    groups = int(sum(_num(r.get("groups")) or 0 for r in steps))
-    samples = int(sum(_num(r.get("samples")) or 0 for r in steps))
-    tokens = int(sum(_num(r.get("tokens")) or 0 for r in steps))
     wall = _wall(steps)
-    idle = sum(_num(r.get("idle_s")) or 0.0 for r in steps)
-    target = _cfg(cfg, "trainer", "reward_target")
-    updates = _updates(run_dir)
-    lat = sorted(float(u["latency_s"]) for u in updates)
-
-    def rate(n: int) -> float | None:
-        return n / wall if wall and wall > 0 else None
-
-    final = rewards[-1]
-    summary: dict[str, Any] = {
+    return {
         "run_dir": str(run_dir),
         "task": _cfg(cfg, "task", "name"),
         "steps": len(steps),
         "last_step": steps[-1]["step"],
-        "initial_reward": rewards[0],
-        "final_reward": final,
-        "best_reward": max(known) if known else None,
-        "reward_target": target,
-        "reached_target": (final >= target) if (target is not None and final is not None) else None,
+        **_rewards(steps, _cfg(cfg, "trainer", "reward_target")),
         "wall_s": wall,
         "eta": eta,
         "batch_groups": _cfg(cfg, "staleness", "batch_groups"),
-        "max_staleness": max_staleness,
-        # What reached the optimizer: the trainer drops every group over eta on arrival.
-        "max_staleness_trained": (
-            max((k for k in hist if k <= eta), default=None) if eta is not None else None
-        ),
-        "mean_staleness": mean_staleness,
-        "staleness_hist": {str(k): v for k, v in hist.items()},
-        "dropped_groups": dropped,
-        "groups_trained": groups,
-        "groups_per_s": rate(groups),
-        "samples_per_s": rate(samples),
-        "tokens_per_s": rate(tokens),
-        "trainer_idle_s": idle,
-        "trainer_idle_frac": idle / wall if wall else None,
+        **_staleness(steps),
+        "dropped_groups": _dropped(steps),
+        **_throughput(steps, wall),
         "replayed_steps": sum(1 for r in rows if r.get("replay") is True),
-        "weight_updates": {
-            "count": len(lat),
-            "mean_s": statistics.fmean(lat),
-            "p50_s": statistics.median(lat),
-            "max_s": lat[-1],
-        }
-        if lat
-        else None,
+        "weight_updates": _weight_updates(run_dir),
         "restarts": _restarts(run_dir),
         "malformed_lines": bad,
     }
-    return summary
 
 
 # ---------------------------------------------------------------------- plots
@@ -378,6 +416,14 @@ def _fmt(x: Any, nd: int = 3) -> str:
     return str(x)
 
 
+def staleness_line(s: dict[str, Any]) -> str:
+    """Trained and arrived staleness apart, e.g. ``trained max 2 · arrived max 3 (eta 2)``."""
+    return (
+        f"trained max {_fmt(s['max_staleness_trained'])} · arrived max "
+        f"{_fmt(s['max_staleness_arrived'])} (eta {_fmt(s['eta'])})"
+    )
+
+
 def _markdown(s: dict[str, Any], plots: list[str]) -> str:
     lines = [
         f"# sluice run report: `{s['run_dir']}`",
@@ -390,7 +436,7 @@ def _markdown(s: dict[str, Any], plots: list[str]) -> str:
         f"(best {_fmt(s['best_reward'])}, target {_fmt(s['reward_target'])}) |",
         f"| wall time | {_fmt(s['wall_s'], 1)} s |",
         f"| eta / batch groups | {_fmt(s['eta'])} / {_fmt(s['batch_groups'])} |",
-        f"| staleness max / mean | {_fmt(s['max_staleness'])} / {_fmt(s['mean_staleness'], 2)} |",
+        f"| staleness | {staleness_line(s)}; arrived mean {_fmt(s['mean_staleness'], 2)} |",
         f"| dropped groups (over-stale) | {s['dropped_groups']} |",
         f"| groups received by the trainer | {s['groups_trained']} ({_fmt(s['groups_per_s'], 2)} groups/s, "
         f"{_fmt(s['samples_per_s'], 1)} samples/s) |",

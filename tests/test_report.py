@@ -149,6 +149,8 @@ def test_summary_by_hand(tmp_path: Path) -> None:
     # Histogram over the kept rows: step 1 {0: 4}, step 2 {0: 1, 1: 3}, step 3' {1: 2, 2: 1, 3: 1}
     assert s["staleness_hist"] == {"0": 5, "1": 5, "2": 1, "3": 1}
     assert s["max_staleness"] == 3
+    assert s["max_staleness_arrived"] == 3
+    assert s["max_staleness_trained"] is None  # no row carries staleness_max_trained
     assert s["mean_staleness"] == pytest.approx((0 * 5 + 1 * 5 + 2 * 1 + 3 * 1) / 12)
     assert s["dropped_groups"] == 1  # the largest dropped_total among kept rows
     assert s["groups_trained"] == 16  # 4 steps x 4 groups
@@ -217,3 +219,44 @@ def test_report_from_metrics_alone(tmp_path: Path) -> None:
     s = json.loads((run / "report" / "summary.json").read_text())
     assert s["eta"] == 2 and s["steps"] >= 2
     assert (run / "report" / "throughput.png").is_file()
+
+
+def _staleness_run(d: Path, trained: list[int | None], hists: list[dict[str, int]]) -> None:
+    d.mkdir(parents=True, exist_ok=True)
+    rows = [
+        {"step": i + 1, "reward_mean": 0.5, "staleness_max_trained": t, "staleness_hist": h}
+        for i, (t, h) in enumerate(zip(trained, hists, strict=True))
+    ]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "config.yaml").write_text("staleness: {eta: 2, batch_groups: 4}\n")
+
+
+@pytest.mark.timeout(60)
+def test_trained_and_arrived_staleness_apart(tmp_path: Path) -> None:
+    """Trained staleness is the max of the steps' staleness_max_trained (1, 2, 1 -> 2); arrived
+    staleness is the max of the arrival histogram, which holds a group 3 versions old that the
+    trainer dropped (-> 3). report.md shows both."""
+    run = tmp_path / "run"
+    _staleness_run(run, [1, 2, 1], [{"0": 2, "1": 2}, {"2": 3, "3": 1}, {"1": 4}])
+    s = build_report(run)
+    assert s["max_staleness_trained"] == 2
+    assert s["max_staleness_arrived"] == 3
+    assert s["eta"] == 2
+    md = (run / "report" / "report.md").read_text()
+    assert "trained max 2 · arrived max 3 (eta 2)" in md
+    assert json.loads((run / "report" / "summary.json").read_text())["max_staleness_trained"] == 2
+
+
+@pytest.mark.timeout(60)
+def test_trained_staleness_over_eta_is_reported_as_is(tmp_path: Path) -> None:
+    """A step that trained a group 4 versions old under eta 2 shows trained max 4: the report
+    reads the trainer's own number and never clips it to eta. A step with nothing trained (null)
+    counts for nothing."""
+    run = tmp_path / "run"
+    _staleness_run(run, [1, None, 4], [{"1": 4}, {"3": 2}, {"4": 1}])
+    s = summarize(run)
+    assert s["eta"] == 2
+    assert s["max_staleness_trained"] == 4 and s["max_staleness_trained"] > s["eta"]
+    assert s["max_staleness_arrived"] == 4
+    build_report(run)
+    assert "trained max 4 · arrived max 4 (eta 2)" in (run / "report" / "report.md").read_text()
