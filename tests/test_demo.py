@@ -196,7 +196,10 @@ def test_demo_gate_bounds_staleness(demo_run: tuple[int, Path, float]) -> None:
     assert code == 0
     s = json.loads((run_dir / "report" / "summary.json").read_text())
     eta = s["eta"]
+    # From the trainer's per-step staleness_max_trained: what reached the optimizer.
+    assert s["max_staleness_trained"] is not None, "no step logged staleness_max_trained"
     assert s["max_staleness_trained"] <= eta, s["staleness_hist"]
+    assert s["max_staleness_arrived"] <= 2 * eta + 1, s["staleness_hist"]
     assert s["max_staleness"] <= 2 * eta + 1, s["staleness_hist"]
     received = sum(s["staleness_hist"].values())
     # Seen: 2 of 3,680 on an idle machine, 37 of 3,648 with the whole test suite beside it.
