@@ -18,7 +18,8 @@ from typing import Literal
 
 import torch
 
-from staleness.weights import WeightLevel, WeightMode, behaviour_weights
+from staleness.config import LossConfig
+from staleness.weights import behaviour_weights
 
 Aggregation = Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"]
 AGGREGATIONS: tuple[str, ...] = ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean")
@@ -40,24 +41,11 @@ class LossInputs:
     """[B, T] per token, or [B] per sample (broadcast over its tokens). Treated as constants."""
     mask: torch.Tensor
     """[B, T] float: 1 on generated tokens, 0 on padding."""
-    eps_low: float = 0.2
-    """Lower clip: r is clipped at 1 - eps_low (0 <= eps_low < 1)."""
-    eps_high: float = 0.2
-    """Upper clip: r is clipped at 1 + eps_high (>= 0; "clip-higher" uses e.g. 0.28)."""
-    dual_clip: float | None = None
-    """Dual-clip constant c > 1 (tokens with A < 0 lose at most -c * A); None = off."""
-    is_mode: WeightMode = "none"
-    """Behaviour-weight mode: "none", "truncate" (cap at ``is_cap``), "mask" (keep [lo, hi])."""
-    is_level: WeightLevel = "token"
-    """Behaviour-weight level: "token" or "sequence" (geometric mean over the sample)."""
-    is_cap: float | None = None
-    """Truncation cap C for ``is_mode="truncate"``."""
-    is_lo: float | None = None
-    """Lower bound of kept weights for ``is_mode="mask"``."""
-    is_hi: float | None = None
-    """Upper bound of kept weights for ``is_mode="mask"``."""
-    aggregation: Aggregation = "token_mean"
-    """How per-token losses become one number (see ``decoupled_ppo_loss``)."""
+    settings: LossConfig
+    """Clipping (``eps_low``, ``eps_high``, ``dual_clip``), the behaviour-weight correction
+    (``is_mode``, ``is_level``, ``is_cap``, ``is_lo``, ``is_hi``) and the ``aggregation``:
+    ``staleness.config.LossConfig``, the one declaration of these settings and their defaults
+    (the trainer passes its ``TrainerConfig``, which extends it)."""
 
 
 @dataclass(frozen=True)
@@ -93,15 +81,18 @@ def _check(inp: LossInputs) -> None:
             f"LossInputs.advantages has shape {tuple(a.shape)}; expected [B, T]={tuple(m.shape)} "
             f"or [B]={tuple(m.shape[:1])}"
         )
-    if not 0 <= inp.eps_low < 1:
-        raise ValueError(f"LossInputs.eps_low={inp.eps_low} must be in [0, 1)")
-    if not inp.eps_high >= 0:
-        raise ValueError(f"LossInputs.eps_high={inp.eps_high} must be >= 0")
-    if inp.dual_clip is not None and not inp.dual_clip > 1:
-        raise ValueError(f"LossInputs.dual_clip={inp.dual_clip} must be > 1 (or None for off)")
-    if inp.aggregation not in AGGREGATIONS:
+    c = inp.settings
+    if not 0 <= c.eps_low < 1:
+        raise ValueError(f"LossInputs.settings.eps_low={c.eps_low} must be in [0, 1)")
+    if not c.eps_high >= 0:
+        raise ValueError(f"LossInputs.settings.eps_high={c.eps_high} must be >= 0")
+    if c.dual_clip is not None and not c.dual_clip > 1:
         raise ValueError(
-            f"LossInputs.aggregation={inp.aggregation!r}; allowed: {', '.join(AGGREGATIONS)}"
+            f"LossInputs.settings.dual_clip={c.dual_clip} must be > 1 (or None for off)"
+        )
+    if c.aggregation not in AGGREGATIONS:
+        raise ValueError(
+            f"LossInputs.settings.aggregation={c.aggregation!r}; allowed: {', '.join(AGGREGATIONS)}"
         )
 
 
@@ -121,17 +112,18 @@ def decoupled_ppo_loss(inp: LossInputs) -> LossOutputs:
     whose clipped term is active. An all-zero mask gives a zero loss that still backpropagates.
     """
     _check(inp)
+    c = inp.settings
     m = inp.mask.to(inp.logp.dtype)
     valid = m > 0
     bw = behaviour_weights(
         inp.prox_logp,
         inp.behav_logp,
         m,
-        inp.is_mode,
-        inp.is_level,
-        cap=inp.is_cap,
-        lo=inp.is_lo,
-        hi=inp.is_hi,
+        c.is_mode,
+        c.is_level,
+        cap=c.is_cap,
+        lo=c.is_lo,
+        hi=c.is_hi,
     )
     adv = inp.advantages.detach().to(inp.logp.dtype)
     if adv.dim() == 1:
@@ -141,22 +133,22 @@ def decoupled_ppo_loss(inp: LossInputs) -> LossOutputs:
     log_ratio = torch.where(valid, inp.logp - inp.prox_logp.detach(), torch.zeros_like(inp.logp))
     ratio = torch.exp(log_ratio)
     surr1 = ratio * adv
-    surr2 = torch.clamp(ratio, 1.0 - inp.eps_low, 1.0 + inp.eps_high) * adv
+    surr2 = torch.clamp(ratio, 1.0 - c.eps_low, 1.0 + c.eps_high) * adv
     objective = torch.minimum(surr1, surr2)
     dual_active = torch.zeros_like(valid)
-    if inp.dual_clip is not None:
-        floor = inp.dual_clip * adv
+    if c.dual_clip is not None:
+        floor = c.dual_clip * adv
         dual_active = (adv < 0) & (floor > objective) & valid
         objective = torch.where(dual_active, floor, objective)
     per_token = -bw.weights * objective * m
 
-    if inp.aggregation == "token_mean":
+    if c.aggregation == "token_mean":
         loss = per_token.sum() / m.sum().clamp_min(1.0)
     else:
         rows = m.sum(-1)
         row_valid = (rows > 0).to(m.dtype)
         per_row = per_token.sum(-1)
-        if inp.aggregation == "seq_mean_token_mean":
+        if c.aggregation == "seq_mean_token_mean":
             per_row = per_row / rows.clamp_min(1.0)
         loss = (per_row * row_valid).sum() / row_valid.sum().clamp_min(1.0)
 

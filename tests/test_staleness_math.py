@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from staleness import (
     logprob_gap,
     staleness,
 )
+from staleness.config import LossConfig
 
 pytestmark = pytest.mark.timeout(60)
 TOL = dict(rtol=0, atol=1e-6)
@@ -151,7 +153,9 @@ def test_sequence_equals_token_when_ratio_is_shared() -> None:
     logp = p + 0.1 * torch.randn(4, 5, generator=gen, dtype=torch.float64)
     losses = [
         decoupled_ppo_loss(
-            LossInputs(logp, p, b, adv, m, is_mode="truncate", is_cap=1.1, is_level=level)
+            LossInputs(
+                logp, p, b, adv, m, _settings(is_mode="truncate", is_cap=1.1, is_level=level)
+            )
         ).loss
         for level in ("token", "sequence")
     ]
@@ -174,6 +178,13 @@ def test_weights_bad_arguments() -> None:
 
 
 # ------------------------------------------------------------------ the loss
+def _settings(**changes: Any) -> LossConfig:
+    """The settings every hand derivation below assumes unless it names others: symmetric
+    clip eps 0.2 (``eps_high=0.2``, not the run default 0.28) and no behaviour correction
+    (``is_mode="none"``, not the run default "truncate"); ``changes`` override them."""
+    return LossConfig(**{"eps_low": 0.2, "eps_high": 0.2, "is_mode": "none", **changes})
+
+
 def _loss_case() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # theta - p = [ln 1.5, 0, ln 0.5]  =>  r = [1.5, 1, 0.5];  A = [1, -1, -2];  eps = 0.2
     # token 1: min(1.5 * 1, 1.2 * 1) = 1.2 (clipped)          -> loss -1.2
@@ -188,7 +199,7 @@ def _loss_case() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def test_loss_hand_values() -> None:
     logp, p, adv = _loss_case()
     m = torch.ones(1, 3, dtype=torch.float64)
-    out = decoupled_ppo_loss(LossInputs(logp.requires_grad_(), p, p, adv, m))
+    out = decoupled_ppo_loss(LossInputs(logp.requires_grad_(), p, p, adv, m, _settings()))
     torch.testing.assert_close(
         out.per_token_loss, torch.tensor([[-1.2, 1.0, 1.6]], dtype=torch.float64), **TOL
     )
@@ -212,7 +223,9 @@ def test_loss_with_truncated_behaviour_weights() -> None:
     # w = exp(p - b) = [2, 1, 0.25], truncated at 1.5 -> [1.5, 1, 0.25]
     b = p - torch.tensor([[math.log(2), 0.0, -math.log(4)]], dtype=torch.float64)
     m = torch.ones(1, 3, dtype=torch.float64)
-    out = decoupled_ppo_loss(LossInputs(logp, p, b, adv, m, is_mode="truncate", is_cap=1.5))
+    out = decoupled_ppo_loss(
+        LossInputs(logp, p, b, adv, m, _settings(is_mode="truncate", is_cap=1.5))
+    )
     # [-1.2 * 1.5, 1 * 1, 1.6 * 0.25] = [-1.8, 1, 0.4]; mean -0.4 / 3
     torch.testing.assert_close(
         out.per_token_loss, torch.tensor([[-1.8, 1.0, 0.4]], dtype=torch.float64), **TOL
@@ -220,7 +233,9 @@ def test_loss_with_truncated_behaviour_weights() -> None:
     assert out.loss.item() == pytest.approx(-0.4 / 3, abs=1e-9)
     assert out.metrics["w_frac_truncated"] == pytest.approx(1 / 3)
     # masked instead ([0.5, 1.5] keeps token 2 only): loss = (0 + 1 + 0) / 3, denominator unchanged
-    out = decoupled_ppo_loss(LossInputs(logp, p, b, adv, m, is_mode="mask", is_lo=0.5, is_hi=1.5))
+    out = decoupled_ppo_loss(
+        LossInputs(logp, p, b, adv, m, _settings(is_mode="mask", is_lo=0.5, is_hi=1.5))
+    )
     assert out.loss.item() == pytest.approx(1 / 3, abs=1e-9)
     assert out.metrics["w_frac_masked"] == pytest.approx(2 / 3)
 
@@ -231,12 +246,14 @@ def test_loss_dual_clip() -> None:
     logp = p + math.log(5)
     adv = torch.tensor([-1.0], dtype=torch.float64)
     m = torch.ones(1, 1, dtype=torch.float64)
-    assert decoupled_ppo_loss(LossInputs(logp, p, p, adv, m)).loss.item() == pytest.approx(5.0)
-    out = decoupled_ppo_loss(LossInputs(logp, p, p, adv, m, dual_clip=3.0))
+    assert decoupled_ppo_loss(
+        LossInputs(logp, p, p, adv, m, _settings())
+    ).loss.item() == pytest.approx(5.0)
+    out = decoupled_ppo_loss(LossInputs(logp, p, p, adv, m, _settings(dual_clip=3.0)))
     assert out.loss.item() == pytest.approx(3.0)
     assert out.metrics["dual_clip_frac"] == 1.0
     with pytest.raises(ValueError, match="dual_clip"):
-        decoupled_ppo_loss(LossInputs(logp, p, p, adv, m, dual_clip=0.5))
+        decoupled_ppo_loss(LossInputs(logp, p, p, adv, m, _settings(dual_clip=0.5)))
 
 
 def test_loss_aggregations() -> None:
@@ -253,13 +270,15 @@ def test_loss_aggregations() -> None:
         "seq_mean_token_mean": (1.4 / 3 - 1.0 / 2) / 2,  # -0.0166667
     }
     for agg, value in expected.items():
-        out = decoupled_ppo_loss(LossInputs(logp, p, p, adv, m, aggregation=agg))  # type: ignore[arg-type]
+        out = decoupled_ppo_loss(LossInputs(logp, p, p, adv, m, _settings(aggregation=agg)))
         assert out.loss.item() == pytest.approx(value, abs=1e-9), agg
     assert out.per_token_loss[1, 2].item() == 0.0
     # per-sample advantages [B] broadcast like the equivalent [B, T]
     a_seq = torch.tensor([0.3, -0.7], dtype=torch.float64)
-    one = decoupled_ppo_loss(LossInputs(logp, p, p, a_seq, m)).loss
-    two = decoupled_ppo_loss(LossInputs(logp, p, p, a_seq[:, None].expand(2, 3), m)).loss
+    one = decoupled_ppo_loss(LossInputs(logp, p, p, a_seq, m, _settings())).loss
+    two = decoupled_ppo_loss(
+        LossInputs(logp, p, p, a_seq[:, None].expand(2, 3), m, _settings())
+    ).loss
     torch.testing.assert_close(one, two, rtol=0, atol=1e-12)
 
 
@@ -283,7 +302,9 @@ def test_loss_gradcheck(agg: str, extra: dict[str, object]) -> None:
     logp = (p + 0.3 * torch.randn(shape, generator=gen, dtype=torch.float64)).requires_grad_()
 
     def f(x: torch.Tensor) -> torch.Tensor:
-        return decoupled_ppo_loss(LossInputs(x, p, b, adv, m, aggregation=agg, **extra)).loss  # type: ignore[arg-type]
+        return decoupled_ppo_loss(
+            LossInputs(x, p, b, adv, m, _settings(aggregation=agg, **extra))
+        ).loss
 
     assert torch.autograd.gradcheck(f, (logp,), eps=1e-6, atol=1e-8)
 
@@ -291,7 +312,7 @@ def test_loss_gradcheck(agg: str, extra: dict[str, object]) -> None:
 def test_loss_empty_mask_is_zero_and_differentiable() -> None:
     x = torch.zeros(2, 3, requires_grad=True)
     out = decoupled_ppo_loss(
-        LossInputs(x, x.detach(), x.detach(), torch.ones(2), torch.zeros(2, 3))
+        LossInputs(x, x.detach(), x.detach(), torch.ones(2), torch.zeros(2, 3), _settings())
     )
     out.loss.backward()
     assert out.loss.item() == 0.0 and out.metrics["tokens"] == 0.0
@@ -301,11 +322,15 @@ def test_loss_empty_mask_is_zero_and_differentiable() -> None:
 def test_loss_bad_shapes() -> None:
     x = torch.zeros(2, 3)
     with pytest.raises(ValueError, match="advantages"):
-        decoupled_ppo_loss(LossInputs(x, x, x, torch.zeros(3), torch.ones(2, 3)))
+        decoupled_ppo_loss(LossInputs(x, x, x, torch.zeros(3), torch.ones(2, 3), _settings()))
     with pytest.raises(ValueError, match="prox_logp"):
-        decoupled_ppo_loss(LossInputs(x, x[:, :2], x, torch.zeros(2), torch.ones(2, 3)))
+        decoupled_ppo_loss(
+            LossInputs(x, x[:, :2], x, torch.zeros(2), torch.ones(2, 3), _settings())
+        )
     with pytest.raises(ValueError, match="aggregation"):
-        decoupled_ppo_loss(LossInputs(x, x, x, torch.zeros(2), torch.ones(2, 3), aggregation="sum"))  # type: ignore[arg-type]
+        decoupled_ppo_loss(
+            LossInputs(x, x, x, torch.zeros(2), torch.ones(2, 3), _settings(aggregation="sum"))
+        )
 
 
 def test_logprob_gap() -> None:

@@ -15,7 +15,8 @@ from trainer_helpers import base_config, make_group, make_model, put_groups, rea
 from buffer import Sample, TrajectoryGroup, keys
 from sluice.config import SluiceConfig
 from trainer.batch import TrainSample, make_micro_batch, samples_from_groups, token_logprobs
-from trainer.step import LossSettings, train_step
+from trainer.config import TrainerConfig
+from trainer.step import train_step
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +118,8 @@ def test_step_loss_matches_hand_computed(model_dir: Path) -> None:
         opt,
         None,
         shifted,
-        LossSettings(is_mode="truncate", is_cap=2.0),
+        TrainerConfig(is_mode="truncate", is_cap=2.0),
+        temperature=1.0,
         device=torch.device("cpu"),
         current_version=0,
     )
@@ -146,7 +148,8 @@ def test_micro_batches_give_the_same_update(model_dir: Path) -> None:
             opt,
             None,
             samples,
-            LossSettings(micro_batch_tokens=budget, is_mode="none"),
+            TrainerConfig(micro_batch_tokens=budget, is_mode="none"),
+            temperature=1.0,
             device=torch.device("cpu"),
             current_version=None,
         )
@@ -177,7 +180,7 @@ def test_loss_falls_on_a_fixed_batch(model_dir: Path) -> None:
         b = p0[r, n0 : n0 + len(s.output_ids)].numpy().astype(np.float32)
         fixed.append(TrainSample(**{**s.__dict__, "behaviour_logp": b}))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    settings = LossSettings(prox_logp="behaviour", is_mode="none", eps_low=0.2, eps_high=0.28)
+    settings = TrainerConfig(prox_logp="behaviour", is_mode="none", eps_low=0.2, eps_high=0.28)
 
     def objective() -> float:
         with torch.no_grad():
@@ -187,7 +190,14 @@ def test_loss_falls_on_a_fixed_batch(model_dir: Path) -> None:
     j0 = objective()
     losses = [
         train_step(
-            model, opt, None, fixed, settings, device=torch.device("cpu"), current_version=None
+            model,
+            opt,
+            None,
+            fixed,
+            settings,
+            temperature=1.0,
+            device=torch.device("cpu"),
+            current_version=None,
         ).loss
         for _ in range(8)
     ]

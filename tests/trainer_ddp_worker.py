@@ -19,7 +19,8 @@ from trainer_helpers import make_group
 from transformers import AutoModelForCausalLM
 
 from trainer.batch import samples_from_groups
-from trainer.step import DistInfo, LossSettings, train_step
+from trainer.config import TrainerConfig
+from trainer.step import DistInfo, train_step
 
 
 def main() -> None:
@@ -35,13 +36,14 @@ def main() -> None:
     wrapped = DDP(model)
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     # token_mean over the whole batch; micro-batches of a few samples on each rank
-    settings = LossSettings(is_mode="truncate", is_cap=2.0, micro_batch_tokens=24)
+    settings = TrainerConfig(is_mode="truncate", is_cap=2.0, micro_batch_tokens=24)
     stats = train_step(
         wrapped,
         opt,
         None,
         samples_from_groups(groups[r::w]),
         settings,
+        temperature=1.0,
         device=torch.device("cpu"),
         current_version=None,
         dist=DistInfo(r, w),

@@ -56,7 +56,7 @@ from trainer.checkpoint import (
     save_checkpoint,
     write_model_dir,
 )
-from trainer.step import DistInfo, LossSettings, StepStats, train_step
+from trainer.step import DistInfo, StepStats, train_step
 
 if TYPE_CHECKING:
     from staleness import VersionManager
@@ -524,11 +524,7 @@ class Trainer:
             train_model = DDP(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
-        settings = LossSettings.from_config(
-            self.tc,
-            self.cfg.rollout.temperature,
-            pad_id=int(getattr(self.model.config, "pad_token_id", None) or 0),
-        )
+        pad_id = int(getattr(self.model.config, "pad_token_id", None) or 0)
         # Under torchrun, a rank with fewer recorded steps than another reads new groups
         # while the other replays: each rank's share is still trained exactly once.
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
@@ -585,7 +581,9 @@ class Trainer:
                 self.optimizer,
                 self.scheduler,
                 samples,
-                settings,
+                self.tc,
+                temperature=self.cfg.rollout.temperature,
+                pad_id=pad_id,
                 device=self.device,
                 current_version=self.st.weights_version,
                 dist=self.dist,

@@ -18,52 +18,16 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from trainer.batch import TrainSample, pack_micro_batches, token_logprobs
+from trainer.batch import MicroBatch, TrainSample, pack_micro_batches, token_logprobs
+from trainer.config import TrainerConfig
 
-
-@dataclass(frozen=True)
-class LossSettings:
-    """The loss-related part of ``TrainerConfig`` plus the sampling temperature."""
-
-    temperature: float = 1.0
-    eps_low: float = 0.2
-    eps_high: float = 0.28
-    dual_clip: float | None = None
-    is_mode: str = "truncate"
-    is_level: str = "token"
-    is_cap: float = 2.0
-    is_lo: float = 0.5
-    is_hi: float = 2.0
-    aggregation: str = "token_mean"
-    prox_logp: str = "recompute"
-    micro_batch_tokens: int = 16384
-    max_grad_norm: float = 1.0
-    pad_id: int = 0
-
-    @classmethod
-    def from_config(cls, tc: Any, temperature: float, pad_id: int = 0) -> LossSettings:
-        return cls(
-            temperature=temperature,
-            eps_low=tc.eps_low,
-            eps_high=tc.eps_high,
-            dual_clip=tc.dual_clip,
-            is_mode=tc.is_mode,
-            is_level=tc.is_level,
-            is_cap=tc.is_cap,
-            is_lo=tc.is_lo,
-            is_hi=tc.is_hi,
-            aggregation=tc.aggregation,
-            prox_logp=tc.prox_logp,
-            micro_batch_tokens=tc.micro_batch_tokens,
-            max_grad_norm=tc.max_grad_norm,
-            pad_id=pad_id,
-        )
+CrashHook = Callable[[str], None]
 
 
 @dataclass
@@ -126,117 +90,160 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     samples: Sequence[TrainSample],
-    settings: LossSettings,
+    tc: TrainerConfig,
     *,
+    temperature: float,
+    pad_id: int = 0,
     device: torch.device,
     current_version: int | None,
     dist: DistInfo = DistInfo(),
-    crash_hook: Any = None,
+    crash_hook: CrashHook | None = None,
 ) -> StepStats:
     """One optimizer step on this rank's ``samples`` (formula: ``staleness.loss``).
 
-    ``model`` may be wrapped in ``DistributedDataParallel``. ``current_version`` is the
+    ``tc`` gives the loss settings (``TrainerConfig`` extends ``staleness.config.LossConfig``)
+    and ``micro_batch_tokens``, ``prox_logp``, ``max_grad_norm``; ``temperature`` is the
+    sampling temperature the log-probs are taken at, ``pad_id`` the token padding is filled
+    with. ``model`` may be wrapped in ``DistributedDataParallel``. ``current_version`` is the
     version whose weights are in the model now (None if the model has moved since the last
     publication): the rollout-trainer log-prob gap is measured on tokens of that version.
     ``crash_hook(point)`` is called after the first backward ("mid_step").
     """
-    from staleness import LossInputs, decoupled_ppo_loss, logprob_gap
-
     raw = model.module if hasattr(model, "module") else model
     raw.eval()
-    mbs = [mb.to(device) for mb in pack_micro_batches(samples, settings.micro_batch_tokens)]
-
-    # Global denominators, so the step's loss is one aggregate over every rank's batch.
-    local_rows = sum(int((mb.mask.sum(-1) > 0).sum()) for mb in mbs)
-    local_tokens = sum(int(mb.mask.sum()) for mb in mbs)
-    denom = _all_reduce(torch.tensor([local_tokens, local_rows], dtype=torch.float64), dist)
-    g_tokens, g_rows = float(denom[0]), float(denom[1])
-    g_denom = g_tokens if settings.aggregation == "token_mean" else g_rows
-
+    mbs = [mb.to(device) for mb in pack_micro_batches(samples, tc.micro_batch_tokens, pad_id)]
+    g_denom = _global_denominator(mbs, tc.aggregation, dist)
     sums = dict.fromkeys(_SUMS, 0.0)
-    w_max = 0.0
-    prox: list[torch.Tensor] = []
-    with torch.no_grad(), _autocast(device):
-        for mb in mbs:
-            if settings.prox_logp == "recompute":
-                prox.append(token_logprobs(raw, mb, settings.temperature).detach())
-            else:
-                prox.append(mb.behav_logp)
-    for mb, p in zip(mbs, prox, strict=True):
-        if current_version is not None:
-            cur = ((mb.versions == current_version) & (mb.mask > 0)).float()
-            if settings.prox_logp == "recompute":
-                gap = logprob_gap(p, mb.behav_logp, cur)
-                n = gap["logp_gap_tokens"]
-                sums["gap_abs"] += gap["logp_abs_diff"] * n
-                sums["gap_k3"] += gap["logp_k3_kl"] * n
-                sums["gap_tokens"] += n
-
+    prox = _proximal_logps(raw, mbs, tc, temperature, device)
+    if current_version is not None and tc.prox_logp == "recompute":
+        _add_gap(sums, mbs, prox, current_version)
     optimizer.zero_grad(set_to_none=False)
-    n_mb = len(mbs)
-    for i, (mb, p) in enumerate(zip(mbs, prox, strict=True)):
-        sync = i == n_mb - 1
-        ctx = model.no_sync() if (dist.enabled and not sync) else contextlib.nullcontext()
-        with ctx:
-            with _autocast(device):
-                logp = token_logprobs(model, mb, settings.temperature)
-            out = decoupled_ppo_loss(
-                LossInputs(
-                    logp=logp,
-                    prox_logp=p,
-                    behav_logp=mb.behav_logp,
-                    advantages=mb.advantages,
-                    mask=mb.mask,
-                    eps_low=settings.eps_low,
-                    eps_high=settings.eps_high,
-                    dual_clip=settings.dual_clip,
-                    is_mode=settings.is_mode,  # type: ignore[arg-type]
-                    is_level=settings.is_level,  # type: ignore[arg-type]
-                    is_cap=settings.is_cap,
-                    is_lo=settings.is_lo,
-                    is_hi=settings.is_hi,
-                    aggregation=settings.aggregation,  # type: ignore[arg-type]
-                )
-            )
-            local_denom = (
-                float(mb.mask.sum())
-                if settings.aggregation == "token_mean"
-                else float((mb.mask.sum(-1) > 0).sum())
-            )
-            scale = local_denom / g_denom if g_denom > 0 else 0.0
-            # DDP averages gradients over ranks; undo it so ranks sum like micro-batches do.
-            loss = out.loss * (scale * dist.world_size)
-            loss.backward()
-        if crash_hook is not None and i == 0:
-            crash_hook("mid_step")
-        m = out.metrics
-        n = m["tokens"]
-        sums["tokens"] += n
-        sums["rows"] += float((mb.mask.sum(-1) > 0).sum())
-        sums["loss"] += float(out.loss.detach()) * scale
-        sums["clip"] += m["clip_frac"] * n
-        sums["dual_clip"] += m["dual_clip_frac"] * n
-        sums["w_sum"] += m["w_mean"] * n
-        sums["w_masked"] += m["w_frac_masked"] * n
-        sums["w_trunc"] += m["w_frac_truncated"] * n
-        sums["kl"] += m["approx_kl"] * n
-        sums["reward_sum"] += float(mb.rewards.sum())
-        sums["reward_sq"] += float((mb.rewards.double() ** 2).sum())
-        w_max = max(w_max, m["w_max"])
-    if n_mb == 0:
-        # No samples here: join the gradient all-reduce with an exact zero gradient.
-        dummy = torch.zeros((1, 2), dtype=torch.long, device=device)
-        with _autocast(device):
-            zero = model(input_ids=dummy, use_cache=False).logits.float().sum() * 0.0
-        zero.backward()
-
-    grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), settings.max_grad_norm)
+    w_max = _accumulate_gradients(
+        model, mbs, prox, tc, temperature, g_denom, sums, device, dist, crash_hook
+    )
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), tc.max_grad_norm)
     lr = float(optimizer.param_groups[0]["lr"])
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+    return _step_stats(sums, w_max, float(grad_norm), lr, dist)
 
+
+def _rows(mb: MicroBatch) -> torch.Tensor:
+    """How many rows of ``mb`` have at least one output token."""
+    return (mb.mask.sum(-1) > 0).sum()
+
+
+def _global_denominator(mbs: list[MicroBatch], aggregation: str, dist: DistInfo) -> float:
+    """The denominator of the whole step's loss over every rank's batch: tokens for
+    ``token_mean``, samples otherwise."""
+    local_rows = sum(int(_rows(mb)) for mb in mbs)
+    local_tokens = sum(int(mb.mask.sum()) for mb in mbs)
+    denom = _all_reduce(torch.tensor([local_tokens, local_rows], dtype=torch.float64), dist)
+    return float(denom[0]) if aggregation == "token_mean" else float(denom[1])
+
+
+def _proximal_logps(
+    raw: Any, mbs: list[MicroBatch], tc: TrainerConfig, temperature: float, device: torch.device
+) -> list[torch.Tensor]:
+    """Per micro-batch the proximal log-probs ``p``: one no-grad forward at the weights of the
+    start of the step (``prox_logp=recompute``), or the behaviour ones."""
+    prox: list[torch.Tensor] = []
+    with torch.no_grad(), _autocast(device):
+        for mb in mbs:
+            if tc.prox_logp == "recompute":
+                prox.append(token_logprobs(raw, mb, temperature).detach())
+            else:
+                prox.append(mb.behav_logp)
+    return prox
+
+
+def _add_gap(
+    sums: dict[str, float], mbs: list[MicroBatch], prox: list[torch.Tensor], version: int
+) -> None:
+    """Add the rollout-trainer log-prob gap on the tokens sampled at ``version`` (the weights
+    the model holds) to ``sums``."""
+    from staleness import logprob_gap
+
+    for mb, p in zip(mbs, prox, strict=True):
+        cur = ((mb.versions == version) & (mb.mask > 0)).float()
+        gap = logprob_gap(p, mb.behav_logp, cur)
+        n = gap["logp_gap_tokens"]
+        sums["gap_abs"] += gap["logp_abs_diff"] * n
+        sums["gap_k3"] += gap["logp_k3_kl"] * n
+        sums["gap_tokens"] += n
+
+
+def _accumulate_gradients(
+    model: Any,
+    mbs: list[MicroBatch],
+    prox: list[torch.Tensor],
+    tc: TrainerConfig,
+    temperature: float,
+    g_denom: float,
+    sums: dict[str, float],
+    device: torch.device,
+    dist: DistInfo,
+    crash_hook: CrashHook | None,
+) -> float:
+    """Backward every micro-batch's loss, rescaled to its share of the step's global
+    denominator; add its statistics to ``sums``; return the largest behaviour weight seen.
+    A rank without micro-batches backwards an exact zero so it joins the all-reduce."""
+    from staleness import LossInputs, decoupled_ppo_loss
+
+    w_max = 0.0
+    for i, (mb, p) in enumerate(zip(mbs, prox, strict=True)):
+        sync = i == len(mbs) - 1
+        ctx = model.no_sync() if (dist.enabled and not sync) else contextlib.nullcontext()
+        with ctx:
+            with _autocast(device):
+                logp = token_logprobs(model, mb, temperature)
+            out = decoupled_ppo_loss(
+                LossInputs(logp, p, mb.behav_logp, mb.advantages, mb.mask, settings=tc)
+            )
+            local_denom = (
+                float(mb.mask.sum()) if tc.aggregation == "token_mean" else float(_rows(mb))
+            )
+            scale = local_denom / g_denom if g_denom > 0 else 0.0
+            # DDP averages gradients over ranks; undo it so ranks sum like micro-batches do.
+            loss = out.loss * (scale * dist.world_size)
+            torch.autograd.backward(loss)
+        if crash_hook is not None and i == 0:
+            crash_hook("mid_step")
+        _add_micro_batch(sums, mb, out.metrics, float(out.loss.detach()) * scale)
+        w_max = max(w_max, out.metrics["w_max"])
+    if not mbs:
+        # No samples here: join the gradient all-reduce with an exact zero gradient.
+        dummy = torch.zeros((1, 2), dtype=torch.long, device=device)
+        with _autocast(device):
+            zero = model(input_ids=dummy, use_cache=False).logits.float().sum() * 0.0
+        zero.backward()
+    return w_max
+
+
+def _add_micro_batch(
+    sums: dict[str, float], mb: MicroBatch, m: dict[str, float], scaled_loss: float
+) -> None:
+    """Add one micro-batch's loss metrics (token-weighted) and rewards to ``sums``."""
+    n = m["tokens"]
+    sums["tokens"] += n
+    sums["rows"] += float(_rows(mb))
+    sums["loss"] += scaled_loss
+    sums["clip"] += m["clip_frac"] * n
+    sums["dual_clip"] += m["dual_clip_frac"] * n
+    sums["w_sum"] += m["w_mean"] * n
+    sums["w_masked"] += m["w_frac_masked"] * n
+    sums["w_trunc"] += m["w_frac_truncated"] * n
+    sums["kl"] += m["approx_kl"] * n
+    sums["reward_sum"] += float(mb.rewards.sum())
+    sums["reward_sq"] += float((mb.rewards.double() ** 2).sum())
+
+
+def _step_stats(
+    sums: dict[str, float], w_max: float, grad_norm: float, lr: float, dist: DistInfo
+) -> StepStats:
+    """Sum ``sums`` (max ``w_max``) over ranks and turn them into the step's statistics."""
     vec = _all_reduce(torch.tensor([sums[k] for k in _SUMS], dtype=torch.float64), dist)
     s = dict(zip(_SUMS, vec.tolist(), strict=True))
     mx = _all_reduce(torch.tensor([w_max], dtype=torch.float64), dist, op="max")
@@ -262,7 +269,7 @@ def train_step(
         loss=s["loss"],
         tokens=int(s["tokens"]),
         samples=int(s["rows"]),
-        grad_norm=float(grad_norm),
+        grad_norm=grad_norm,
         lr=lr,
         metrics=metrics,
     )
