@@ -143,10 +143,10 @@ def init_tiny_model(
     cpu_rng = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
     finally:
         torch.random.set_rng_state(cpu_rng)
-    model.generation_config = GenerationConfig(
+    model.generation_config = GenerationConfig(  # type: ignore[no-untyped-call]
         bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id
     )
     model.config.architectures = [type(model).__name__]
@@ -228,5 +228,5 @@ def load_model(directory: str | Path, *, dtype: str = "float32") -> Any:
     model = AutoModelForCausalLM.from_pretrained(
         str(directory), dtype=getattr(torch, dtype), use_safetensors=True
     )
-    model.eval()
+    model.eval()  # type: ignore[no-untyped-call]
     return model

@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     for name in ("port", "max_batch", "threads"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    from inference.cpu_server import serve
+    from inference.cpu_server.app import serve
     from inference.models import ModelDirError, check_model_dir
 
     try:
