@@ -77,7 +77,8 @@ def test_quick_pipeline_bench(tmp_path: Path) -> None:
 
 
 def _setup(tmp_path: Path, engine: str, workload: str = "long-tail-gpu") -> Any:
-    from benchmarks.pipeline_bench import WORKLOADS, Placement, Procs, Setup
+    from benchmarks.pipeline.placement import Placement, Procs
+    from benchmarks.pipeline.workloads import WORKLOADS, Setup
 
     return Setup(
         workload=workload,
@@ -101,17 +102,18 @@ def test_sglang_config_and_busy_from_worker_metrics(tmp_path: Path, redis_url: s
     import redis
     import yaml
 
-    from benchmarks.pipeline_bench import _config, _sample_busy
+    from benchmarks.pipeline.services import sample_busy
+    from benchmarks.pipeline.workloads import write_config
 
     s = _setup(tmp_path, "sglang")
     cfg = yaml.safe_load(
-        _config(s, url=redis_url, run="r1", run_dir=tmp_path / "r1", eta=2).read_text()
+        write_config(s, url=redis_url, run="r1", run_dir=tmp_path / "r1", eta=2).read_text()
     )
     assert cfg["inference"]["engine"] == "sglang"
     assert cfg["trainer"]["device"] == "cuda" and cfg["trainer"]["lr"] == 1e-5
     assert cfg["trainer"]["checkpoint_every"] == 3
     cpu = yaml.safe_load(
-        _config(
+        write_config(
             _setup(tmp_path, "cpu", "reverse"),
             url=redis_url,
             run="r2",
@@ -123,7 +125,7 @@ def test_sglang_config_and_busy_from_worker_metrics(tmp_path: Path, redis_url: s
 
     def _samples(s: Any, r: Any) -> list[tuple[float, float, float]]:
         out: list[tuple[float, float, float]] = []
-        _sample_busy(s, r, "r1", "http://x", out)
+        sample_busy(s, r, "r1", "http://x", out)
         return out
 
     r = redis.Redis.from_url(redis_url)
