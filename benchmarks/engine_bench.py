@@ -84,11 +84,10 @@ def run(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
     from benchmarks.common import machine_info, print_table, write_json
-    from inference.cpu_server import CPUServerProcess
+    from inference.launch import launch_cpu_server
     from inference.models import init_tiny_model, load_model
-    from procs import free_port
 
-    hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="sluice-engine-bench-") as tmp:
         model_dir = (
@@ -106,10 +105,10 @@ def run(args: argparse.Namespace) -> int:
         vocab = int(model.config.vocab_size)
         rng = random.Random(0)
         results: list[dict[str, Any]] = []
-        server = CPUServerProcess(
+        server = launch_cpu_server(
             model_dir,
-            port=free_port(),
-            extra_args=["--threads", str(args.threads), "--max-batch", str(max(args.concurrency))],
+            threads=args.threads,
+            extra_args=["--max-batch", str(max(args.concurrency))],
             log_path=Path(tmp) / "server.log",
         )
         with server:

@@ -109,9 +109,9 @@ class _Broadcaster:
 async def _bench_size(name: str, args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     import numpy as np
 
-    from inference.client import SamplingParams
     from inference.launch import launch_cpu_server
     from inference.models import init_tiny_model, load_state_dict
+    from inference.protocol import SamplingParams
     from procs import free_port
 
     shape = SIZES[name]

@@ -1,41 +1,49 @@
 """Start inference servers as child processes and wait until they serve.
 
-``launch_sglang`` runs ``python -m sglang.launch_server --skip-tokenizer-init ...`` on one GPU
-(or ``tp_size`` GPUs); ``launch_cpu_server`` runs ``python -m sluice serve ...`` (the CPU
-reference server). Both return a ``ServerHandle`` once ``GET /health`` answers 200, and raise
+One command-line builder per engine, used by every launcher, the demo, the benchmarks and the
+tests: ``sglang_command`` (``python -m sglang.launch_server --skip-tokenizer-init ...``) and
+``cpu_server_command`` (``python -m sluice serve ...``, the CPU reference server).
+``launch_sglang`` runs the first on one GPU (or ``tp_size`` GPUs), ``launch_cpu_server`` the
+second. Both return a ``ServerHandle`` once ``GET /health`` answers 200, and raise
 ``ServerStartError`` carrying the tail of the server's log when it exits or is not healthy in
 time. ``choose_engine`` picks between them.
 
-Invariants:
-- Every server is started with ``start_new_session=True`` (its own process group, so a Ctrl-C
-  in the launching terminal does not reach it) and is stopped by its own pid: SIGTERM, then
-  SIGKILL after a grace period. Children it left behind (SGLang's scheduler and detokenizer)
-  are then killed through the process group *it* leads, while its exited process is still
-  unreaped, so that group id cannot belong to anyone else. Nothing is looked up by name.
+Invariants (tests/test_launch.py; the process rules are ``procs``'s):
+- Every server is started with ``new_session=True`` (its own process group, so a Ctrl-C in the
+  launching terminal does not reach it) and is stopped by its own pid: SIGTERM, then SIGKILL
+  after a grace period. Children it left behind (SGLang's scheduler and detokenizer) are then
+  killed through the process group *it* leads, while its exited process is still unreaped, so
+  that group id cannot belong to anyone else. Nothing is looked up by name.
 - A handle never outlives a silent failure: ``alive()`` does not reap, so ``stop()`` and
   ``kill()`` work whatever was called before.
+- The admin key is masked (``***``) in the command line written to the server's log.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from procs import free_port, log_tail
+from procs import (
+    NotHealthy,
+    ProcessExited,
+    alive,
+    free_port,
+    kill_pid,
+    log_tail,
+    spawn,
+    stop_pids,
+    wait_http_ok,
+)
 
 if TYPE_CHECKING:
     from inference.client import SGLangClient
@@ -122,56 +130,24 @@ class ServerHandle:
 
     def alive(self) -> bool:
         """True while the process runs (does not reap it)."""
-        if self.proc is None:
-            return False
-        if self.proc.returncode is not None:
-            return False
-        try:
-            info = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-        except ChildProcessError:
-            return False
-        return info is None
-
-    def _wait_exit(self, timeout: float) -> bool:
-        """Wait until the process exits, leaving it unreaped; True if it exited."""
-        deadline = time.monotonic() + timeout
-        while self.alive():
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.05)
-        return True
-
-    def _finish(self) -> int | None:
-        """The process has exited (unreaped): kill what is left of its group, then reap."""
-        if self.proc is None:
-            return None
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)  # the group it leads; leftovers only
-        code = self.proc.wait()
-        self.proc = None
-        return code
+        return self.proc is not None and alive(self.proc)
 
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM the server, SIGKILL it after ``timeout`` s; return its exit code (None if
         already stopped)."""
         if self.proc is None:
             return None
-        if self.alive():
-            os.kill(self.pid, signal.SIGTERM)
-            if not self._wait_exit(timeout):
-                log.warning("server pid %d ignored SIGTERM for %.0fs: SIGKILL", self.pid, timeout)
-                os.kill(self.pid, signal.SIGKILL)
-                self._wait_exit(timeout)
-        return self._finish()
+        proc, self.proc = self.proc, None
+        if stop_pids([proc], timeout, kill_wait=timeout):
+            log.warning("server pid %d ignored SIGTERM for %.0fs: SIGKILL", self.pid, timeout)
+        return proc.returncode
 
     def kill(self) -> int | None:
         """SIGKILL the server (as a crash would) and what it started."""
         if self.proc is None:
             return None
-        if self.alive():
-            os.kill(self.pid, signal.SIGKILL)
-            self._wait_exit(30.0)
-        return self._finish()
+        proc, self.proc = self.proc, None
+        return kill_pid(proc, 30.0)
 
     def log_tail(self, n: int = 40) -> str:
         return log_tail(self.log_path, n)
@@ -201,18 +177,6 @@ def _log_file(log_path: str | Path | None, engine: str, port: int) -> Path:
     return Path(name)
 
 
-# No proxies for our own loopback servers, whatever HTTP_PROXY says.
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with _OPENER.open(url + "/health", timeout=2.0) as r:
-            return bool(r.status == 200)
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
-
-
 def _start(
     args: list[str],
     *,
@@ -227,17 +191,8 @@ def _start(
     env: dict[str, str],
     timeout: float,
 ) -> ServerHandle:
-    with open(log_path, "ab") as out:
-        out.write(f"$ {' '.join(a if a != admin_api_key else '***' for a in args)}\n".encode())
-        out.flush()
-        proc = subprocess.Popen(
-            args,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
+    shown = " ".join(a if a != admin_api_key else "***" for a in args)
+    proc = spawn(args, log_path, env=env, new_session=True, header=f"$ {shown}")
     handle = ServerHandle(
         url=f"http://{host}:{port}",
         pid=proc.pid,
@@ -251,27 +206,24 @@ def _start(
         proc=proc,
     )
     log.info("started %s server pid %d on %s (log %s)", engine, proc.pid, handle.url, log_path)
-    deadline = time.monotonic() + timeout
     try:
-        while True:
-            if not handle.alive():
-                code = handle._finish()
-                raise ServerStartError(
-                    f"{engine} server ({model_path}) exited with code {code} during start-up; "
-                    f"log {log_path}, last lines:\n{log_tail(log_path)}"
-                )
-            if _healthy(handle.url):
-                return handle
-            if time.monotonic() >= deadline:
-                handle.stop(timeout=10.0)
-                raise ServerStartError(
-                    f"{engine} server ({model_path}) not healthy on {handle.url} within "
-                    f"{timeout:.0f}s; stopped it. Log {log_path}, last lines:\n{log_tail(log_path)}"
-                )
-            time.sleep(0.2)
+        wait_http_ok(handle.url + "/health", proc, timeout, log_path, interval=0.2)
+    except ProcessExited as e:
+        handle.proc = None  # reaped by wait_http_ok
+        raise ServerStartError(
+            f"{engine} server ({model_path}) exited with code {e.returncode} during start-up; "
+            f"log {log_path}, last lines:\n{log_tail(log_path)}"
+        ) from None
+    except NotHealthy:
+        handle.stop(timeout=10.0)
+        raise ServerStartError(
+            f"{engine} server ({model_path}) not healthy on {handle.url} within "
+            f"{timeout:.0f}s; stopped it. Log {log_path}, last lines:\n{log_tail(log_path)}"
+        ) from None
     except BaseException:
         handle.kill()  # KeyboardInterrupt or anything else: never leave it running
         raise
+    return handle
 
 
 def _check_common(weight_version: int, timeout: float) -> None:
@@ -312,6 +264,35 @@ def sglang_command(
         args += ["--mem-fraction-static", str(mem_fraction)]
     if deterministic:
         args += ["--enable-deterministic-inference"]
+    if admin_api_key:
+        args += ["--admin-api-key", admin_api_key]
+    return args + list(extra_args)
+
+
+def cpu_server_command(
+    model_path: str | Path | None,
+    port: int,
+    *,
+    host: str = "127.0.0.1",
+    config_path: str | Path | None = None,
+    weight_version: int | None = None,
+    threads: int | None = None,
+    admin_api_key: str | None = None,
+    extra_args: Sequence[str] = (),
+) -> list[str]:
+    """The CPU reference server's command line (``python -m sluice serve``) sluice uses
+    everywhere. ``config_path`` reads the model, threads, admin key and seed from a run config
+    (explicit flags win); a setting left None is the server's (its default or the config's)."""
+    args = [sys.executable, "-m", "sluice", "serve"]
+    if config_path is not None:
+        args += ["--config", str(config_path)]
+    if model_path is not None:
+        args += ["--model", str(model_path)]
+    args += ["--host", host, "--port", str(port)]
+    if weight_version is not None:
+        args += ["--weight-version", str(weight_version)]
+    if threads is not None:
+        args += ["--threads", str(threads)]
     if admin_api_key:
         args += ["--admin-api-key", admin_api_key]
     return args + list(extra_args)
@@ -404,17 +385,15 @@ def launch_cpu_server(
         raise ValueError(f"threads must be >= 1, got {threads}")
     port = port or free_port(host)
     model = str(model_path)
-    args = [
-        sys.executable, "-m", "sluice", "serve",
-        "--model", model,
-        "--host", host,
-        "--port", str(port),
-        "--weight-version", str(weight_version),
-        "--threads", str(threads),
-    ]  # fmt: skip
-    if admin_api_key:
-        args += ["--admin-api-key", admin_api_key]
-    args += list(extra_args)
+    args = cpu_server_command(
+        model,
+        port,
+        host=host,
+        weight_version=weight_version,
+        threads=threads,
+        admin_api_key=admin_api_key,
+        extra_args=extra_args,
+    )
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     return _start(
         args,

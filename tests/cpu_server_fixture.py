@@ -2,7 +2,8 @@
 
 Import the fixtures into a test module with
 ``from cpu_server_fixture import cpu_server, cpu_server_factory, tiny_model  # noqa: F401``.
-Every server runs on a free port and is stopped by its own pid.
+Every server is started by ``inference.launch.launch_cpu_server`` on a free port (a
+``ServerHandle``) and is stopped by its own pid.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from procs import free_port
+from inference.launch import ServerHandle, launch_cpu_server
 
 TINY = dict(vocab=128, layers=2, hidden=64, init_std=0.3)
 
@@ -30,21 +31,15 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def cpu_server_factory(tmp_path: Path) -> Iterator[Callable[..., object]]:
-    """``start(model_dir, *extra_args)`` -> a started ``CPUServerProcess`` (stopped at teardown)."""
-    from inference.cpu_server import CPUServerProcess
+def cpu_server_factory(tmp_path: Path) -> Iterator[Callable[..., ServerHandle]]:
+    """``start(model_dir, *extra_args)`` -> a started server (stopped at teardown)."""
+    started: list[ServerHandle] = []
 
-    started: list[CPUServerProcess] = []
-
-    def start(model: Path, *extra: str) -> CPUServerProcess:
-        srv = CPUServerProcess(
-            model,
-            port=free_port(),
-            extra_args=list(extra),
-            log_path=tmp_path / f"server{len(started)}.log",
-        )
+    def start(model: Path, *extra: str) -> ServerHandle:
+        log = tmp_path / f"server{len(started)}.log"
+        srv = launch_cpu_server(model, extra_args=list(extra), log_path=log)
         started.append(srv)
-        return srv.start()
+        return srv
 
     yield start
     for srv in started:
@@ -52,10 +47,10 @@ def cpu_server_factory(tmp_path: Path) -> Iterator[Callable[..., object]]:
 
 
 @pytest.fixture(scope="module")
-def cpu_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+def cpu_server(
+    tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerHandle]:
     """One server on ``tiny_model`` shared by a module's read-only tests."""
-    from inference.cpu_server import CPUServerProcess
-
     log = tmp_path_factory.mktemp("cpu-server") / "server.log"
-    with CPUServerProcess(tiny_model, port=free_port(), log_path=log) as srv:
+    with launch_cpu_server(tiny_model, log_path=log) as srv:
         yield srv

@@ -27,8 +27,7 @@ from buffer.connection import connect
 from buffer.redis_buffer import RedisTrajectoryBuffer
 from buffer.schema import TrajectoryGroup
 from inference.client import SGLangClient
-from inference.cpu_server import CPUServerProcess
-from procs import free_port
+from inference.launch import ServerHandle, launch_cpu_server
 from rollout_workers.prompts import PromptSource
 from rollout_workers.tasks import get_task
 from rollout_workers.worker import RolloutWorker, make_servers
@@ -48,13 +47,11 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def server(
     models: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[CPUServerProcess]:
+) -> Iterator[ServerHandle]:
     log = tmp_path_factory.mktemp("srv") / "server.log"
     # float64: a token's log-prob then does not depend on which requests shared its batch (in
     # float32 one token in ~600 drifted 1.3e-4 from the unbatched recomputation).
-    with CPUServerProcess(
-        models[0], port=free_port(), log_path=log, extra_args=["--dtype", "float64"]
-    ) as srv:
+    with launch_cpu_server(models[0], log_path=log, extra_args=["--dtype", "float64"]) as srv:
         yield srv
 
 
@@ -121,7 +118,7 @@ def recompute_logprobs(model_dir: Path, prompt: list[int], output: list[int], t:
 
 @pytest.mark.timeout(60)
 async def test_worker_fills_buffer_with_correct_groups(
-    redis_url: str, run_name: str, models: tuple[Path, Path], server: CPUServerProcess
+    redis_url: str, run_name: str, models: tuple[Path, Path], server: ServerHandle
 ) -> None:
     cfg = config(redis_url, run_name, models[0], eval_every=1, eval_prompts=4)
     worker = RolloutWorker(cfg, make_servers([server.url]), worker_id="w-fill", max_groups=6)
@@ -170,7 +167,7 @@ async def test_weight_update_mid_generation_logprobs_match_recorded_versions(
     redis_url: str,
     run_name: str,
     models: tuple[Path, Path],
-    server: CPUServerProcess,
+    server: ServerHandle,
     mode: str,
 ) -> None:
     """v1 is published while every sample is mid-generation: the samples span versions 0 and
@@ -223,7 +220,7 @@ async def test_weight_update_mid_generation_logprobs_match_recorded_versions(
 
 @pytest.mark.timeout(60)
 async def test_worker_stops_at_gate_capacity(
-    redis_url: str, run_name: str, models: tuple[Path, Path], server: CPUServerProcess
+    redis_url: str, run_name: str, models: tuple[Path, Path], server: ServerHandle
 ) -> None:
     """eta=0, B=2: capacity 2 at version 0; the worker pushes exactly 2 and waits; publishing
     v1 makes room for 2 more."""
@@ -250,7 +247,7 @@ async def test_worker_stops_at_gate_capacity(
 
 @pytest.mark.timeout(60)
 async def test_reward_failures_reject_the_group_with_their_reason(
-    redis_url: str, run_name: str, models: tuple[Path, Path], server: CPUServerProcess
+    redis_url: str, run_name: str, models: tuple[Path, Path], server: ServerHandle
 ) -> None:
     """rollout.reward_fn raising, returning NaN or outliving reward_timeout_s rejects the
     group: the slot goes back with the reason, the prompt is not served again this epoch."""
@@ -282,7 +279,7 @@ async def test_reward_failures_reject_the_group_with_their_reason(
 
 @pytest.mark.timeout(60)
 async def test_weight_events_during_an_update_are_coalesced(
-    redis_url: str, run_name: str, models: tuple[Path, Path], server: CPUServerProcess
+    redis_url: str, run_name: str, models: tuple[Path, Path], server: ServerHandle
 ) -> None:
     """Three publications in a burst: the worker ends on the newest, loading each server at
     most once per version and skipping what a newer event superseded."""
@@ -316,7 +313,7 @@ async def test_killed_server_its_samples_finish_on_the_other(
     redis_url: str,
     run_name: str,
     models: tuple[Path, Path],
-    cpu_server_factory: Callable[..., CPUServerProcess],  # noqa: F811
+    cpu_server_factory: Callable[..., ServerHandle],  # noqa: F811
 ) -> None:
     a = cpu_server_factory(models[0])
     b = cpu_server_factory(models[0])
@@ -380,7 +377,7 @@ async def test_sigkill_worker_prompts_and_slots_come_back(
     redis_url: str,
     run_name: str,
     models: tuple[Path, Path],
-    server: CPUServerProcess,
+    server: ServerHandle,
     tmp_path: Path,
 ) -> None:
     cfg = config(
@@ -454,7 +451,7 @@ async def test_sigterm_exits_clean(
     redis_url: str,
     run_name: str,
     models: tuple[Path, Path],
-    server: CPUServerProcess,
+    server: ServerHandle,
     tmp_path: Path,
 ) -> None:
     cfg = config(redis_url, run_name, models[0], max_new_tokens=400, ignore_eos="true", n_samples=2)

@@ -17,10 +17,12 @@ import torch
 from cpu_server_fixture import make_model
 
 from buffer.redis_buffer import RedisTrajectoryBuffer
-from inference.cpu_server import CPUServerProcess
+from inference.launch import launch_cpu_server
 from inference.models import load_model
 from procs import free_port
-from rollout_workers.worker import RolloutWorker, make_servers
+from rollout_workers.pool import make_servers
+from rollout_workers.worker import RolloutWorker
+from sluice.commands.rollout import open_worker
 from sluice.config import load_config
 from staleness.version_manager import VersionManager
 from weights.distributed import DistributedSync, bucket_plan
@@ -101,18 +103,18 @@ async def test_distributed_sync_worker_server_and_catch_up_from_disk(
             "rollout.n_samples=2",
             "rollout.max_inflight_groups=2",
             "rollout.health_interval_s=0.3",
-            "weights.distributed=distributed",
+            "trainer.weight_sync=distributed",
         ],
     )
     vm = await VersionManager.open(redis_url, run_name, eta=100, batch_groups=2)
-    srv = CPUServerProcess(models[0], port=port, log_path=tmp_path / "server.log").start()
-    worker = RolloutWorker(cfg, make_servers([srv.url]), worker_id="w-sync")
+    srv = launch_cpu_server(models[0], port, log_path=tmp_path / "server.log")
+    worker = await open_worker(cfg, make_servers([srv.url]), worker_id="w-sync")
     task = asyncio.create_task(worker.run())
     sync = DistributedSync(vm, bucket_mb=1, timeout_s=20.0)
     try:
 
         async def registered() -> bool:
-            return srv.url in await vm.sync_servers() and worker._status == "running"
+            return srv.url in await vm.sync_servers() and worker.status == "running"
 
         await until(registered, 30, "the worker to register its server")
 
@@ -150,8 +152,9 @@ async def test_distributed_sync_worker_server_and_catch_up_from_disk(
         # (off the event loop: the worker shares it, as a separate process would not)
         await asyncio.to_thread(srv.stop)
         await asyncio.sleep(1.0)  # the health loop (0.3 s) sees it dead
-        srv = CPUServerProcess(models[0], port=port, log_path=tmp_path / "server2.log")
-        await asyncio.to_thread(srv.start)
+        srv = await asyncio.to_thread(
+            launch_cpu_server, models[0], port, log_path=tmp_path / "server2.log"
+        )
         await until(lambda: at(2), 30, "the restarted server caught up from disk")
         assert await server_params_equal(srv.url, m2) == []
 
@@ -192,7 +195,7 @@ async def test_trainer_process_publishes_over_the_distributed_path(
 
     model = make_model(tmp_path / "m0", seed=21)
     vm = await VersionManager.open(redis_url, run_name, eta=100, batch_groups=2)
-    srv = CPUServerProcess(model, port=free_port(), log_path=tmp_path / "server.log").start()
+    srv = launch_cpu_server(model, log_path=tmp_path / "server.log")
     sets = [
         f"redis.url={redis_url}",
         f"run.name={run_name}",
@@ -203,9 +206,9 @@ async def test_trainer_process_publishes_over_the_distributed_path(
         "rollout.n_samples=2",
         "rollout.max_inflight_groups=2",
         "rollout.health_interval_s=0.3",
-        "weights.distributed=distributed",
+        "trainer.weight_sync=distributed",
     ]
-    worker = RolloutWorker(load_config(None, sets), make_servers([srv.url]), worker_id="w-tr")
+    worker = await open_worker(load_config(None, sets), make_servers([srv.url]), worker_id="w-tr")
     task = asyncio.create_task(worker.run())
     cfg = base_config(
         tmp_path,
@@ -251,4 +254,4 @@ async def test_trainer_process_publishes_over_the_distributed_path(
 
 
 async def _registered(vm: VersionManager, url: str, worker: RolloutWorker) -> bool:
-    return url in await vm.sync_servers() and worker._status == "running"
+    return url in await vm.sync_servers() and worker.status == "running"

@@ -14,9 +14,3 @@ which builds that command line and waits for ``/health``).
 
 Each module's docstring states its invariants and the tests that prove them.
 """
-
-from inference.cpu_server._process import (
-    CPUServerProcess,  # temporary, until its callers use launch_cpu_server
-)
-
-__all__ = ["CPUServerProcess"]

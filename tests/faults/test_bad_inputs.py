@@ -209,8 +209,9 @@ async def test_server_400_500_and_timeout_reject_the_group_and_the_worker_goes_o
 ) -> None:
     from cpu_server_fixture import make_model as make_llama
 
-    from inference.cpu_server import CPUServerProcess
-    from rollout_workers.worker import RolloutWorker, make_servers
+    from inference.launch import launch_cpu_server
+    from rollout_workers.pool import make_servers
+    from sluice.commands.rollout import open_worker
     from sluice.config import load_config
     from staleness import VersionManager
 
@@ -228,13 +229,13 @@ async def test_server_400_500_and_timeout_reject_the_group_and_the_worker_goes_o
             "rollout.health_interval_s=0.3",
         ],
     )
-    with CPUServerProcess(model, port=free_port(), log_path=tmp_path / "srv.log") as srv:
+    with launch_cpu_server(model, log_path=tmp_path / "srv.log") as srv:
         async with FaultProxy(srv.url) as proxy:
             # 400 (not retried); 500 four times (three retries, then given up); a hang.
             proxy.script = ["400", "500", "500", "500", "500", "hang"]
             servers = make_servers([proxy.url])
             servers[0].client.generate_timeout = 1.0
-            worker = RolloutWorker(cfg, servers, worker_id="w-bad", max_groups=3)
+            worker = await open_worker(cfg, servers, worker_id="w-bad", max_groups=3)
             pushed = await asyncio.wait_for(worker.run(), 90)
     assert pushed == 3  # the worker kept running and pushed its groups after the faults
     assert proxy.script == []
