@@ -155,7 +155,10 @@ class GenerateResult:
 
 @runtime_checkable
 class InferenceClient(Protocol):
-    """What a rollout worker needs from an inference server (SGLang or the CPU server)."""
+    """What a rollout worker calls on an inference server (SGLang or the CPU server), and
+    nothing more: ``SGLangClient`` (``inference.client``) implements it, and the worker's unit
+    tests use fakes of it. Every signature is ``SGLangClient``'s own, keyword arguments
+    included (``rollout_workers/ports.py`` has mypy check the assignment)."""
 
     async def generate(
         self,
@@ -164,22 +167,23 @@ class InferenceClient(Protocol):
         rid: str | None = None,
         *,
         timeout: float | None = None,
-    ) -> GenerateResult: ...
+    ) -> GenerateResult:
+        """Generate from ``input_ids``; an aborted request returns its partial output."""
+        ...
 
-    async def generate_with_retry(
-        self,
-        input_ids: Sequence[int] | np.ndarray,
-        sampling: SamplingParams | dict[str, Any],
-        *,
-        attempts: int = 3,
-        timeout: float | None = None,
-    ) -> GenerateResult: ...
+    async def pause(
+        self, mode: PauseMode = "abort", *, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """``/pause_generation``: hold (or abort) the server's requests."""
+        ...
 
-    async def pause(self, mode: PauseMode = "abort") -> dict[str, Any]: ...
+    async def resume(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """``/continue_generation``."""
+        ...
 
-    async def resume(self) -> dict[str, Any]: ...
-
-    async def abort(self, rid: str | None = None) -> None: ...
+    async def abort(self, rid: str | None = None, *, timeout: float | None = None) -> None:
+        """Abort one request (``rid``, matched by prefix) or all (``rid=None``)."""
+        ...
 
     async def update_weights_from_disk(
         self,
@@ -188,7 +192,10 @@ class InferenceClient(Protocol):
         *,
         flush_cache: bool = True,
         abort_all_requests: bool = False,
-    ) -> dict[str, Any]: ...
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Load ``path`` as weight ``version``."""
+        ...
 
     async def init_weights_update_group(
         self,
@@ -198,7 +205,11 @@ class InferenceClient(Protocol):
         world_size: int,
         group_name: str,
         backend: str,
-    ) -> dict[str, Any]: ...
+        *,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Join the trainer's broadcast group."""
+        ...
 
     async def update_weights_from_distributed(
         self,
@@ -208,12 +219,20 @@ class InferenceClient(Protocol):
         group_name: str,
         version: int,
         flush_cache: bool = True,
-    ) -> dict[str, Any]: ...
+        *,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Receive one bucket of the trainer's broadcast, labelled ``version``."""
+        ...
 
-    async def flush_cache(self) -> str: ...
+    async def weight_version(self, *, timeout: float | None = None) -> int | None:
+        """The server's live weight version (None if it reports a non-numeric one)."""
+        ...
 
-    async def model_info(self) -> dict[str, Any]: ...
+    async def health(self, *, timeout: float | None = None, retries: int | None = None) -> bool:
+        """True when ``/health`` answers 200; ``ServerDead`` when it cannot be reached."""
+        ...
 
-    async def health(self) -> bool: ...
-
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Release the client's connections."""
+        ...

@@ -1,7 +1,7 @@
 """The rollout worker on real Redis and real CPU inference servers (``sluice serve``).
 
-In-process workers (``RolloutWorker``) where the test inspects the worker; real
-``sluice rollout`` processes where it signals or kills them.
+In-process workers (``RolloutWorker``, built by ``sluice.commands.rollout.open_worker``) where
+the test inspects the worker; real ``sluice rollout`` processes where it signals or kills them.
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ from buffer.redis_buffer import RedisTrajectoryBuffer
 from buffer.schema import TrajectoryGroup
 from inference.client import SGLangClient
 from inference.launch import ServerHandle, launch_cpu_server
+from rollout_workers.pool import make_servers
 from rollout_workers.prompts import PromptSource
 from rollout_workers.tasks import get_task
-from rollout_workers.worker import RolloutWorker, make_servers
+from sluice.commands.rollout import open_worker
 from sluice.config import SluiceConfig, load_config
 from staleness.version_manager import RunNotFound, VersionManager
 
@@ -121,7 +122,7 @@ async def test_worker_fills_buffer_with_correct_groups(
     redis_url: str, run_name: str, models: tuple[Path, Path], server: ServerHandle
 ) -> None:
     cfg = config(redis_url, run_name, models[0], eval_every=1, eval_prompts=4)
-    worker = RolloutWorker(cfg, make_servers([server.url]), worker_id="w-fill", max_groups=6)
+    worker = await open_worker(cfg, make_servers([server.url]), worker_id="w-fill", max_groups=6)
     assert await asyncio.wait_for(worker.run(), 40) == 6
     groups = await read_groups(redis_url, run_name, 6)
     assert len(groups) == 6
@@ -184,7 +185,7 @@ async def test_weight_update_mid_generation_logprobs_match_recorded_versions(
         max_inflight_groups=2,
         update_mode=mode,
     )
-    worker = RolloutWorker(cfg, make_servers([server.url]), worker_id="w-upd", max_groups=2)
+    worker = await open_worker(cfg, make_servers([server.url]), worker_id="w-upd", max_groups=2)
     run = asyncio.create_task(worker.run())
     t0 = time.monotonic()
     while worker.inflight_requests() < 6:
@@ -225,7 +226,7 @@ async def test_worker_stops_at_gate_capacity(
     """eta=0, B=2: capacity 2 at version 0; the worker pushes exactly 2 and waits; publishing
     v1 makes room for 2 more."""
     cfg = config(redis_url, run_name, models[0], "staleness.eta=0", "staleness.batch_groups=2")
-    worker = RolloutWorker(cfg, make_servers([server.url]), worker_id="w-gate", max_groups=4)
+    worker = await open_worker(cfg, make_servers([server.url]), worker_id="w-gate", max_groups=4)
     run = asyncio.create_task(worker.run())
     t0 = time.monotonic()
     while worker.counters.groups_pushed < 2:
@@ -259,7 +260,7 @@ async def test_reward_failures_reject_the_group_with_their_reason(
         reward_timeout_s=0.3,
         n_samples=2,
     )
-    worker = RolloutWorker(cfg, make_servers([server.url]), worker_id="w-rew", max_groups=4)
+    worker = await open_worker(cfg, make_servers([server.url]), worker_id="w-rew", max_groups=4)
     assert await asyncio.wait_for(worker.run(), 40) == 4
     snap = await gate(redis_url, run_name)
     assert snap.admitted == 4 + snap.rejected and snap.inflight_total == 0
@@ -285,7 +286,7 @@ async def test_weight_events_during_an_update_are_coalesced(
     most once per version and skipping what a newer event superseded."""
     cfg = config(redis_url, run_name, models[0], max_new_tokens=1000, ignore_eos="true")
     servers = make_servers([server.url])
-    worker = RolloutWorker(cfg, servers, worker_id="w-coal", max_groups=1000)
+    worker = await open_worker(cfg, servers, worker_id="w-coal", max_groups=1000)
     run = asyncio.create_task(worker.run())
     t0 = time.monotonic()
     while worker.inflight_requests() == 0:
@@ -319,7 +320,7 @@ async def test_killed_server_its_samples_finish_on_the_other(
     b = cpu_server_factory(models[0])
     cfg = config(redis_url, run_name, models[0], max_new_tokens=200, ignore_eos="true")
     servers = make_servers([a.url, b.url])
-    worker = RolloutWorker(cfg, servers, worker_id="w-srv", max_groups=6)
+    worker = await open_worker(cfg, servers, worker_id="w-srv", max_groups=6)
     run = asyncio.create_task(worker.run())
     t0 = time.monotonic()
     while not (servers[0].rids and servers[1].rids):

@@ -8,7 +8,7 @@ with heavy-tailed lengths, for throughput benchmarks) and ``jsonl`` (a user JSON
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from rollout_workers.tasks.base import Prompt, Split, Task
@@ -35,6 +35,7 @@ def get_task(name: str, **options: Any) -> Task:
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; known: {sorted(TASKS)}")
     factory = TASKS[name]
+    params: Mapping[str, inspect.Parameter]
     try:
         params = inspect.signature(factory).parameters
     except (TypeError, ValueError):

@@ -11,6 +11,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from inference.launch import ServerHandle
+    from rollout_workers.pool import Server, ServerProcess
+    from rollout_workers.worker import RolloutWorker
+    from sluice.config import SluiceConfig
 
 log = logging.getLogger("sluice.rollout")
 
@@ -98,17 +106,66 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"sluice rollout: {e}") from None
 
 
-async def _main(cfg, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
+async def open_worker(
+    cfg: SluiceConfig,
+    servers: list[Server],
+    *,
+    worker_id: str | None = None,
+    max_groups: int | None = None,
+) -> RolloutWorker:
+    """A connected worker for the run ``cfg`` describes, over ``servers``: its own ``rollout``
+    section, the task, and what it needs of the other sections (``RunInfo``)."""
+    from rollout_workers.parts import RunInfo
+    from rollout_workers.tasks import get_task
+    from rollout_workers.worker import RolloutWorker
+
+    run = RunInfo(
+        name=cfg.run.name,
+        seed=cfg.run.seed,
+        redis_url=cfg.redis.url,
+        model_path=cfg.model.path,
+        eta=cfg.staleness.eta,
+        batch_groups=cfg.staleness.batch_groups,
+        distributed=cfg.trainer.weight_sync == "distributed",
+    )
+    task = get_task(cfg.task.name, **cfg.task.options)
+    return await RolloutWorker.open(
+        servers, cfg.rollout, task, run, worker_id=worker_id, max_groups=max_groups
+    )
+
+
+def _launcher(cfg: SluiceConfig) -> Callable[[int | None, int], ServerHandle]:
+    """``launch(port, gpu)`` starts one server of ``cfg.inference`` (blocking)."""
+    from inference.launch import choose_engine, launch_server
+
+    inf = cfg.inference
+    engine = choose_engine(inf.engine)
+    kw: dict[str, Any] = {"admin_api_key": inf.admin_api_key}
+    if engine == "cpu":
+        kw["threads"] = inf.threads
+        kw["extra_args"] = list(inf.extra_args)
+    else:
+        kw.update(
+            mem_fraction=inf.mem_fraction,
+            tp_size=inf.tp_size,
+            deterministic=inf.deterministic,
+            extra_args=list(inf.extra_args),
+        )
+
+    def launch(port: int | None, gpu: int) -> ServerHandle:
+        extra = {"gpu": gpu} if engine == "sglang" else {}
+        return launch_server(engine, cfg.model.path, port, **kw, **extra)
+
+    return launch
+
+
+async def _main(cfg: SluiceConfig, args: argparse.Namespace) -> int:
     import asyncio
+    import functools
     import signal
 
-    from inference.launch import (
-        ServerHandle,
-        choose_engine,
-        launch_server,
-        model_vocab_size,
-    )
-    from rollout_workers.worker import RolloutWorker, make_servers
+    from inference.launch import model_vocab_size
+    from rollout_workers.pool import make_servers
 
     loop = asyncio.get_running_loop()
     early_stop = asyncio.Event()  # SIGTERM before the worker exists: stop as soon as it does
@@ -116,48 +173,28 @@ async def _main(cfg, args: argparse.Namespace) -> int:  # type: ignore[no-untype
         loop.add_signal_handler(sig, early_stop.set)
     inf = cfg.inference
     handles: list[ServerHandle] = []
-    restarts = []
-    servers = []
+    restarts: list[Callable[[], ServerHandle]] = []
+    servers: list[Server] = []
     try:
         if inf.servers:
             urls = list(inf.servers)
         else:
-            engine = choose_engine(inf.engine)
-            kw: dict[str, object] = {"admin_api_key": inf.admin_api_key}
-            if engine == "cpu":
-                kw["threads"] = inf.threads
-                kw["extra_args"] = list(inf.extra_args)
-            else:
-                kw.update(
-                    mem_fraction=inf.mem_fraction,
-                    tp_size=inf.tp_size,
-                    deterministic=inf.deterministic,
-                    extra_args=list(inf.extra_args),
-                )
-
-            def relauncher(port: int, gpu: int) -> object:
-                def again() -> ServerHandle:
-                    extra = {"gpu": gpu} if engine == "sglang" else {}
-                    return launch_server(engine, cfg.model.path, port, **kw, **extra)
-
-                return again
-
+            launch = _launcher(cfg)
             for i in range(inf.launch):
-                extra = {"gpu": i * inf.tp_size} if engine == "sglang" else {}
-                h = await asyncio.to_thread(
-                    launch_server, engine, cfg.model.path, None, **kw, **extra
-                )
+                h = await asyncio.to_thread(launch, None, i * inf.tp_size)
                 handles.append(h)
-                restarts.append(relauncher(h.port, i * inf.tp_size))
+                restarts.append(functools.partial(launch, h.port, i * inf.tp_size))
             urls = [h.url for h in handles]
         servers = make_servers(
             urls,
             handles=handles or None,
-            restarts=restarts or None,  # type: ignore[arg-type]
+            restarts=restarts or None,
             admin_api_key=inf.admin_api_key,
             vocab_size=model_vocab_size(cfg.model.path),
         )
-        worker = RolloutWorker(cfg, servers, worker_id=args.worker_id, max_groups=args.max_groups)
+        worker = await open_worker(
+            cfg, servers, worker_id=args.worker_id, max_groups=args.max_groups
+        )
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.request_stop)
         if early_stop.is_set():
@@ -168,6 +205,7 @@ async def _main(cfg, args: argparse.Namespace) -> int:  # type: ignore[no-untype
     finally:
         # Stop what we launched, by pid: the current handle of each server (a relaunched one
         # replaced its first handle), and any launched before the worker existed.
-        current = [s.handle for s in servers if s.handle is not None]
-        for h in current + [h for h in handles if all(h is not c for c in current)]:
-            await asyncio.to_thread(h.stop, 10.0)
+        current: list[ServerProcess] = [s.handle for s in servers if s.handle is not None]
+        first: list[ServerProcess] = [h for h in handles if all(h is not c for c in current)]
+        for proc in current + first:
+            await asyncio.to_thread(proc.stop, 10.0)

@@ -32,7 +32,8 @@ from inference.client import SamplingParams  # noqa: E402
 from inference.launch import ServerHandle, launch_sglang  # noqa: E402
 from inference.models import init_tiny_model, load_model  # noqa: E402
 from inference.protocol import InvalidInputError  # noqa: E402
-from rollout_workers.worker import RolloutWorker, make_servers  # noqa: E402
+from rollout_workers.pool import make_servers  # noqa: E402
+from sluice.commands.rollout import open_worker  # noqa: E402
 from sluice.config import load_config  # noqa: E402
 from staleness.version_manager import VersionManager  # noqa: E402
 
@@ -190,7 +191,7 @@ async def test_worker_update_mid_generation_versions_and_logprobs(
             "rollout.update_mode=abort_all",
         ],
     )
-    worker = RolloutWorker(
+    worker = await open_worker(
         cfg, make_servers([sglang.url], vocab_size=SHAPE["vocab"]), worker_id="gpu-w", max_groups=2
     )
     run = asyncio.create_task(worker.run())

@@ -1,0 +1,252 @@
+"""Generating one group: ``n`` samples of one prompt at once, each with its own sampling seed,
+across weight updates and dead servers, then scored.
+
+A sample is generated in segments. When the server answers ``abort`` (a weight update
+interrupted it) or dies, the sampler resubmits ``prompt + partial output`` with the remaining
+budget, to a server at least as new as the group's admission version; the sample's tokens,
+log-probs and per-token versions are its segments' concatenated. A sample resubmitted more
+than ``MAX_SEGMENTS`` times fails its group. Sampling seeds are ``seed_for(run seed, group id,
+sample, segment, attempt)``: distinct per sample, reproducible per run.
+
+Invariant (tests/test_rollout_worker.py::test_weight_update_mid_generation_logprobs_match_recorded_versions,
+tests/unit/rollout_workers/test_rollout_workers_sampler.py): per-token versions come only from
+the server's answers (``GenerateResult.token_versions``), never from the worker's view; a
+segment with tokens and without versions fails its group (``no_token_versions``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+import uuid
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import numpy as np
+
+from buffer.schema import Sample, TrajectoryGroup
+from inference.protocol import InferenceError, SamplingParams, ServerDead
+from rollout_workers.config import RolloutConfig
+from rollout_workers.metrics import Counters
+from rollout_workers.pool import ServerPool, Shutdown
+from rollout_workers.prompts import Lease
+from rollout_workers.rewards import RewardFailure, RewardRunner
+from rollout_workers.tasks.base import Prompt
+
+log = logging.getLogger("sluice.rollout")
+
+T = TypeVar("T")
+
+MAX_SEGMENTS = 1000
+"""A sample resubmitted more often than this (aborted again and again) fails its group."""
+SERVER_ERROR_RETRIES = 3
+"""A generate answered with HTTP 5xx is retried this often before the group fails."""
+
+
+class GroupRejected(Exception):
+    """The group cannot be pushed; ``reason`` is the tag its slot is handed back with."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}")
+
+
+@dataclass
+class SampleOut:
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+    finish_reason: str = "length"
+    segments: int = 0
+    """Times the sample was interrupted by an abort and resubmitted."""
+
+
+def seed_for(*parts: object) -> int:
+    """A 62-bit sampling seed from ``parts`` (run seed, group id, sample, segment)."""
+    h = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") >> 2
+
+
+async def all_or_nothing(coros: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
+    """Run ``coros`` concurrently; on the first exception cancel the rest and raise it."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for t in tasks:
+            if t.done() and not t.cancelled():
+                exc = t.exception()
+                if exc is not None:
+                    raise exc
+        return [t.result() for t in tasks]
+    finally:
+        for t in tasks:
+            if not t.done():
+                t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class Sampler:
+    """Generates samples on the pool's servers and scores them."""
+
+    def __init__(
+        self,
+        pool: ServerPool,
+        rc: RolloutConfig,
+        rewards: RewardRunner,
+        counters: Counters,
+        *,
+        seed: int,
+        eos_token_id: int,
+        max_new_tokens: int,
+        on_interrupted: Callable[[int], None] = lambda reprefill: None,
+    ) -> None:
+        self.pool = pool
+        self.rc = rc
+        self.rewards = rewards
+        self.counters = counters
+        self.seed = seed
+        self.eos_token_id = eos_token_id
+        self.max_new_tokens = max_new_tokens
+        self.on_interrupted = on_interrupted
+        """Called with the tokens to prefill again each time a sample is interrupted."""
+
+    async def group(
+        self, prompt: Prompt, group_id: str, admission_version: int
+    ) -> tuple[list[SampleOut], list[float]]:
+        """``rollout.n_samples`` samples of ``prompt`` on weights at least
+        ``admission_version``, and their rewards; ``GroupRejected`` if scoring fails."""
+        ids = list(prompt.input_ids)
+        outs = await all_or_nothing(
+            [
+                self.sample(
+                    ids,
+                    (self.seed, group_id, i),
+                    self.rc.temperature,
+                    min_version=admission_version,
+                )
+                for i in range(self.rc.n_samples)
+            ]
+        )
+        try:
+            rewards = await all_or_nothing([self.rewards.score(prompt, o.output_ids) for o in outs])
+        except RewardFailure as e:
+            raise GroupRejected(e.reason, e.detail) from None
+        return outs, rewards
+
+    def _params(self, remaining: int, temperature: float, seed: int) -> SamplingParams:
+        return SamplingParams(
+            max_new_tokens=remaining,
+            temperature=temperature,
+            top_p=self.rc.top_p,
+            top_k=self.rc.top_k,
+            stop_token_ids=(self.eos_token_id,),
+            ignore_eos=self.rc.ignore_eos,
+            sampling_seed=seed,
+        )
+
+    async def sample(
+        self,
+        prompt_ids: list[int],
+        seed_key: tuple[object, ...],
+        temperature: float,
+        *,
+        min_version: int = 0,
+    ) -> SampleOut:
+        """One sample, resubmitted as ``prompt + partial`` after every abort or dead server."""
+        out = SampleOut()
+        attempt = 0
+        while True:
+            remaining = self.max_new_tokens - len(out.output_ids)
+            if remaining <= 0:
+                out.finish_reason = "length"
+                return out
+            if out.segments + attempt >= MAX_SEGMENTS:
+                raise GroupRejected("inference_error", f"sample resubmitted {MAX_SEGMENTS} times")
+            s = await self.pool.acquire(min_version)
+            sp = self._params(remaining, temperature, seed_for(*seed_key, out.segments, attempt))
+            rid = uuid.uuid4().hex
+            s.track(rid)
+            try:
+                res = await s.client.generate(prompt_ids + out.output_ids, sp, rid)
+            except ServerDead as e:
+                attempt += 1
+                self.counters.resubmitted_dead += 1
+                log.warning("sample on %s lost (%s); resubmitting elsewhere", s.url, e)
+                self.pool.mark_dead(s)
+                continue
+            except InferenceError as e:
+                if e.status >= 500 and attempt < SERVER_ERROR_RETRIES:
+                    attempt += 1
+                    log.warning("generate on %s failed (%s); retrying", s.url, e)
+                    await asyncio.sleep(0.1 * attempt)
+                    continue
+                raise
+            finally:
+                s.untrack(rid)
+            if res.num_tokens and res.token_versions is None:
+                raise GroupRejected(
+                    "no_token_versions",
+                    f"server {s.url} reported no weight version for its tokens: start it with "
+                    "--weight-version (per-token versions must come from the server)",
+                )
+            out.output_ids += res.output_ids.tolist()
+            out.logprobs += res.logprobs.tolist()
+            if res.token_versions is not None:
+                out.versions += res.token_versions.tolist()
+            if not res.aborted:
+                out.finish_reason = res.finish_reason
+                return out
+            if self.pool.closed:
+                raise Shutdown()
+            out.segments += 1
+            reprefill = len(prompt_ids) + len(out.output_ids)
+            self.counters.interrupted_samples += 1
+            self.counters.reprefill_tokens += reprefill
+            self.on_interrupted(reprefill)
+
+
+def trajectory_group(
+    *,
+    run: str,
+    worker_id: str,
+    task: str,
+    lease: Lease,
+    group_id: str,
+    admission_version: int,
+    admitted_at: float,
+    outs: list[SampleOut],
+    rewards: list[float],
+) -> TrajectoryGroup:
+    """The wire record of one generated group (``buffer.schema``)."""
+    return TrajectoryGroup(
+        run_id=run,
+        prompt_id=lease.prompt.id,
+        prompt_ids=np.asarray(list(lease.prompt.input_ids), dtype=np.int32),
+        samples=[
+            Sample(
+                output_ids=np.asarray(o.output_ids, dtype=np.int32),
+                behaviour_logp=np.asarray(o.logprobs, dtype=np.float32),
+                token_versions=np.asarray(o.versions, dtype=np.int32),
+                reward=r,
+                finish_reason=o.finish_reason,
+                index=i,
+            )
+            for i, (o, r) in enumerate(zip(outs, rewards, strict=True))
+        ],
+        worker_id=worker_id,
+        admission_version=admission_version,
+        group_id=group_id,
+        created_at=admitted_at,
+        finished_at=time.time(),
+        metadata={
+            "task": task,
+            "prompt_epoch": lease.epoch,
+            "prompt_pos": lease.pos,
+            "lease_source": lease.source,
+            "segments": sum(o.segments for o in outs),
+        },
+    )

@@ -1,0 +1,186 @@
+"""The worker side of weight transports: make one inference server serve new weights.
+
+A ``WeightReceiver`` fills one server through its ``InferenceClient`` and raises the client's
+errors; its caller (the rollout worker's updater) holds that server's new requests meanwhile
+and decides what a failure means (``ServerDead``: the server is gone; ``InferenceError``,
+``ProtocolError``, ``InferenceTimeout``: it must load again). Two transports:
+
+- ``DiskReceiver``: ``update_weights_from_disk(path, version, abort_all_requests=True)``, one
+  call per server (``rollout.update_mode = abort_all``), or pause(abort) -> the same load ->
+  continue (``pause``, for servers shared with other clients). In-flight requests come back
+  with their partial output labelled with the old version.
+- ``DistributedReceiver``: pause(abort), join the trainer's group when the plan opens one
+  (``SyncPlan.init``), receive every bucket, continue (docs/weight-sync.md).
+
+Invariants (tests/test_weight_sync.py::test_distributed_sync_worker_server_and_catch_up_from_disk):
+
+- A server's version label moves to the new version only with the last bucket; from the first
+  bucket on its weights are a mix, so the receiver marks it ``mixed`` and only a complete
+  transfer or a disk load (the caller's) clears the mark: a mixed server is reloaded from disk
+  even when its label says it is current.
+- A transfer that fails leaves the server in no group (``group = None``): it joins the next
+  group the trainer opens, and catches up from disk meanwhile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from inference.protocol import InferenceClient, SGLangClientError
+from weights.plan import SyncPlan
+
+GROUP_BACKEND = "gloo"
+"""Backend of the broadcast group the servers join (the trainer broadcasts over gloo)."""
+EXTRA_WAIT_S = 30.0
+"""How much longer than the plan's own timeout a server call of the broadcast may take."""
+
+
+class Receiving(Protocol):
+    """What a receiver reads and marks on the server it fills (the worker's pool record)."""
+
+    url: str
+    version: int | None
+    """The version the server serves, as far as its worker knows."""
+    group: str | None
+    """The broadcast group the server process has joined (None: none)."""
+    mixed: bool
+    """A transfer failed part-way: its weights are a mix of two versions."""
+
+
+class WeightReceiver(Protocol):
+    """One transport's way to make a server serve ``version``."""
+
+    @property
+    def version(self) -> int:
+        """The version the server serves once ``receive`` returned."""
+        ...
+
+    @property
+    def during(self) -> str:
+        """What is going on, for a log line: "the update to v3"."""
+        ...
+
+    @property
+    def action(self) -> str:
+        """What the server does, for a log line: "loading v3 from /w/v3"."""
+        ...
+
+    @property
+    def fallback(self) -> str:
+        """What happens when it fails, for a log line: "retried by the health loop"."""
+        ...
+
+    def refusal(self, server: Receiving) -> str | None:
+        """Why ``server`` cannot receive this transfer (None: it can)."""
+        ...
+
+    async def receive(self, client: InferenceClient, server: Receiving) -> None:
+        """Make the server behind ``client`` serve ``version``; raises the client's errors."""
+        ...
+
+
+@dataclass(frozen=True)
+class DiskReceiver:
+    """Load a safetensors directory that the trainer wrote (a disk publication)."""
+
+    location: str
+    version: int
+    pause: bool = False
+    """pause(abort) -> load -> continue instead of one load with ``abort_all_requests``."""
+
+    @property
+    def during(self) -> str:
+        return f"the update to v{self.version}"
+
+    @property
+    def action(self) -> str:
+        return f"loading v{self.version} from {self.location}"
+
+    @property
+    def fallback(self) -> str:
+        return "retried by the health loop"
+
+    def refusal(self, server: Receiving) -> str | None:
+        return None
+
+    async def receive(self, client: InferenceClient, server: Receiving) -> None:
+        if self.pause:
+            await client.pause("abort")
+            try:
+                await client.update_weights_from_disk(self.location, self.version)
+            finally:
+                await client.resume()
+        else:
+            await client.update_weights_from_disk(
+                self.location, self.version, abort_all_requests=True
+            )
+
+
+@dataclass(frozen=True)
+class DistributedReceiver:
+    """Receive one broadcast of the trainer (a ``SyncPlan`` announcement)."""
+
+    plan: SyncPlan
+
+    @property
+    def version(self) -> int:
+        return self.plan.version
+
+    @property
+    def during(self) -> str:
+        return f"the broadcast of v{self.plan.version}"
+
+    @property
+    def action(self) -> str:
+        return f"receiving v{self.plan.version} over group {self.plan.group}"
+
+    @property
+    def fallback(self) -> str:
+        return "catching up from disk"
+
+    def refusal(self, server: Receiving) -> str | None:
+        """A server that is not a member (restarted since the group was formed, or not
+        registered when it was) cannot receive; its worker catches it up from disk."""
+        plan = self.plan
+        if server.url not in plan.ranks or (not plan.init and server.group != plan.group):
+            return f"is not in weight-sync group {plan.group}: catching up from disk"
+        return None
+
+    async def receive(self, client: InferenceClient, server: Receiving) -> None:
+        """pause(abort) -> join (if ``plan.init``) -> every bucket -> continue."""
+        plan = self.plan
+        wait = plan.timeout_s + EXTRA_WAIT_S
+        try:
+            await client.pause("abort")
+            try:
+                if plan.init:
+                    server.group = None
+                    await client.init_weights_update_group(
+                        plan.master_addr,
+                        plan.master_port,
+                        plan.ranks[server.url],
+                        plan.world_size,
+                        plan.group,
+                        GROUP_BACKEND,
+                        timeout=wait,
+                    )
+                    server.group = plan.group
+                server.mixed = True
+                last = len(plan.buckets) - 1
+                for i, b in enumerate(plan.buckets):
+                    # The label moves to the new version only with the last bucket.
+                    await client.update_weights_from_distributed(
+                        b["names"],
+                        b["dtypes"],
+                        b["shapes"],
+                        plan.group,
+                        plan.version if i == last else (server.version or 0),
+                        flush_cache=i == last,
+                        timeout=wait,
+                    )
+            finally:
+                await client.resume()
+        except SGLangClientError:
+            server.group = None
+            raise
