@@ -1,15 +1,13 @@
 """Where the benchmark's processes run: inference and training on disjoint cores, every process
-started here pinned to its side and stopped by its own pid."""
+started here (through ``procs``, the one process module) pinned to its side and stopped by its
+own pid."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import subprocess
 import sys
-import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,28 +58,13 @@ class Procs:
     def spawn(
         self, args: list[str], cpus: tuple[int, ...], log: Path, *, sluice: bool = True
     ) -> subprocess.Popen[bytes]:
-        """Start ``sluice ARGS`` (or the command ``args`` with ``sluice=False``) on ``cpus``."""
+        """Start ``sluice ARGS`` (or the command ``args`` with ``sluice=False``) on ``cpus``,
+        in its own session, output appended to ``log``."""
+        from procs import spawn
+
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(len(cpus)))
         cmd = [sys.executable, "-m", "sluice", *args] if sluice else list(args)
-        taskset = shutil.which("taskset")
-        pre = None
-        if taskset:
-            cmd = [taskset, "-c", ",".join(map(str, cpus)), *cmd]  # execs: the pid is python's
-        else:
-
-            def pre() -> None:
-                os.sched_setaffinity(0, cpus)
-
-        with open(log, "ab") as out:
-            proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-                preexec_fn=pre,
-                start_new_session=True,
-            )
+        proc = spawn(cmd, log, env=env, cpu_list=cpus)
         self.started.append(proc)
         self.pids.append(proc.pid)
         return proc
@@ -103,18 +86,12 @@ def tail(log: Path, n: int = 30) -> str:
     return log_tail(log, n)
 
 
-def wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 120.0) -> None:
-    """Wait until ``url/health`` answers 200; raise (with the log's tail) if ``proc`` exits or
-    ``timeout`` passes first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{tail(log)}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"server {url} not healthy within {timeout}s:\n{tail(log)}")
+def wait_healthy(
+    url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 120.0
+) -> None:
+    """Wait until ``url/health`` answers 200; raises ``procs.ProcessExited`` (a RuntimeError)
+    if ``proc`` exits first, ``procs.NotHealthy`` (a TimeoutError) after ``timeout`` s, each
+    with the log's tail."""
+    from procs import wait_http_ok
+
+    wait_http_ok(url + "/health", proc, timeout, log, what="server")

@@ -10,7 +10,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from benchmarks.pipeline.placement import pin_all_threads, wait_http
+from benchmarks.pipeline.placement import pin_all_threads, wait_healthy
 from benchmarks.pipeline.workloads import Setup
 from buffer import keys
 
@@ -71,7 +71,7 @@ def start_server(s: Setup, d: Path) -> tuple[subprocess.Popen[bytes] | None, str
     args = ["serve", "--model", str(s.model), "--port", str(port), "--threads", threads]
     proc = s.procs.spawn(args, s.placement.inference, log)
     url = f"http://127.0.0.1:{port}"
-    wait_http(url, proc, log)
+    wait_healthy(url, proc, log)
     return proc, url
 
 
@@ -86,6 +86,6 @@ def start_sglang(s: Setup, mem_fraction: float, extra: list[str], timeout: float
     t0 = time.monotonic()
     proc = s.procs.spawn(cmd, s.placement.inference, log, sluice=False)
     url = f"http://127.0.0.1:{port}"
-    wait_http(url, proc, log, timeout=timeout)
+    wait_healthy(url, proc, log, timeout=timeout)
     print(f"SGLang up at {url} in {time.monotonic() - t0:.0f}s", flush=True)
     return url
