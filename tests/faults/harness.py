@@ -22,12 +22,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +32,18 @@ from typing import Any
 import yaml
 
 from buffer import keys
-from procs import RedisServer, free_port, log_tail
+from inference.launch import cpu_server_command
+from procs import (
+    NotHealthy,
+    ProcessExited,
+    RedisServer,
+    free_port,
+    kill_pid,
+    log_tail,
+    spawn,
+    stop_pids,
+    wait_http_ok,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -92,18 +100,9 @@ class Proc:
     def start(self, *extra: str) -> Proc:
         assert not self.alive(), f"{self.name} is already running"
         self.incarnation += 1
-        out = open(self.log_path, "wb")  # noqa: SIM115
-        try:
-            self.popen = subprocess.Popen(
-                [*self.argv, *extra],
-                cwd=ROOT,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=self.env,
-            )
-        finally:
-            out.close()
+        self.popen = spawn(
+            [*self.argv, *extra], self.log_path, env=self.env, new_session=False, cwd=ROOT
+        )
         self.history.append(self.popen)
         self.expected_exit = False
         return self
@@ -112,25 +111,18 @@ class Proc:
         """SIGKILL, as a crash would."""
         assert self.popen is not None and self.alive(), f"{self.name} is not running"
         self.expected_exit = True
-        os.kill(self.popen.pid, signal.SIGKILL)
-        self.popen.wait(10)
+        kill_pid(self.popen, timeout=10)
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM and wait ``timeout`` s; a process still there then is SIGKILLed and reported
         as hung. Returns the exit code."""
         assert self.popen is not None
         self.expected_exit = True
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(10)
-                raise ProcessFailed(
-                    f"{self.name} (pid {self.popen.pid}) hung: still running {timeout}s after "
-                    f"SIGTERM\n{log_tail(self.log_path)}"
-                ) from None
+        if stop_pids([self.popen], timeout):
+            raise ProcessFailed(
+                f"{self.name} (pid {self.popen.pid}) hung: still running {timeout}s after "
+                f"SIGTERM\n{log_tail(self.log_path)}"
+            )
         return int(self.popen.returncode)
 
     def wait_log(self, text: str, timeout: float) -> None:
@@ -223,10 +215,8 @@ class FaultRun:
         self.env = env
         sluice = [sys.executable, "-m", "sluice"]
         cfg = ["--config", str(self.config)]
-        serve = [*sluice, "serve", "--model", str(self.model), "--port", str(self.port)]
         admin = conf["inference"].get("admin_api_key")
-        if admin:
-            serve += ["--admin-api-key", str(admin)]
+        serve = cpu_server_command(self.model, self.port, admin_api_key=admin and str(admin))
         self.server = Proc("server", serve, self.logs, env)
         self.workers = [
             Proc(f"worker{i}", [*sluice, "rollout", *cfg], self.logs, env) for i in range(workers)
@@ -256,17 +246,18 @@ class FaultRun:
         return self
 
     def wait_server(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.check_alive()
-            try:
-                with urllib.request.urlopen(self.server_url + "/health", timeout=1) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.1)
-        raise ProcessFailed(f"server not healthy within {timeout}s\n{self.server.tail()}")
+        self.check_alive()
+        assert self.server.popen is not None
+        log = self.server.log_path
+        try:
+            wait_http_ok(self.server_url + "/health", self.server.popen, timeout, log)
+        except ProcessExited:
+            self.check_alive()  # raises ProcessFailed naming the server and its log tail
+            raise
+        except NotHealthy:
+            raise ProcessFailed(
+                f"server not healthy within {timeout}s\n{self.server.tail()}"
+            ) from None
 
     def check_alive(self) -> None:
         """Raise if a process exited that was neither killed nor stopped by us (the trainer may
@@ -288,8 +279,7 @@ class FaultRun:
             if p.alive():
                 p.expected_exit = True
                 assert p.popen is not None
-                p.popen.kill()
-                p.popen.wait(10)
+                kill_pid(p.popen, timeout=10)
         self.redis.stop()
         for p in self.procs:
             for old in p.history:
