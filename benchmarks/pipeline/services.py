@@ -61,15 +61,15 @@ def start_redis(s: Setup, d: Path) -> Any:
 
 def start_server(s: Setup, d: Path) -> tuple[subprocess.Popen[bytes] | None, str]:
     """A fresh CPU server for one run, or (None, url) of the shared SGLang server."""
+    from inference.launch import cpu_server_command
     from procs import free_port
 
     if s.shared_server is not None:
         return None, s.shared_server
     port = free_port()
     log = d / "server.log"
-    threads = str(len(s.placement.inference))
-    args = ["serve", "--model", str(s.model), "--port", str(port), "--threads", threads]
-    proc = s.procs.spawn(args, s.placement.inference, log)
+    cmd = cpu_server_command(s.model, port, threads=len(s.placement.inference))
+    proc = s.procs.spawn(cmd, s.placement.inference, log, sluice=False)
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url, proc, log)
     return proc, url
