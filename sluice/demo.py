@@ -160,13 +160,12 @@ def resolve(opts: DemoOptions) -> SluiceConfig:
 def server_spec(cfg: SluiceConfig, engine: str, config_path: Path, port: int) -> ChildSpec:
     """The inference server child: the CPU reference server reading the run config, or SGLang
     with the flags ``inference.launch.launch_sglang`` uses (token ids in and out)."""
-    py = sys.executable
+    from inference.launch import cpu_server_command, sglang_command
+
     if engine == "cpu":
-        args = [py, "-m", "sluice", "serve", "--config", str(config_path)]
-        args += ["--host", "127.0.0.1", "--port", str(port)]
+        args = cpu_server_command(None, port, config_path=config_path)
         env = {"OMP_NUM_THREADS": str(cfg.inference.threads), "PYTHONUNBUFFERED": "1"}
         return ChildSpec("server", args, env=env)
-    from inference.launch import sglang_command
 
     inf = cfg.inference
     args = sglang_command(
@@ -348,27 +347,17 @@ class Demo:
         return client
 
     async def _wait_healthy(self, sup: Supervisor, url: str, timeout: float) -> None:
-        import urllib.error
-        import urllib.request
+        from procs import http_ok
 
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         deadline = time.monotonic() + timeout
         server = sup.children["server"]
-
-        def ok() -> bool:
-            try:
-                with opener.open(url + "/health", timeout=2.0) as r:
-                    return bool(r.status == 200)
-            except (urllib.error.URLError, OSError, ValueError):
-                return False
-
         while time.monotonic() < deadline:
             if self.stop_reason is not None:
                 return
             sup.poll()
             if server.state != "running":
                 raise DemoError(f"the inference server failed to start; see {server.log_path}")
-            if await asyncio.to_thread(ok):
+            if await asyncio.to_thread(http_ok, url + "/health"):
                 return
             await asyncio.sleep(0.3)
         raise DemoError(

@@ -27,7 +27,6 @@ Invariants (tests/test_supervisor.py):
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import logging
 import os
@@ -38,6 +37,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from procs import alive, reap, spawn, stop_pids
 
 log = logging.getLogger("sluice.supervisor")
 
@@ -123,13 +124,7 @@ class Child:
 
     def alive(self) -> bool:
         """True while the process runs; does not reap it."""
-        if self.proc is None or self.proc.returncode is not None:
-            return False
-        try:
-            info = os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-        except ChildProcessError:
-            return False
-        return info is None
+        return self.proc is not None and alive(self.proc)
 
 
 class Supervisor:
@@ -161,19 +156,15 @@ class Supervisor:
         if spec.env:
             env.update(spec.env)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        with open(child.log_path, "ab") as out:
-            out.write(f"--- {time.strftime('%H:%M:%S')} $ {' '.join(args)}\n".encode())
-            out.flush()
-            child.proc = subprocess.Popen(
-                args,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=spec.cwd,
-                start_new_session=True,
-                preexec_fn=self._preexec,  # only prctl: safe between fork and exec
-            )
+        child.proc = spawn(
+            args,
+            child.log_path,
+            env=env,
+            cwd=spec.cwd,
+            new_session=True,
+            header=f"--- {time.strftime('%H:%M:%S')} $ {' '.join(args)}",
+            preexec_fn=self._preexec,  # only prctl: safe between fork and exec
+        )
         child.started_at = time.monotonic()
         child.state = RUNNING
         child.returncode = None
@@ -195,9 +186,7 @@ class Supervisor:
     def _reap(self, child: Child) -> int:
         """The child's process has exited (unreaped): kill its group's leftovers, then reap."""
         assert child.proc is not None
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(child.proc.pid, signal.SIGKILL)
-        code = child.proc.wait()
+        code = reap(child.proc)
         child.returncode = code
         return code
 
@@ -252,15 +241,6 @@ class Supervisor:
         return events
 
     # ------------------------------------------------------------------ stop
-    def _wait_exit(self, children: list[Child], timeout: float) -> list[Child]:
-        """Wait until each of ``children`` exited (unreaped); returns those still running."""
-        deadline = time.monotonic() + timeout
-        left = [c for c in children if c.alive()]
-        while left and time.monotonic() < deadline:
-            time.sleep(0.05)
-            left = [c for c in left if c.alive()]
-        return left
-
     def stop(self, names: list[str] | None = None, timeout: float | None = None) -> None:
         """SIGTERM the named running children (all when None) together, SIGKILL those still
         running after ``timeout`` (default: each spec's ``stop_timeout`` or the supervisor's),
@@ -270,20 +250,15 @@ class Supervisor:
             for n, c in self.children.items()
             if (names is None or n in names) and c.proc is not None and c.returncode is None
         ]
-        for c in chosen:
-            if c.alive():
-                assert c.proc is not None
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(c.proc.pid, signal.SIGTERM)
         limit = timeout
         if limit is None:
             limit = max((c.spec.stop_timeout or self.stop_timeout) for c in chosen) if chosen else 0
-        for c in self._wait_exit(chosen, limit):
-            assert c.proc is not None
-            log.warning("%s (pid %d) ignored SIGTERM for %.0fs: SIGKILL", c.spec.name, c.pid, limit)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(c.proc.pid, signal.SIGKILL)
-        self._wait_exit(chosen, 10.0)
+        hung = stop_pids([c.proc for c in chosen if c.proc is not None], limit, kill_wait=10.0)
+        for c in chosen:
+            if c.proc in hung:
+                log.warning(
+                    "%s (pid %d) ignored SIGTERM for %.0fs: SIGKILL", c.spec.name, c.pid, limit
+                )
         for c in chosen:
             code = self._reap(c)
             if c.state == RUNNING:
