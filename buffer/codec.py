@@ -5,11 +5,17 @@ A payload (schema version 2) is a msgpack header followed by the arrays' raw byt
     b"SLTG"  u32 little-endian H  header (msgpack map, H bytes)  zero padding to a multiple of 8
     array data: p, len, o, l, v — each n x itemsize raw little-endian bytes, back to back
 
-In the header every array is ``{"t": dtype, "n": length}``; its bytes are found by position
-(the arrays tile the data area in that order, exactly: nothing missing, nothing extra). The
-decoder reads the small header with msgpack and returns the arrays as read-only
-``numpy.frombuffer`` views of the payload, 8-byte aligned: a group of 200 KB is not copied
-again after Redis handed it over (a msgpack ``bin`` field would be). Decoding validates
+The header's keys are short and part of the wire format (they never change; the Python names
+are the ``TrajectoryGroup`` fields): ``sv`` schema version, ``run`` run id, ``pid`` *prompt* id
+(not a process id), ``gid`` group id, ``w`` worker id, ``av`` admission version, ``ct`` / ``ft``
+created / finished unix time, ``m`` metadata, and per sample ``r`` rewards, ``f`` finish
+reasons, ``i`` indices. Every array is ``{"t": dtype, "n": length}`` under its key (``p``
+prompt token ids, ``len`` sample lengths, ``o`` output ids, ``l`` behaviour log-probs, ``v``
+token versions); its bytes are found by position (the arrays tile the data area in that
+order, exactly: nothing missing, nothing extra). The decoder reads the small header with
+msgpack and returns the arrays as read-only ``numpy.frombuffer`` views of the payload, 8-byte
+aligned: a group of 200 KB is not copied again after Redis handed it over (a msgpack ``bin``
+field would be). Decoding validates
 everything it is given (magic, schema version, field types, allowed dtypes, lengths that agree
 and tile the data exactly, bounded sizes) and raises ``CodecError`` naming the first problem;
 it never executes anything from the payload.
@@ -85,6 +91,7 @@ def encode_group(g: TrajectoryGroup) -> bytes:
         [_arr(s.behaviour_logp, "<f4") for s in g.samples],
         [_arr(s.token_versions, "<i4") for s in g.samples],
     ]
+    # The wire keys (module docstring): "pid" is the prompt id, never a process id.
     doc: dict[str, Any] = {
         "sv": g.schema_version,
         "run": g.run_id,
@@ -185,20 +192,11 @@ def _header(payload: bytes | bytearray | memoryview) -> tuple[dict[str, Any], in
     return doc, data
 
 
-def decode_group(payload: bytes) -> TrajectoryGroup:
-    """Parse and validate. Raises ``CodecError`` (only) on any malformed payload.
-
-    The fast path checks the common case inline (exact types, the encoder's dtypes); anything
-    unexpected falls back to ``_field`` / ``_array_length``, which raise the message naming the
-    problem, so every check applies and every error reads the same on either path.
-    """
-    if not isinstance(payload, bytes | bytearray | memoryview):
-        raise CodecError(f"payload must be bytes, got {type(payload).__name__}")
-    doc, start = _header(payload)
-    sv = doc.get("sv")
-    if sv != SCHEMA_VERSION:
-        raise CodecError(f"unknown schema version {sv!r} (this build reads {SCHEMA_VERSION})")
-    # The arrays tile the data area in _ARRAYS order; each becomes a view into the payload.
+def _arrays(
+    payload: bytes | bytearray | memoryview, doc: dict[str, Any], start: int
+) -> list[npt.NDArray[Any]]:
+    """The five arrays (p, len, o, l, v) as read-only views of the payload: they tile the data
+    area from ``start`` in ``_ARRAYS`` order, exactly."""
     spans = []
     off = start
     for k, dtype, limit in _ARRAYS:
@@ -210,13 +208,13 @@ def decode_group(payload: bytes) -> TrajectoryGroup:
             f"array data is {len(payload) - start} bytes, the header describes {off - start}; "
             "truncated or corrupt"
         )
-    p_ids, lens_arr, o, lp, tv = (
-        np.frombuffer(payload, dtype=dt, count=n, offset=at) for at, n, dt in spans
-    )
-    where = "group"
+    return [np.frombuffer(payload, dtype=dt, count=n, offset=at) for at, n, dt in spans]
+
+
+def _metadata(doc: dict[str, Any]) -> dict[str, MetaValue]:
     meta = doc.get("m")
     if type(meta) is not dict:
-        meta = _field(doc, "m", dict, where)
+        meta = _field(doc, "m", dict, "group")
     metadata: dict[str, MetaValue] = {}
     if meta:
         if len(meta) > MAX_METADATA_ITEMS:
@@ -225,8 +223,15 @@ def decode_group(payload: bytes) -> TrajectoryGroup:
             if not isinstance(k, str) or not (v is None or isinstance(v, str | int | float | bool)):
                 raise CodecError(f"group: metadata {k!r} must map str to a scalar")
             metadata[k] = v
+    return metadata
+
+
+def _sample_lengths(
+    lens_arr: npt.NDArray[Any], o: npt.NDArray[Any], lp: npt.NDArray[Any], tv: npt.NDArray[Any]
+) -> list[int]:
+    """The per-sample token counts, checked against the bounds and the token arrays."""
     # Small per-group lists are checked in plain Python: cheaper than numpy calls at n ~ 8.
-    lens = lens_arr.tolist()
+    lens: list[int] = lens_arr.tolist()
     n = len(lens)
     if n < 1:
         raise CodecError(f"group: {n} samples, allowed 1..{MAX_SAMPLES_PER_GROUP}")
@@ -238,15 +243,20 @@ def decode_group(payload: bytes) -> TrajectoryGroup:
             f"group: lengths disagree (sample lengths sum to {total}; output_ids {o.shape[0]}, "
             f"behaviour_logp {lp.shape[0]}, token_versions {tv.shape[0]})"
         )
+    return lens
+
+
+def _per_sample(doc: dict[str, Any], n: int) -> tuple[list[float], list[str], list[int]]:
+    """Rewards (finite floats), finish reasons and indices: one of each per sample."""
     rewards = doc.get("r")
     if type(rewards) is not list:
-        rewards = _field(doc, "r", list, where)
+        rewards = _field(doc, "r", list, "group")
     finishes = doc.get("f")
     if type(finishes) is not list:
-        finishes = _field(doc, "f", list, where)
+        finishes = _field(doc, "f", list, "group")
     indices = doc.get("i")
     if type(indices) is not list:
-        indices = _field(doc, "i", list, where)
+        indices = _field(doc, "i", list, "group")
     if not (len(rewards) == len(finishes) == len(indices) == n):
         raise CodecError(
             f"group: {n} sample lengths but {len(rewards)} rewards, {len(finishes)} finish "
@@ -264,12 +274,11 @@ def decode_group(payload: bytes) -> TrajectoryGroup:
     if set(map(type, indices)) != _ONLY_INT:
         bad = next(i for i in indices if type(i) is not int)
         raise CodecError(f"group: sample index {bad!r} is not an integer")
-    samples = []
-    a = 0
-    for length, reward, finish, index in zip(lens, rewards, finishes, indices, strict=True):
-        b = a + length
-        samples.append(Sample(o[a:b], lp[a:b], tv[a:b], reward, finish, index))
-        a = b
+    return rewards, finishes, indices
+
+
+def _ids(doc: dict[str, Any]) -> tuple[str, str, str, str]:
+    """Run id, prompt id (wire key ``pid``), group id and worker id."""
     run_id = doc.get("run")
     prompt_id = doc.get("pid")
     group_id = doc.get("gid")
@@ -284,19 +293,54 @@ def decode_group(payload: bytes) -> TrajectoryGroup:
         and len(group_id) <= MAX_STR_LEN
         and len(worker_id) <= MAX_STR_LEN
     ):  # the checked path, in the order the fields are reported
-        run_id = _field(doc, "run", str, where)
-        prompt_id = _field(doc, "pid", str, where)
-        group_id = _field(doc, "gid", str, where)
-        worker_id = _field(doc, "w", str, where)
+        run_id = _field(doc, "run", str, "group")
+        prompt_id = _field(doc, "pid", str, "group")
+        group_id = _field(doc, "gid", str, "group")
+        worker_id = _field(doc, "w", str, "group")
+    return run_id, prompt_id, group_id, worker_id
+
+
+def _versions_and_times(doc: dict[str, Any]) -> tuple[int, float, float]:
+    """Admission version, created-at and finished-at (an int time is taken as a float)."""
     av = doc.get("av")
     if type(av) is not int:
-        av = _field(doc, "av", int, where)
+        av = _field(doc, "av", int, "group")
     ct = doc.get("ct")
     if type(ct) is not float:
-        ct = float(_field(doc, "ct", (int, float), where))
+        ct = float(_field(doc, "ct", (int, float), "group"))
     ft = doc.get("ft")
     if type(ft) is not float:
-        ft = float(_field(doc, "ft", (int, float), where))
+        ft = float(_field(doc, "ft", (int, float), "group"))
+    return av, ct, ft
+
+
+def decode_group(payload: bytes) -> TrajectoryGroup:
+    """Parse and validate. Raises ``CodecError`` (only) on any malformed payload.
+
+    The fast path checks the common case inline (exact types, the encoder's dtypes); anything
+    unexpected falls back to ``_field`` / ``_array_length``, which raise the message naming the
+    problem, so every check applies and every error reads the same on either path. The checks
+    run in a fixed order (header, schema version, arrays, metadata, sample lengths, per-sample
+    fields, ids, versions and times), so a payload with several problems names the first.
+    """
+    if not isinstance(payload, bytes | bytearray | memoryview):
+        raise CodecError(f"payload must be bytes, got {type(payload).__name__}")
+    doc, start = _header(payload)
+    sv = doc.get("sv")
+    if sv != SCHEMA_VERSION:
+        raise CodecError(f"unknown schema version {sv!r} (this build reads {SCHEMA_VERSION})")
+    p_ids, lens_arr, o, lp, tv = _arrays(payload, doc, start)
+    metadata = _metadata(doc)
+    lens = _sample_lengths(lens_arr, o, lp, tv)
+    rewards, finishes, indices = _per_sample(doc, len(lens))
+    samples = []
+    a = 0
+    for length, reward, finish, index in zip(lens, rewards, finishes, indices, strict=True):
+        b = a + length
+        samples.append(Sample(o[a:b], lp[a:b], tv[a:b], reward, finish, index))
+        a = b
+    run_id, prompt_id, group_id, worker_id = _ids(doc)
+    av, ct, ft = _versions_and_times(doc)
     return TrajectoryGroup(
         run_id=run_id,
         prompt_id=prompt_id,
