@@ -1,6 +1,6 @@
 """``SGLangClient``: the one HTTP client for SGLang and the CPU reference server.
 
-Speaks the subset of SGLang's HTTP protocol in shared/SGLANG_PROTOCOL.md (token in, token out,
+Speaks the subset of SGLang's HTTP protocol in docs/sglang-protocol.md (token in, token out,
 ``--skip-tokenizer-init``). numpy only; no torch.
 
 Invariants:

@@ -1,7 +1,7 @@
 """The inference contract the rollout worker depends on (no HTTP, no torch: numpy only).
 
 ``InferenceClient`` is what a worker talks to; ``SGLangClient`` (``inference.client``)
-implements it over SGLang's HTTP protocol (shared/SGLANG_PROTOCOL.md) and so does the CPU
+implements it over SGLang's HTTP protocol (docs/sglang-protocol.md) and so does the CPU
 reference server through the same client. ``GenerateResult`` is the parsed answer of one
 ``/generate`` call; its per-token arrays always have the same length.
 

@@ -1,5 +1,5 @@
 """``SGLangClient`` against responses recorded from a live SGLang 0.5.17 (H100) and the 0.5.23
-shapes documented in shared/SGLANG_PROTOCOL.md.
+shapes documented in docs/sglang-protocol.md.
 
 Each recorded status + body is served by a real in-process ``aiohttp.web`` server on a free
 port, so the client's whole HTTP path runs (request encoding, status handling, parsing), and

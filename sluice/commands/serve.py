@@ -1,4 +1,4 @@
-"""Serve a transformers causal LM on CPU behind SGLang's HTTP subset (shared/SGLANG_PROTOCOL.md).
+"""Serve a transformers causal LM on CPU behind SGLang's HTTP subset (docs/sglang-protocol.md).
 
 The CPU reference server of ``inference.cpu_server``: float32, weights only from
 safetensors, continuous batching with a KV cache. Token ids in, token ids out.
