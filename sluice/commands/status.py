@@ -62,7 +62,7 @@ def resolve_url(args: argparse.Namespace) -> str:
     env = os.environ.get(URL_ENV)
     if env:
         return env
-    from sluice.config import RedisConfig
+    from buffer.config import RedisConfig
 
     return RedisConfig.model_validate({}).url
 
@@ -156,11 +156,12 @@ async def _worker_metrics(client: aioredis.Redis, run: str) -> dict[str, dict[st
         raw = await client.hgetall(k)
         m: dict[str, Any] = {}
         for f, v in raw.items():
-            text = v.decode(errors="replace")
+            field = f.decode() if isinstance(f, bytes) else f
+            text = v.decode(errors="replace") if isinstance(v, bytes) else v
             try:
-                m[f.decode()] = json.loads(text)
+                m[field] = json.loads(text)
             except ValueError:
-                m[f.decode()] = text
+                m[field] = text
         if isinstance(m.get("updated_at"), int | float):
             m["age_s"] = round(now - float(m["updated_at"]), 3)
         out[wid] = m
@@ -187,9 +188,7 @@ def _age(seconds: float) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
-def render(d: dict[str, Any]) -> Any:
-    """Rich renderables for one status object."""
-    from rich.console import Group
+def _gate_table(d: dict[str, Any]) -> Any:
     from rich.table import Table
 
     gate = Table(title=f"run {d['run']}  ({d['redis']})", show_header=False, title_justify="left")
@@ -220,6 +219,11 @@ def render(d: dict[str, Any]) -> Any:
         f"length {b['length']}, pending {b['pending']}, dead-letter {b['dead_letter']}, "
         f"{b['bytes'] / 1e6:.2f} MB",
     )
+    return gate
+
+
+def _workers_table(d: dict[str, Any]) -> Any:
+    from rich.table import Table
 
     workers = Table(title="workers", title_justify="left")
     for col in ("id", "in flight", "last heartbeat", "state"):
@@ -237,54 +241,80 @@ def render(d: dict[str, Any]) -> Any:
             workers.add_row(wid, str(n), "never", "[red]no heartbeat (reap pending)[/red]")
     if not d["workers"] and not d["inflight_by_worker"]:
         workers.add_row("(none)", "", "", "")
-    parts: list[Any] = [gate, workers]
+    return workers
+
+
+def _dead_letters_table(dl: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    t = Table(title="dead-lettered entries (newest first)", title_justify="left")
+    t.add_column("reason")
+    t.add_column("count")
+    for reason, n in sorted(dl["by_reason"].items(), key=lambda kv: -kv[1]):
+        t.add_row(reason, str(n))
+    for r in dl.get("recent", []):
+        t.add_row(f"[dim]{r['entry']}: {r['reason'][:100]}[/dim]", "")
+    return t
+
+
+def _worker_metrics_table(wm: dict[str, dict[str, Any]]) -> Any:
+    from rich.table import Table
+
+    t = Table(title="worker metrics (last write)", title_justify="left")
+    for col in ("id", "status", "pushed", "rejected", "tok/s", "version", "servers", "age"):
+        t.add_column(col)
+    for wid, m in wm.items():
+        rej = m.get("rejected_by") or {}
+        rej_s = str(m.get("groups_rejected", 0))
+        if rej:
+            rej_s += " (" + ", ".join(f"{k}={v}" for k, v in sorted(rej.items())) + ")"
+        servers = m.get("servers") or []
+        alive = sum(1 for s in servers if isinstance(s, dict) and s.get("alive"))
+        t.add_row(
+            wid,
+            str(m.get("status", "?")),
+            str(m.get("groups_pushed", 0)),
+            rej_s,
+            str(m.get("tokens_per_s", "")),
+            str(m.get("version", "")),
+            f"{alive}/{len(servers)} alive",
+            _age(float(m["age_s"])) + " ago" if "age_s" in m else "?",
+        )
+    return t
+
+
+def _eval_table(ev: list[dict[str, Any]]) -> Any:
+    from rich.table import Table
+
+    t = Table(title="eval", title_justify="left")
+    for col in ("version", "greedy reward", "sampled reward", "prompts", "worker"):
+        t.add_column(col)
+    for r in ev[-10:]:
+        t.add_row(
+            str(r.get("version")),
+            f"{r.get('greedy_reward', float('nan')):.3f}",
+            f"{r.get('sampled_reward', float('nan')):.3f}",
+            str(r.get("prompts", "")),
+            str(r.get("worker", "")),
+        )
+    return t
+
+
+def render(d: dict[str, Any]) -> Any:
+    """Rich renderables for one status object: the gate, the workers, then (when there are
+    any) dead letters, worker metrics and eval results."""
+    from rich.console import Group
+
+    parts: list[Any] = [_gate_table(d), _workers_table(d)]
     dl = d.get("dead_letters") or {}
     if dl.get("by_reason"):
-        t = Table(title="dead-lettered entries (newest first)", title_justify="left")
-        t.add_column("reason")
-        t.add_column("count")
-        for reason, n in sorted(dl["by_reason"].items(), key=lambda kv: -kv[1]):
-            t.add_row(reason, str(n))
-        for r in dl.get("recent", []):
-            t.add_row(f"[dim]{r['entry']}: {r['reason'][:100]}[/dim]", "")
-        parts.append(t)
+        parts.append(_dead_letters_table(dl))
     wm = d.get("worker_metrics") or {}
     if wm:
-        t = Table(title="worker metrics (last write)", title_justify="left")
-        for col in ("id", "status", "pushed", "rejected", "tok/s", "version", "servers", "age"):
-            t.add_column(col)
-        for wid, m in wm.items():
-            rej = m.get("rejected_by") or {}
-            rej_s = str(m.get("groups_rejected", 0))
-            if rej:
-                rej_s += " (" + ", ".join(f"{k}={v}" for k, v in sorted(rej.items())) + ")"
-            servers = m.get("servers") or []
-            alive = sum(1 for s in servers if isinstance(s, dict) and s.get("alive"))
-            t.add_row(
-                wid,
-                str(m.get("status", "?")),
-                str(m.get("groups_pushed", 0)),
-                rej_s,
-                str(m.get("tokens_per_s", "")),
-                str(m.get("version", "")),
-                f"{alive}/{len(servers)} alive",
-                _age(float(m["age_s"])) + " ago" if "age_s" in m else "?",
-            )
-        parts.append(t)
+        parts.append(_worker_metrics_table(wm))
     ev = d.get("eval") or []
     if ev:
-        t = Table(title="eval", title_justify="left")
-        for col in ("version", "greedy reward", "sampled reward", "prompts", "worker"):
-            t.add_column(col)
-        for r in ev[-10:]:
-            t.add_row(
-                str(r.get("version")),
-                f"{r.get('greedy_reward', float('nan')):.3f}",
-                f"{r.get('sampled_reward', float('nan')):.3f}",
-                str(r.get("prompts", "")),
-                str(r.get("worker", "")),
-            )
-        parts.append(t)
+        parts.append(_eval_table(ev))
     return Group(*parts)
 
 
