@@ -1,0 +1,155 @@
+"""rollout_workers.worker on fakes (no Redis, no server): every admitted slot is finished or
+handed back with its reason, and the gate bounds what is admitted."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from rollout_fakes import (
+    FakeBuffer,
+    FakeEvals,
+    FakePrompts,
+    FakeRecords,
+    FakeVersions,
+    client_of,
+    server,
+)
+
+from rollout_workers.config import RolloutConfig
+from rollout_workers.parts import RunInfo, WorkerParts
+from rollout_workers.pool import Server, ServerState
+from rollout_workers.tasks import Prompt, get_task
+from rollout_workers.worker import RolloutWorker
+from staleness.version_manager import WeightEvent
+
+pytestmark = pytest.mark.timeout(20)
+
+RUN = RunInfo(
+    name="r", seed=3, redis_url="redis://unused", model_path="/w/v0", eta=100, batch_groups=2
+)
+
+
+@dataclass
+class Rig:
+    worker: RolloutWorker
+    versions: FakeVersions
+    buffer: FakeBuffer
+    prompts: FakePrompts
+    records: FakeRecords
+    evals: FakeEvals
+    closed: list[bool]
+
+
+def rig(
+    servers: list[Server] | None = None,
+    *,
+    versions: FakeVersions | None = None,
+    max_groups: int | None = None,
+    **rollout: Any,
+) -> Rig:
+    task = get_task("reverse")
+    vs = versions or FakeVersions()
+    buffer, prompts = FakeBuffer(), FakePrompts(list(task.prompts("train"))[:5])
+    records, evals, closed = FakeRecords(), FakeEvals(), []
+
+    async def close() -> None:
+        closed.append(True)
+
+    parts = WorkerParts(vs, buffer, prompts, records, evals, close)
+    rc = RolloutConfig(**{"n_samples": 2, "max_inflight_groups": 2, **rollout})
+    servers = servers or [server(state=ServerState.NEEDS_LOAD, version=None)]
+    worker = RolloutWorker(parts, servers, rc, task, RUN, worker_id="w", max_groups=max_groups)
+    return Rig(worker, vs, buffer, prompts, records, evals, closed)
+
+
+async def until(cond: Callable[[], bool]) -> None:
+    while not cond():
+        await asyncio.sleep(0.001)
+
+
+def test_the_worker_needs_model_path_and_a_positive_max_groups() -> None:
+    task, rc = get_task("reverse"), RolloutConfig()
+
+    async def close() -> None:
+        pass
+
+    parts = WorkerParts(
+        FakeVersions(), FakeBuffer(), FakePrompts([]), FakeRecords(), FakeEvals(), close
+    )
+    no_model = RunInfo("r", 0, "redis://x", "", 0, 1)
+    with pytest.raises(ValueError, match=r"model\.path is empty"):
+        RolloutWorker(parts, [server()], rc, task, no_model, worker_id="w")
+    with pytest.raises(ValueError, match="max_groups must be >= 1"):
+        RolloutWorker(parts, [server()], rc, task, RUN, worker_id="w", max_groups=0)
+
+
+async def test_pushes_max_groups_and_finishes_every_slot() -> None:
+    r = rig(max_groups=3, eval_every=1, eval_prompts=2)
+    assert await r.worker.run() == 3
+    vs = r.versions
+    assert len(r.buffer.groups) == 3 and (vs.admitted, vs.finished, vs.rejected) == (3, 3, [])
+    g = r.buffer.groups[0]
+    assert g.worker_id == "w" and g.admission_version == 0 and g.n == 2
+    assert all(s.token_versions.tolist() == [0, 0] for s in g.samples)
+    assert set(r.prompts.released.values()) == {False}  # released, not requeued
+    assert r.evals.records[0]["prompts"] == 2 and r.worker.counters.evals == 1
+    assert r.worker.status == "stopped" and r.records.metrics[-1]["groups_pushed"] == 3
+    assert r.closed == [True] and client_of(r.worker.servers[0]).closed
+    assert vs.heartbeats >= 1
+
+
+async def test_the_gate_bounds_what_is_admitted() -> None:
+    r = rig(versions=FakeVersions(capacity=2), max_groups=4)
+    run = asyncio.create_task(r.worker.run())
+    await until(lambda: r.worker.counters.gate_waits >= 3)
+    assert r.versions.admitted == 2 and r.worker.counters.groups_pushed == 2
+    r.worker.request_stop()
+    assert await run == 2
+
+
+async def test_a_reward_failure_hands_the_slot_back_with_its_reason() -> None:
+    r = rig(
+        max_groups=1,
+        reward_fn="rollout_fakes:reward_failing_on_p0",
+        n_samples=1,
+        max_inflight_groups=1,
+    )
+    r.prompts.prompts = [Prompt("p0", [1, 5], None), Prompt("p1", [1, 6], None)]
+    assert await r.worker.run() == 1
+    assert r.versions.rejected == ["reward_error"] and r.versions.finished == 1
+    assert r.worker.counters.rejected_by == {"reward_error": 1}
+    assert r.prompts.released == {"p0": False, "p1": False}  # a rejected prompt is not requeued
+
+
+async def test_a_stop_hands_in_flight_slots_back_and_requeues_their_prompts() -> None:
+    s = server(state=ServerState.NEEDS_LOAD, version=None)
+    client_of(s).generate_gate = asyncio.Event()  # generation that never ends
+    r = rig([s], shutdown_grace_s=0.1)
+    run = asyncio.create_task(r.worker.run())
+    await until(lambda: r.worker.inflight_requests() == 4)
+    r.worker.request_stop()
+    assert await run == 0
+    assert r.versions.rejected == ["shutdown", "shutdown"] and r.versions.finished == 0
+    assert set(r.prompts.released.values()) == {True}
+    assert sum(c.startswith("abort:") for c in client_of(s).calls) == 4
+
+
+async def test_a_group_past_eta_is_cancelled_and_handed_back_as_cancelled_stale() -> None:
+    s = server(state=ServerState.NEEDS_LOAD, version=None)
+    client_of(s).generate_gate = asyncio.Event()
+    vs = FakeVersions(eta=0, capacity=1)
+    r = rig([s], versions=vs, n_samples=1, shutdown_grace_s=0.1)
+    run = asyncio.create_task(r.worker.run())
+    await until(lambda: r.worker.inflight_requests() == 1)
+    vs.current = 1
+    vs.queue.put_nowait(WeightEvent(1, "/w/v1", "safetensors", 0.0))
+    await until(lambda: r.versions.rejected == ["cancelled_stale"])
+    assert r.worker.counters.cancelled_stale == 1 and r.worker.metrics()["doomed_groups"] == 1
+    assert list(r.prompts.released.values()) == [True]  # its prompt is served again
+    r.worker.request_stop()
+    await run
+    assert r.versions.admitted == len(r.versions.rejected) + r.versions.finished
