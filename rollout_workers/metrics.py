@@ -44,7 +44,7 @@ class Counters:
     evals: int = 0
     cancelled_stale: int = 0
     """Groups stopped mid-generation because they could no longer be trained within eta
-    (reported as ``doomed_groups``, the field ``sluice status`` and older runs know)."""
+    (handed back as ``cancelled_stale``; the metrics field is ``doomed_groups``)."""
     rejected_by: dict[str, int] = field(default_factory=dict)
 
 
