@@ -253,3 +253,17 @@ def test_sglang_command_line_is_the_same_for_the_launcher_and_the_demo(tmp_path:
     )
     spec = server_spec(cfg, "sglang", tmp_path / "config.yaml", 30001)
     assert spec.args == cmd
+
+
+def test_cpu_server_command_line_is_the_same_for_the_launcher_and_the_demo(tmp_path: Path) -> None:
+    """The demo's CPU server reads the run config; its line comes from ``cpu_server_command``
+    as the launcher's does."""
+    from inference.launch import cpu_server_command
+    from sluice.config import load_config
+    from sluice.demo import server_spec
+
+    cfg = load_config(None, ["model.path=/m", "inference.threads=3"])
+    spec = server_spec(cfg, "cpu", tmp_path / "config.yaml", 30001)
+    assert spec.args == cpu_server_command(None, 30001, config_path=tmp_path / "config.yaml")
+    assert spec.args[4:6] == ["--config", str(tmp_path / "config.yaml")]
+    assert spec.env is not None and spec.env["OMP_NUM_THREADS"] == "3"
