@@ -110,6 +110,7 @@ class DistributedSync:
         """Announce ``version`` and broadcast ``model``'s parameters; True if every server got
         every tensor (the caller then publishes), False otherwise (the caller falls back)."""
         import torch.distributed as dist
+        from torch._C._distributed_c10d import PrefixStore, TCPStore  # torch.distributed's own
 
         t0 = time.monotonic()
         servers = await self._servers()
@@ -125,7 +126,7 @@ class DistributedSync:
             self._group = f"sluice-g{self._groups_opened}-{int(time.time())}"
             self._ranks = {u: i + 1 for i, u in enumerate(servers)}
             world = 1 + len(servers)
-            self._store = dist.TCPStore(
+            self._store = TCPStore(
                 self.master_addr,
                 self._port,
                 world,
@@ -152,7 +153,7 @@ class DistributedSync:
                 store, world = self._store, plan.world_size
                 self._pg = await asyncio.to_thread(
                     lambda: dist.ProcessGroupGloo(
-                        dist.PrefixStore(plan.group + "/", store),
+                        PrefixStore(plan.group + "/", store),
                         0,
                         world,
                         timedelta(seconds=self.timeout_s),

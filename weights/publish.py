@@ -1,0 +1,141 @@
+"""Weight publication, trainer side: one contract (``WeightPublisher``), two transports.
+
+- ``DiskPublisher`` (``trainer.weight_sync=disk``): writes ``weights_dir/v{N}`` (an HF
+  safetensors directory, atomically: ``weights.disk``), publishes it
+  (``publish_weights(N, path, "safetensors")``) and keeps the newest ``keep`` versions.
+- ``DistributedPublisher`` (``trainer.weight_sync=distributed``): broadcasts ``N`` to the
+  registered servers (``weights.distributed``) and publishes it as ``distributed-done``.
+  Every ``disk_every`` versions, and whenever the broadcast fails, the disk copy is written and
+  recorded first (``record_disk_weights``: the catch-up source of a server that missed a
+  broadcast); after a failed broadcast ``N`` is published as safetensors from that copy.
+
+Invariant: the run's version moves to ``N`` (``publish_weights``) only once the weights of
+``N`` can be read: a complete directory on disk, or every server of the group has received
+every tensor (``tests/test_weight_sync.py``; ``tests/unit/weights/test_weights_publish.py``
+checks the order of the calls with fakes).
+
+The trainer publishes from rank 0 only; a publisher never learns the trainer's state beyond
+the version and the model it is handed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+import torch
+
+from weights.disk import prune, write_model_dir
+from weights.plan import FMT_DONE
+
+R = TypeVar("R")
+
+CrashHook = Callable[[str], None]
+"""Called with ``"mid_publish"`` once a version's directory is written but not yet renamed
+into place (the trainer's fault-injection hook)."""
+
+
+class WeightPublisher(Protocol):
+    """Makes the weights of ``version`` reachable by the servers, then the run's version."""
+
+    async def publish(self, version: int, model: torch.nn.Module) -> None: ...
+
+
+class WeightRecords(Protocol):
+    """What a publisher records in the run (``staleness.VersionManager`` has these)."""
+
+    async def publish_weights(
+        self, version: int, location: str, fmt: str = "safetensors"
+    ) -> str: ...
+
+    async def record_disk_weights(
+        self, version: int, location: str, fmt: str = "safetensors"
+    ) -> bool: ...
+
+
+class Broadcast(Protocol):
+    """The broadcast to the servers (``weights.distributed.DistributedSync``)."""
+
+    @property
+    def group(self) -> str: ...
+
+    async def broadcast(self, version: int, model: torch.nn.Module) -> bool: ...
+
+
+class CallTimer(Protocol):
+    """Awaits one call to the run's records, counting its time (the trainer's ``buffer_s``)."""
+
+    def __call__(self, call: Awaitable[R], /) -> Awaitable[R]: ...
+
+
+async def untimed(call: Awaitable[R]) -> R:
+    """A ``CallTimer`` that counts nothing."""
+    return await call
+
+
+class DiskPublisher:
+    """``weight_sync=disk``: every version as ``weights_dir/v{N}``, the newest ``keep`` kept."""
+
+    def __init__(
+        self,
+        records: WeightRecords,
+        weights_dir: Path,
+        *,
+        keep: int,
+        timed: CallTimer = untimed,
+        crash_hook: CrashHook | None = None,
+    ) -> None:
+        self.records = records
+        self.weights_dir = weights_dir
+        self.keep = keep
+        self.timed = timed
+        self.crash_hook = crash_hook
+
+    async def publish(self, version: int, model: torch.nn.Module) -> None:
+        dest = write_model_dir(model, self.weights_dir / f"v{version}", self.crash_hook)
+        await self.timed(self.records.publish_weights(version, str(dest.resolve()), "safetensors"))
+        prune(self.weights_dir, "v", self.keep)
+
+
+class DistributedPublisher:
+    """``weight_sync=distributed``: broadcast, with a disk copy every ``disk_every`` versions
+    and whenever the broadcast fails (see the module docstring)."""
+
+    def __init__(
+        self,
+        records: WeightRecords,
+        sync: Broadcast,
+        weights_dir: Path,
+        *,
+        keep: int,
+        disk_every: int,
+        timed: CallTimer = untimed,
+        crash_hook: CrashHook | None = None,
+    ) -> None:
+        self.records = records
+        self.sync = sync
+        self.weights_dir = weights_dir
+        self.keep = keep
+        self.disk_every = disk_every
+        self.timed = timed
+        self.crash_hook = crash_hook
+
+    async def _disk_copy(self, version: int, model: torch.nn.Module) -> Path:
+        dest = write_model_dir(model, self.weights_dir / f"v{version}", self.crash_hook)
+        await self.timed(self.records.record_disk_weights(version, str(dest.resolve())))
+        prune(self.weights_dir, "v", self.keep)
+        return dest
+
+    async def publish(self, version: int, model: torch.nn.Module) -> None:
+        dest: Path | None = None
+        if version % self.disk_every == 0:
+            dest = await self._disk_copy(version, model)
+        if await self.sync.broadcast(version, model):
+            await self.timed(
+                self.records.publish_weights(version, f"group:{self.sync.group}", FMT_DONE)
+            )
+            return
+        if dest is None:
+            dest = await self._disk_copy(version, model)
+        await self.timed(self.records.publish_weights(version, str(dest.resolve()), "safetensors"))
