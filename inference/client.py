@@ -115,24 +115,54 @@ def parse_generate(body: Any, rid: str) -> GenerateResult:
     meta = body.get("meta_info")
     if not isinstance(meta, dict):
         raise ProtocolError(f"/generate {rid}: no meta_info object in the answer")
-    fr = meta.get("finish_reason")
+    finish, finish_message = _finish_reason(meta.get("finish_reason"), rid)
+    server_id = meta.get("id")
+    if isinstance(server_id, str) and server_id != rid:
+        raise ProtocolError(f"/generate: sent rid {rid!r}, answer is for {server_id!r}")
+    output_ids, logprobs = _output_tokens(
+        body.get("output_ids"), meta.get("output_token_logprobs"), finish, rid
+    )
+    n = len(output_ids)
+    weight_version = parse_version(meta.get("weight_version"))
+    token_versions = _token_versions(meta.get("weight_versions"), n, rid)
+    if token_versions is None and weight_version is not None:
+        token_versions = np.full(n, weight_version, dtype=np.int32)
+    return GenerateResult(
+        rid=rid,
+        output_ids=output_ids,
+        logprobs=logprobs,
+        finish_reason=finish,
+        finish_message=finish_message,
+        weight_version=weight_version,
+        token_versions=token_versions,
+        prompt_tokens=_opt_int(meta.get("prompt_tokens")),
+        completion_tokens=_opt_int(meta.get("completion_tokens")),
+        cached_tokens=_opt_int(meta.get("cached_tokens")),
+        e2e_latency=_opt_float(meta.get("e2e_latency")),
+        meta_info=meta,
+    )
+
+
+def _finish_reason(fr: Any, rid: str) -> tuple[FinishReason, str | None]:
+    """``(type, message)`` of a ``finish_reason`` object; its type must be stop|length|abort."""
     ftype = fr.get("type") if isinstance(fr, dict) else None
     if ftype not in _FINISH_TYPES:
         raise ProtocolError(f"/generate {rid}: finish_reason {fr!r} is not stop|length|abort")
     finish: FinishReason = ftype
     fmsg = fr.get("message") if isinstance(fr, dict) else None
-    finish_message = fmsg if isinstance(fmsg, str) else None
-    server_id = meta.get("id")
-    if isinstance(server_id, str) and server_id != rid:
-        raise ProtocolError(f"/generate: sent rid {rid!r}, answer is for {server_id!r}")
+    return finish, fmsg if isinstance(fmsg, str) else None
 
-    ids_raw = body.get("output_ids")
+
+def _output_tokens(
+    ids_raw: Any, lp_raw: Any, finish: FinishReason, rid: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """``output_ids`` and their ``output_token_logprobs`` as int32 / float32 arrays of one
+    length, each log-prob entry naming its own token."""
     if ids_raw is None and finish == "abort":
         ids_raw = []
     if not isinstance(ids_raw, list):
         raise ProtocolError(f"/generate {rid}: output_ids missing or not a list")
     n = len(ids_raw)
-    lp_raw = meta.get("output_token_logprobs")
     if lp_raw is None and n == 0:
         lp_raw = []
     if not isinstance(lp_raw, list):
@@ -159,25 +189,7 @@ def parse_generate(body: Any, rid: str) -> GenerateResult:
             )
         output_ids[i] = tok
         logprobs[i] = lp
-
-    weight_version = parse_version(meta.get("weight_version"))
-    token_versions = _token_versions(meta.get("weight_versions"), n, rid)
-    if token_versions is None and weight_version is not None:
-        token_versions = np.full(n, weight_version, dtype=np.int32)
-    return GenerateResult(
-        rid=rid,
-        output_ids=output_ids,
-        logprobs=logprobs,
-        finish_reason=finish,
-        finish_message=finish_message,
-        weight_version=weight_version,
-        token_versions=token_versions,
-        prompt_tokens=_opt_int(meta.get("prompt_tokens")),
-        completion_tokens=_opt_int(meta.get("completion_tokens")),
-        cached_tokens=_opt_int(meta.get("cached_tokens")),
-        e2e_latency=_opt_float(meta.get("e2e_latency")),
-        meta_info=meta,
-    )
+    return output_ids, logprobs
 
 
 def _token_versions(spans: Any, n: int, rid: str) -> np.ndarray | None:

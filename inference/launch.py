@@ -298,6 +298,21 @@ def cpu_server_command(
     return args + list(extra_args)
 
 
+def _cuda_devices(gpu: int | str | Sequence[int], tp_size: int) -> str:
+    """``CUDA_VISIBLE_DEVICES`` for ``gpu``: an int is the first of ``tp_size`` GPUs."""
+    if isinstance(gpu, int):
+        devices = ",".join(str(gpu + i) for i in range(tp_size))
+    elif isinstance(gpu, str):
+        devices = gpu
+    else:
+        devices = ",".join(str(int(g)) for g in gpu)
+    if len(devices.split(",")) < tp_size:
+        raise ValueError(
+            f"tp_size {tp_size} needs as many GPUs, got CUDA_VISIBLE_DEVICES={devices}"
+        )
+    return devices
+
+
 def launch_sglang(
     model_path: str | Path,
     port: int | None = None,
@@ -327,16 +342,7 @@ def launch_sglang(
         raise ValueError(f"tp_size must be >= 1, got {tp_size}")
     if mem_fraction is not None and not (0.0 < mem_fraction < 1.0):
         raise ValueError(f"mem_fraction must be in (0, 1), got {mem_fraction}")
-    if isinstance(gpu, int):
-        devices = ",".join(str(gpu + i) for i in range(tp_size))
-    elif isinstance(gpu, str):
-        devices = gpu
-    else:
-        devices = ",".join(str(int(g)) for g in gpu)
-    if len(devices.split(",")) < tp_size:
-        raise ValueError(
-            f"tp_size {tp_size} needs as many GPUs, got CUDA_VISIBLE_DEVICES={devices}"
-        )
+    devices = _cuda_devices(gpu, tp_size)
     port = port or free_port(host)
     model = str(model_path)
     args = sglang_command(
