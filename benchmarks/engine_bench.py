@@ -77,9 +77,30 @@ def _baseline_round(model: Any, prompts: list[list[int]], new_tokens: int) -> tu
     return int(out[:, ids.shape[1] :].numel()), dt
 
 
-def run(args: argparse.Namespace) -> int:
+def _rounds(url: str, model: Any, vocab: int, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One round per concurrency: the server at ``url`` and ``generate`` on the same prompts."""
     import random
 
+    rng = random.Random(0)
+    results: list[dict[str, Any]] = []
+    for c in args.concurrency:
+        prompts = [[rng.randrange(3, vocab) for _ in range(args.prompt_len)] for _ in range(c)]
+        n_s, t_s = asyncio.run(_server_round(url, prompts, args.new_tokens))
+        n_b, t_b = _baseline_round(model, prompts, args.new_tokens)
+        results.append(
+            {
+                "concurrency": c,
+                "server_tok_per_s": n_s / t_s,
+                "baseline_tok_per_s": n_b / t_b,
+                "server_s": t_s,
+                "baseline_s": t_b,
+                "tokens": n_s,
+            }
+        )
+    return results
+
+
+def run(args: argparse.Namespace) -> int:
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -103,8 +124,6 @@ def run(args: argparse.Namespace) -> int:
         )
         model = load_model(model_dir)
         vocab = int(model.config.vocab_size)
-        rng = random.Random(0)
-        results: list[dict[str, Any]] = []
         server = launch_cpu_server(
             model_dir,
             threads=args.threads,
@@ -112,22 +131,7 @@ def run(args: argparse.Namespace) -> int:
             log_path=Path(tmp) / "server.log",
         )
         with server:
-            for c in args.concurrency:
-                prompts = [
-                    [rng.randrange(3, vocab) for _ in range(args.prompt_len)] for _ in range(c)
-                ]
-                n_s, t_s = asyncio.run(_server_round(server.url, prompts, args.new_tokens))
-                n_b, t_b = _baseline_round(model, prompts, args.new_tokens)
-                results.append(
-                    {
-                        "concurrency": c,
-                        "server_tok_per_s": n_s / t_s,
-                        "baseline_tok_per_s": n_b / t_b,
-                        "server_s": t_s,
-                        "baseline_s": t_b,
-                        "tokens": n_s,
-                    }
-                )
+            results = _rounds(server.url, model, vocab, args)
     print_table(
         f"CPU server vs transformers generate ({args.new_tokens} new tokens/request, "
         f"{args.threads} thread(s))",

@@ -106,18 +106,11 @@ class _Broadcaster:
             self.pg.broadcast([t], opts).wait()
 
 
-async def _bench_size(name: str, args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
-    import numpy as np
-
+def _launch(name: str, args: argparse.Namespace, model: Path, work: Path) -> tuple[Any, int]:
+    """The server under test on ``model`` and how many bytes one version of it moves."""
     from inference.launch import launch_cpu_server
-    from inference.models import init_tiny_model, load_state_dict
-    from inference.protocol import SamplingParams
-    from procs import free_port
 
-    shape = SIZES[name]
-    vocab = shape["vocab"]
-    dirs = [init_tiny_model(work / f"{name}-v{i}", seed=i, **shape) for i in range(2)]
-    params = _dir_bytes(dirs[0]) // 4  # written in float32
+    params = _dir_bytes(model) // 4  # written in float32
     if args.engine == "sglang":
         import os
 
@@ -125,76 +118,106 @@ async def _bench_size(name: str, args: argparse.Namespace, work: Path) -> list[d
 
         extra = os.environ.get("SLUICE_SGLANG_ARGS", SGLANG_ARGS).split()
         server = launch_sglang(
-            dirs[0],
+            model,
             mem_fraction=args.mem_fraction,
             extra_args=extra,
             log_path=work / f"{name}.log",
             timeout=900,
         )
-        nbytes = params * 2  # what the server holds and moves: bfloat16
-    else:
-        server = launch_cpu_server(
-            dirs[0], threads=args.threads, log_path=work / f"{name}.log", timeout=300
+        return server, params * 2  # what the server holds and moves: bfloat16
+    server = launch_cpu_server(
+        model, threads=args.threads, log_path=work / f"{name}.log", timeout=300
+    )
+    return server, params * 4
+
+
+class _Swaps:
+    """Timed weight swaps on one busy server, alternating between two model directories."""
+
+    def __init__(self, client: Any, args: argparse.Namespace, dirs: list[Path], vocab: int) -> None:
+        import numpy as np
+
+        from inference.protocol import SamplingParams
+
+        self.client, self.args, self.dirs = client, args, dirs
+        self.long = SamplingParams(max_new_tokens=4000, temperature=1.0, ignore_eos=True)
+        self.one = SamplingParams(max_new_tokens=1, temperature=1.0)
+        rng = np.random.default_rng(0)
+        self.prompt = [int(x) for x in rng.integers(3, vocab, 8)]
+        self.version = 0
+        self.bcast: Any = None
+        self.states: list[list[tuple[str, Any]]] = []
+
+    async def join_group(self) -> None:
+        """This process becomes rank 0 of a gloo group with the server (distributed path)."""
+        from inference.models import load_state_dict
+        from procs import free_port
+
+        self.bcast = _Broadcaster(free_port())
+        th = threading.Thread(target=self.bcast.join)
+        th.start()
+        await self.client.init_weights_update_group(
+            "127.0.0.1", self.bcast.port, 1, 2, "weights", "gloo"
         )
-        nbytes = params * 4
+        th.join(60)
+        self.states = [sorted(load_state_dict(d).items()) for d in self.dirs]
+
+    async def first_token_on(self, v: int) -> float:
+        while True:
+            res = await self.client.generate(self.prompt, self.one)
+            if res.weight_version == v:
+                return time.perf_counter()
+
+    async def _update(self, path: str) -> None:
+        client, version = self.client, self.version
+        target = str(self.dirs[version % 2])
+        if path == "abort_all":
+            await client.update_weights_from_disk(target, version, abort_all_requests=True)
+        elif path == "pause":
+            await client.pause("abort")
+            await client.update_weights_from_disk(target, version)
+            await client.resume()
+        else:
+            await client.abort()  # distributed: stop in-flight work, then stream weights
+            await _distributed_update(
+                client, self.bcast, self.states[version % 2], version, self.args.bucket_mb
+            )
+
+    async def timed(self, path: str) -> float:
+        background = [
+            asyncio.create_task(self.client.generate(self.prompt, self.long))
+            for _ in range(self.args.inflight)
+        ]
+        await asyncio.sleep(0.3)  # let them get going
+        self.version += 1
+        t0 = time.perf_counter()
+        await self._update(path)
+        t1 = await self.first_token_on(self.version)
+        results = await asyncio.gather(*background, return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+            assert r.finish_reason == "abort", r.finish_reason
+        return t1 - t0
+
+
+async def _bench_size(name: str, args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
+    from inference.models import init_tiny_model
+
+    shape = SIZES[name]
+    dirs = [init_tiny_model(work / f"{name}-v{i}", seed=i, **shape) for i in range(2)]
+    params = _dir_bytes(dirs[0]) // 4  # written in float32
+    server, nbytes = _launch(name, args, dirs[0], work)
     rows: list[dict[str, Any]] = []
-    version = 0
-    rng = np.random.default_rng(0)
     try:
         async with server.client(timeout=600, update_timeout=600) as client:
-            long = SamplingParams(max_new_tokens=4000, temperature=1.0, ignore_eos=True)
-            one = SamplingParams(max_new_tokens=1, temperature=1.0)
-            prompt = [int(x) for x in rng.integers(3, vocab, 8)]
-
-            async def first_token_on(v: int) -> float:
-                while True:
-                    res = await client.generate(prompt, one)
-                    if res.weight_version == v:
-                        return time.perf_counter()
-
-            async def timed(path: str) -> float:
-                nonlocal version
-                background = [
-                    asyncio.create_task(client.generate(prompt, long)) for _ in range(args.inflight)
-                ]
-                await asyncio.sleep(0.3)  # let them get going
-                version += 1
-                target = str(dirs[version % 2])
-                t0 = time.perf_counter()
-                if path == "abort_all":
-                    await client.update_weights_from_disk(target, version, abort_all_requests=True)
-                elif path == "pause":
-                    await client.pause("abort")
-                    await client.update_weights_from_disk(target, version)
-                    await client.resume()
-                else:
-                    await client.abort()  # distributed: stop in-flight work, then stream weights
-                    await _distributed_update(
-                        client, bcast, states[version % 2], version, args.bucket_mb
-                    )
-                t1 = await first_token_on(version)
-                results = await asyncio.gather(*background, return_exceptions=True)
-                for r in results:
-                    if isinstance(r, BaseException):
-                        raise r
-                    assert r.finish_reason == "abort", r.finish_reason
-                return t1 - t0
-
+            swaps = _Swaps(client, args, dirs, shape["vocab"])
             paths = ["abort_all", "pause"]
-            bcast = None
-            states: list[list[tuple[str, Any]]] = []
             if not args.no_distributed and args.engine == "cpu":
-                bcast = _Broadcaster(free_port())
-                th = threading.Thread(target=bcast.join)
-                th.start()
-                await client.init_weights_update_group(
-                    "127.0.0.1", bcast.port, 1, 2, "weights", "gloo"
-                )
-                th.join(60)
-                states = [sorted(load_state_dict(d).items()) for d in dirs]
+                await swaps.join_group()
                 paths.append("distributed")
             for path in paths:
-                times = [await timed(path) for _ in range(args.trials)]
+                times = [await swaps.timed(path) for _ in range(args.trials)]
                 med = statistics.median(times)
                 rows.append(
                     {

@@ -68,6 +68,40 @@ def _build_config(
     return Qwen2Config(use_sliding_window=False, **common)
 
 
+def _check_dims(
+    *,
+    vocab: int,
+    layers: int,
+    hidden: int,
+    heads: int,
+    kv_heads: int,
+    intermediate: int,
+    max_positions: int,
+    special: dict[str, int],
+) -> None:
+    """Raise ``ValueError`` naming the first size or special id a model cannot have."""
+    for name, value, low in (
+        ("vocab", vocab, 2),
+        ("layers", layers, 1),
+        ("hidden", hidden, 2),
+        ("heads", heads, 1),
+        ("kv_heads", kv_heads, 1),
+        ("intermediate", intermediate, 1),
+        ("max_positions", max_positions, 2),
+    ):
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if hidden % heads:
+        raise ValueError(f"hidden ({hidden}) must be divisible by heads ({heads})")
+    if heads % kv_heads:
+        raise ValueError(f"heads ({heads}) must be divisible by kv_heads ({kv_heads})")
+    if (hidden // heads) % 2:
+        raise ValueError(f"head_dim = hidden / heads = {hidden // heads} must be even (RoPE)")
+    for name, value in special.items():
+        if not 0 <= value < vocab:
+            raise ValueError(f"{name}_token_id {value} is outside the vocabulary [0, {vocab})")
+
+
 def init_tiny_model(
     directory: str | Path,
     *,
@@ -98,26 +132,16 @@ def init_tiny_model(
     heads = heads if heads is not None else max(1, hidden // 64)
     kv_heads = kv_heads if kv_heads is not None else heads
     intermediate = intermediate if intermediate is not None else 4 * hidden
-    for name, value, low in (
-        ("vocab", vocab, 2),
-        ("layers", layers, 1),
-        ("hidden", hidden, 2),
-        ("heads", heads, 1),
-        ("kv_heads", kv_heads, 1),
-        ("intermediate", intermediate, 1),
-        ("max_positions", max_positions, 2),
-    ):
-        if not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    if hidden % heads:
-        raise ValueError(f"hidden ({hidden}) must be divisible by heads ({heads})")
-    if heads % kv_heads:
-        raise ValueError(f"heads ({heads}) must be divisible by kv_heads ({kv_heads})")
-    if (hidden // heads) % 2:
-        raise ValueError(f"head_dim = hidden / heads = {hidden // heads} must be even (RoPE)")
-    for name, value in (("bos", bos_token_id), ("eos", eos_token_id), ("pad", pad_token_id)):
-        if not 0 <= value < vocab:
-            raise ValueError(f"{name}_token_id {value} is outside the vocabulary [0, {vocab})")
+    _check_dims(
+        vocab=vocab,
+        layers=layers,
+        hidden=hidden,
+        heads=heads,
+        kv_heads=kv_heads,
+        intermediate=intermediate,
+        max_positions=max_positions,
+        special={"bos": bos_token_id, "eos": eos_token_id, "pad": pad_token_id},
+    )
 
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
