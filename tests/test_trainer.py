@@ -226,9 +226,10 @@ def test_stale_groups_are_dropped_counted_and_never_trained(
 ) -> None:
     """Trainer at version 3, eta 1: groups whose oldest token is v3 or v2 train; v1 and v0 are
     dropped (counted in metrics and in the gate's rejected_by['stale']), acked, and absent
-    from the checkpoint's trained groups."""
+    from the checkpoint's trained groups; the step's staleness_max_trained is that of the
+    groups trained, not of those read."""
+    from sluice.commands.train import run_trainer
     from staleness import VersionManager
-    from trainer.loop import Trainer
 
     asyncio.run(_admit_finished(redis_url, run_name, 4))
     rng = np.random.default_rng(2)
@@ -237,11 +238,18 @@ def test_stale_groups_are_dropped_counted_and_never_trained(
     conf = base_config(tmp_path, redis_url, run_name, model_dir, max_steps=1)
     conf["staleness"] = {"eta": 1, "batch_groups": 4}
     cfg = SluiceConfig.model_validate(conf)
-    assert asyncio.run(Trainer(cfg).run()) == 1
+    assert asyncio.run(run_trainer(cfg)) == 1
 
     (m,) = read_metrics(tmp_path / run_name)
     assert m["dropped"] == 2 and m["dropped_total"] == 2 and m["groups"] == 4
     assert m["staleness_hist"] == {"0": 1, "1": 1, "2": 1, "3": 1}
+    # Trained staleness comes from the groups that reached the optimizer, derived from their
+    # token versions: the kept groups v3 and v2 at version 3 are 0 and 1 versions old -> 1;
+    # the arrival maximum (3) counts the dropped v0.
+    assert sorted(m["group_ids"]) == ["v2", "v3"]
+    trained = [g for g in groups if g.group_id in m["group_ids"]]
+    assert m["staleness_max_trained"] == max(3 - g.min_version() for g in trained) == 1
+    assert m["staleness_max"] == 3
     assert m["samples"] == 8  # 2 kept groups x 4 samples
     assert m["version"] == 4
     # buffer_s: the step's Redis calls (record, eta, 2 drops + acks, publish, reap), in step_s.
@@ -273,7 +281,10 @@ def test_stale_groups_are_dropped_counted_and_never_trained(
 
 
 def test_empty_model_path_is_a_clear_error(tmp_path: Path) -> None:
-    from trainer.loop import Trainer, TrainerError
+    """Refused before anything connects (no Redis runs here)."""
+    from sluice.commands.train import run_trainer
+    from trainer.loop import TrainerError
 
+    cfg = SluiceConfig.model_validate({"run": {"dir": str(tmp_path)}})
     with pytest.raises(TrainerError, match=r"model\.path is empty"):
-        Trainer(SluiceConfig.model_validate({"run": {"dir": str(tmp_path)}}))
+        asyncio.run(run_trainer(cfg))

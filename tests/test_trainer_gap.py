@@ -65,7 +65,7 @@ def test_logprob_gap_on_current_version_tokens_is_zero(
     run_name: str,
     tmp_path: Path,
 ) -> None:
-    from trainer.loop import Trainer
+    from sluice.commands.train import run_trainer
 
     prompts = [[1, 7, 9, 11], [1, 20, 30], [1, 5, 6, 7, 8, 9]]
     groups = asyncio.run(_generate(cpu_server.url, run_name, prompts, n=4))  # type: ignore[attr-defined]
@@ -73,7 +73,7 @@ def test_logprob_gap_on_current_version_tokens_is_zero(
     conf = base_config(tmp_path, redis_url, run_name, tiny_model, max_steps=1)
     conf["staleness"] = {"eta": 0, "batch_groups": 3}
     cfg = SluiceConfig.model_validate(conf)
-    assert asyncio.run(Trainer(cfg).run()) == 1
+    assert asyncio.run(run_trainer(cfg)) == 1
     (m,) = read_metrics(tmp_path / run_name)
     assert m["logp_gap_tokens"] == 3 * 4 * 8
     assert m["logp_abs_diff"] <= 1e-4, m

@@ -1,12 +1,12 @@
-"""Model directories and checkpoints on disk: safetensors for tensors, JSON for the rest.
+"""Checkpoints on disk: safetensors for tensors, JSON for the rest.
 
 Nothing here pickles or unpickles: the optimizer state is flattened into named tensors
 (``state.{param index}.{name}``) plus JSON (param groups, non-tensor state), RNG states are
 uint8 tensors, the scheduler's state dict is JSON.
 
-Every directory is written under a temporary name in the same parent and renamed into place,
-so a reader (a rollout worker loading ``weights/v{N}``, a resuming trainer) sees either the
-complete directory or none.
+A checkpoint is written under a temporary name in the same parent, fsynced and renamed into
+place (``weights.disk.replace_dir``, as the published weight directories are), so a resuming
+trainer sees either the complete checkpoint or none.
 
 Layout of a checkpoint ``RUN_DIR/checkpoints/step-{step:08d}/``::
 
@@ -23,81 +23,17 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from weights.disk import fsync_dir, replace_dir
+
 STATE_FORMAT = 1
-
-
-def write_model_dir(model: Any, dest: str | Path, crash_hook: Any = None) -> Path:
-    """Write ``model`` (unwrapped HF causal LM) as an HF directory at ``dest``, atomically.
-
-    If ``dest`` exists it is replaced (only a directory that was never published can be in the
-    way: versions only increase). Returns ``dest``.
-    """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    raw = model.module if hasattr(model, "module") else model
-    raw.save_pretrained(str(tmp), safe_serialization=True)
-    _fsync_dir(tmp)
-    if crash_hook is not None:
-        crash_hook("mid_publish")
-    _replace_dir(tmp, dest)
-    return dest
-
-
-def _replace_dir(tmp: Path, dest: Path) -> None:
-    if dest.exists():
-        trash = dest.parent / f".trash-{dest.name}-{os.getpid()}"
-        os.rename(dest, trash)
-        os.rename(tmp, dest)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(tmp, dest)
-    _fsync_dir(dest.parent)
-
-
-def _fsync_dir(d: Path) -> None:
-    for p in [*d.iterdir(), d] if d.is_dir() else [d]:
-        if p.is_file() or p == d:
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-
-def numbered_dirs(parent: Path, prefix: str) -> list[tuple[int, Path]]:
-    """``[(n, path)]`` of ``parent/{prefix}{n}`` directories, sorted by ``n``."""
-    if not parent.is_dir():
-        return []
-    pat = re.compile(re.escape(prefix) + r"(\d+)$")
-    out = []
-    for p in parent.iterdir():
-        m = pat.match(p.name)
-        if m and p.is_dir():
-            out.append((int(m.group(1)), p))
-    return sorted(out)
-
-
-def prune(parent: Path, prefix: str, keep: int, protect: Path | None = None) -> list[Path]:
-    """Delete all but the newest ``keep`` numbered directories (never ``protect``)."""
-    dirs = numbered_dirs(parent, prefix)
-    removed = []
-    for _, p in dirs[: max(0, len(dirs) - keep)]:
-        if protect is not None and p.resolve() == protect.resolve():
-            continue
-        shutil.rmtree(p, ignore_errors=True)
-        removed.append(p)
-    return removed
 
 
 # ---------------------------------------------------------------------- optimizer state
@@ -151,7 +87,7 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     state: dict[str, Any],
-    crash_hook: Any = None,
+    crash_hook: Callable[[str], None] | None = None,
 ) -> Path:
     """Write a checkpoint directory atomically (layout in the module docstring).
 
@@ -184,9 +120,9 @@ def save_checkpoint(
         "python_random": _jsonable(random.getstate()),
     }
     (tmp / "state.json").write_text(json.dumps(full, indent=1, allow_nan=False))
-    _fsync_dir(tmp)
-    _fsync_dir(tmp / "model")
-    _replace_dir(tmp, dest)
+    fsync_dir(tmp)
+    fsync_dir(tmp / "model")
+    replace_dir(tmp, dest)
     return dest
 
 

@@ -1,7 +1,13 @@
-"""The ``trainer`` section of the run config (the loss settings come from ``staleness.config``)."""
+"""The ``trainer`` section of the run config (the loss settings come from ``staleness.config``),
+the explicit arguments the trainer takes besides it, and the trainer's start-up error.
+
+Importing this module does not import torch.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from pydantic import ConfigDict, Field
@@ -70,3 +76,30 @@ class TrainerConfig(LossConfig):
     sync_timeout_s: float = Field(
         60.0, gt=0, description="distributed: seconds to wait for servers to join or receive."
     )
+
+
+@dataclass(frozen=True)
+class TrainerArgs:
+    """What the trainer takes from outside its own section (``sluice.commands.train`` composes
+    it from the run file)."""
+
+    run_name: str
+    """The run (Redis namespace ``sluice:{run_name}:...``)."""
+    run_dir: Path
+    """Where ``weights/``, ``checkpoints/`` and ``metrics.jsonl`` go."""
+    seed: int
+    """Seeds torch before the version-0 model is loaded (a resumed run restores its RNG)."""
+    redis_url: str
+    model_path: str
+    """The version-0 weights: an HF causal-LM dir with safetensors ('' when not set)."""
+    batch_groups: int
+    """Groups per train step over all ranks (``staleness.batch_groups``)."""
+    eta: int
+    """The staleness limit the trainer creates the run with when it does not exist yet, and
+    reads when the run's settings hold none; otherwise the run's own (live) value rules."""
+    temperature: float
+    """The sampling temperature (``rollout.temperature``): log-probs are taken at it."""
+
+
+class TrainerError(RuntimeError):
+    """A trainer setting or run state that prevents starting; the message says what to do."""

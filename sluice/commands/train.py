@@ -3,6 +3,9 @@ weights to RUN_DIR/weights/v{N}, checkpoint with exactly-once acks.
 
 Data parallel: ``torchrun --nproc-per-node N -m sluice train --config RUN.yaml`` (gloo on CPU,
 NCCL on GPU); rank 0 publishes and checkpoints. See docs/trainer.md.
+
+The trainer takes its own section (``trainer``) plus ``TrainerArgs``; ``trainer_args`` composes
+those from the run file.
 """
 
 from __future__ import annotations
@@ -10,6 +13,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from trainer.config import TrainerArgs
+
+if TYPE_CHECKING:
+    from sluice.config import SluiceConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,6 +39,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def trainer_args(cfg: SluiceConfig) -> TrainerArgs:
+    """What the trainer takes from the run file outside its own section."""
+    return TrainerArgs(
+        run_name=cfg.run.name,
+        run_dir=Path(cfg.run.dir),
+        seed=cfg.run.seed,
+        redis_url=cfg.redis.url,
+        model_path=cfg.model.path,
+        batch_groups=cfg.staleness.batch_groups,
+        eta=cfg.staleness.eta,
+        temperature=cfg.rollout.temperature,
+    )
+
+
+async def run_trainer(
+    cfg: SluiceConfig, *, resume: bool = False, max_steps: int | None = None
+) -> int:
+    """``trainer.loop.run_trainer`` on the run file ``cfg``: returns the steps taken."""
+    from trainer.loop import run_trainer as train
+
+    return await train(cfg.trainer, trainer_args(cfg), resume=resume, max_steps=max_steps)
+
+
 def run(args: argparse.Namespace) -> int:
     from sluice.config import ConfigError, load_config
 
@@ -40,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"sluice train: {e}") from None
 
     from buffer import RedisUnavailable
-    from trainer.loop import TrainerError, run_trainer
+    from trainer.config import TrainerError
 
     try:
         steps = asyncio.run(run_trainer(cfg, resume=args.resume, max_steps=args.max_steps))

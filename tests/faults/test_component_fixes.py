@@ -63,24 +63,26 @@ async def test_trainer_redis_calls_survive_a_restart(
     """The trainer's step records, checkpoint pointer and eta reads were plain Redis calls: a
     Redis restart mid-run crashed the trainer (seen in test_redis_sigkill_restart_from_aof).
     They now go through ``with_retries``."""
-    from trainer.loop import Trainer
+    from trainer.ledger import StepLedger
 
     model = make_model(tmp_path / "model")
     conf = base_config(tmp_path, redis_server.url, "fix", model)
     cfg = load_config(write_config(tmp_path / "c.yaml", **conf))
-    trainer = Trainer(cfg)
-    await trainer._open()
+    url, tc, eta = redis_server.url, cfg.trainer, cfg.staleness.eta
+    vm = await VersionManager.open(url, "fix", eta=eta, batch_groups=cfg.staleness.batch_groups)
+    buf = await RedisTrajectoryBuffer.open(url, "fix", tc.consumer)
+    ledger = StepLedger(buf, "fix", tc.consumer, rank=0, world_size=1, default_eta=eta)
     try:
         redis_server.kill()
         with pytest.raises(Exception, match=r"(?i)connect|closed|refused"):
-            await trainer.redis.hgetall(trainer.k_steps[0])  # a bare call fails in the outage
+            await ledger.redis.hgetall(ledger.k_steps[0])  # a bare call fails in the outage
         t = _restart_later(redis_server, 1.5)
-        assert await trainer._records(0) == {}
-        assert await trainer._eta() == 100
+        assert await ledger.records(0) == {}
+        assert await ledger.eta() == 100
         t.join()
     finally:
-        await trainer.buf.close()
-        await trainer.vm.close()
+        await buf.close()
+        await vm.close()
 
 
 @pytest.mark.timeout(120)

@@ -1,0 +1,168 @@
+"""A trainer's parts, built complete before the loop starts: the run's version manager and
+buffer connections, the step ledger, the model, optimizer and state to start from
+(``trainer.resume``), the group reader and the weight publisher ``trainer.weight_sync`` names.
+
+Settings are checked before anything connects (``model.path``, ``SLUICE_TRAINER_CRASH_AT``,
+``trainer.device``); if a later part fails, the connections opened so far are closed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from buffer import RedisTrajectoryBuffer
+from staleness import RunNotFound, VersionManager
+from trainer.config import TrainerArgs, TrainerConfig
+from trainer.crash import CRASH_ENV, crash_if, parse_crash_at
+from trainer.data import GroupReader
+from trainer.ledger import StepLedger
+from trainer.metrics import RedisClock
+from trainer.model import check_model_dir, choose_device
+from trainer.resume import Restored, restore
+from trainer.step import DistInfo
+from weights.publish import CrashHook, DiskPublisher, DistributedPublisher, WeightPublisher
+
+
+@dataclass(frozen=True)
+class TrainerParts:
+    """Everything a ``trainer.loop.Trainer`` runs with."""
+
+    vm: VersionManager
+    buf: RedisTrajectoryBuffer
+    ledger: StepLedger
+    reader: GroupReader
+    publisher: WeightPublisher
+    restored: Restored
+    device: torch.device
+    clock: RedisClock
+    """Counts the seconds of buffer/gate calls (``buffer_s``); the reader and publisher too."""
+    crash_at: tuple[str, int] | None
+    """``SLUICE_TRAINER_CRASH_AT`` (``trainer.crash``), None when unset."""
+
+
+async def open_parts(
+    tc: TrainerConfig,
+    args: TrainerArgs,
+    *,
+    resume: bool,
+    dist: DistInfo,
+    stopped: Callable[[], bool],
+) -> TrainerParts:
+    """Check the settings, connect, restore and build the reader and publisher; the reader
+    stops waiting for data once ``stopped()``."""
+    model_path = check_model_dir(args.model_path)
+    crash_at = parse_crash_at(os.environ.get(CRASH_ENV))
+    device = choose_device(tc.device)
+    vm, buf, ledger, restored = await _connect_and_restore(
+        tc, args, model_path, resume=resume, dist=dist, device=device
+    )
+    clock = RedisClock()
+    state = restored.state
+    b, w = args.batch_groups, dist.world_size
+    share = b // w + (1 if dist.rank < b % w else 0)
+    reader = GroupReader(
+        buf, vm, clock, state, share=share, wait_log_s=tc.wait_log_s, stopped=stopped
+    )
+
+    def crash_now(point: str) -> None:
+        crash_if(crash_at, point, state.step)
+
+    return TrainerParts(
+        vm=vm,
+        buf=buf,
+        ledger=ledger,
+        reader=reader,
+        publisher=_publisher(tc, vm, args, clock, crash_now),
+        restored=restored,
+        device=device,
+        clock=clock,
+        crash_at=crash_at,
+    )
+
+
+async def _connect_and_restore(
+    tc: TrainerConfig,
+    args: TrainerArgs,
+    model_path: Path,
+    *,
+    resume: bool,
+    dist: DistInfo,
+    device: torch.device,
+) -> tuple[VersionManager, RedisTrajectoryBuffer, StepLedger, Restored]:
+    """Connect to the run, then restore (``trainer.resume``); on failure close what opened."""
+    consumer = tc.consumer if dist.world_size == 1 else f"{tc.consumer}-r{dist.rank}"
+    async with contextlib.AsyncExitStack() as on_error:
+        vm = await _open_version_manager(args)
+        on_error.push_async_callback(vm.close)
+        buf = await RedisTrajectoryBuffer.open(args.redis_url, args.run_name, consumer)
+        on_error.push_async_callback(buf.close)
+        ledger = StepLedger(
+            buf,
+            args.run_name,
+            tc.consumer,
+            rank=dist.rank,
+            world_size=dist.world_size,
+            default_eta=args.eta,
+        )
+        restored = await restore(
+            tc,
+            args,
+            model_path,
+            ledger=ledger,
+            buf=buf,
+            vm=vm,
+            resume=resume,
+            dist=dist,
+            device=device,
+        )
+        on_error.pop_all()  # started: the Trainer closes the connections
+    return vm, buf, ledger, restored
+
+
+async def _open_version_manager(args: TrainerArgs) -> VersionManager:
+    """The run's version manager; the trainer creates the run (with ``args.eta``) if it is new."""
+    try:
+        return await VersionManager.open(
+            args.redis_url, args.run_name, batch_groups=args.batch_groups
+        )
+    except RunNotFound:
+        return await VersionManager.open(
+            args.redis_url, args.run_name, eta=args.eta, batch_groups=args.batch_groups
+        )
+
+
+def _publisher(
+    tc: TrainerConfig,
+    vm: VersionManager,
+    args: TrainerArgs,
+    clock: RedisClock,
+    crash_hook: CrashHook,
+) -> WeightPublisher:
+    """The transport ``trainer.weight_sync`` names, writing under ``RUN_DIR/weights``."""
+    weights_dir = args.run_dir / "weights"
+    if tc.weight_sync == "distributed":
+        from weights.distributed import DistributedSync
+
+        sync = DistributedSync(
+            vm,
+            master_addr=tc.sync_master_addr,
+            port=tc.sync_port,
+            bucket_mb=tc.bucket_mb,
+            timeout_s=tc.sync_timeout_s,
+        )
+        return DistributedPublisher(
+            vm,
+            sync,
+            weights_dir,
+            keep=tc.keep_weights,
+            disk_every=tc.disk_every,
+            timed=clock,
+            crash_hook=crash_hook,
+        )
+    return DiskPublisher(vm, weights_dir, keep=tc.keep_weights, timed=clock, crash_hook=crash_hook)
