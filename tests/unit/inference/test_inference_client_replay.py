@@ -36,7 +36,7 @@ from inference.protocol import (
 )
 from procs import free_port
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 
 
 pytestmark = pytest.mark.timeout(30)

@@ -14,7 +14,7 @@ import yaml
 from sluice import cli
 from sluice.config import ConfigError, SluiceConfig, load_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 
 # (override, words the message must contain besides the field path and the value)
 BAD = [

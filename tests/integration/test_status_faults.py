@@ -15,7 +15,7 @@ from buffer import RedisTrajectoryBuffer, connect, keys
 from staleness import VersionManager
 
 pytestmark = pytest.mark.timeout(60)
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def status(url: str, *extra: str) -> subprocess.CompletedProcess[str]:

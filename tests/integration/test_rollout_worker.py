@@ -35,7 +35,7 @@ from sluice.commands.rollout import open_worker
 from sluice.config import SluiceConfig, load_config
 from staleness.version_manager import RunNotFound, VersionManager
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from sluice import cli
 from sluice.config import ConfigError
 from sluice.demo import DEMO_DEFAULTS, load_demo_config, split_password
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _alive(pid: int) -> bool:

@@ -18,7 +18,7 @@ from procs import RedisServer
 from staleness import VersionManager
 
 pytestmark = pytest.mark.timeout(60)
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PASSWORD = "pw-S3cret-zq81"
 
 
