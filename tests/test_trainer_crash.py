@@ -1,6 +1,6 @@
 """Fault injection: SIGKILL a ``sluice train`` process at each point of a step, ``--resume``.
 
-What must hold (trainer/loop.py, "Exactly-once"):
+What must hold (trainer/ledger.py and trainer/resume.py, exactly once):
 - following the checkpoint chain back from the committed pointer, every group id appears in
   exactly one step, and every group put into the buffer is there (none lost);
 - the surviving model equals that of a run that never crashed on the same groups (replayed
