@@ -15,7 +15,7 @@ from trainer_helpers import make_model
 
 from buffer import keys
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # tests/
 
 
 def _launch(model: Path, out: Path, rank: int, world: int, init: Path) -> subprocess.Popen[str]:
