@@ -1,6 +1,6 @@
 """``RedisTrajectoryBuffer``: trajectory groups on a Redis stream with a consumer group.
 
-Guarantees (each proved by a test in ``tests/test_buffer.py``):
+Guarantees (each proved by a test in ``tests/integration/test_buffer.py``):
 
 * ``put`` either returns the entry id of a stored group or raises ``RedisUnavailable``, and
   stores each ``group_id`` once even when its reply was lost: before re-sending, a retry looks

@@ -8,7 +8,7 @@ second. Both return a ``ServerHandle`` once ``GET /health`` answers 200, and rai
 ``ServerStartError`` carrying the tail of the server's log when it exits or is not healthy in
 time. ``choose_engine`` picks between them.
 
-Invariants (tests/test_launch.py; the process rules are ``procs``'s):
+Invariants (tests/integration/test_launch.py; the process rules are ``procs``'s):
 - Every server is started with ``new_session=True`` (its own process group, so a Ctrl-C in the
   launching terminal does not reach it) and is stopped by its own pid: SIGTERM, then SIGKILL
   after a grace period. Children it left behind (SGLang's scheduler and detokenizer) are then

@@ -2,7 +2,7 @@
 eval prompts on the worker's servers, greedy (temperature 0) and sampled, and record the mean
 rewards in the run's eval hash (``keys.eval_results``, one JSON record per version).
 
-Invariants (tests/test_rollout_worker.py::test_worker_fills_buffer_with_correct_groups):
+Invariants (tests/integration/test_rollout_worker.py::test_worker_fills_buffer_with_correct_groups):
 eval samples never enter the trajectory stream and take no admission slots; each eval version
 is run by one worker of the run (a Redis ``SET NX`` lock, released when an eval is abandoned).
 """

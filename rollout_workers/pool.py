@@ -14,7 +14,7 @@ changes a server's weights (``exclusive``) the server is UPDATING: its new reque
 the worker; when the update ends, the server takes the state the update left it in.
 
 Invariants (tests/unit/rollout_workers/test_rollout_workers_pool.py, and with real servers
-tests/test_rollout_worker.py):
+tests/integration/test_rollout_worker.py):
 
 - A dead server gets no work: its samples are resubmitted to the others
   (``test_killed_server_its_samples_finish_on_the_other``).

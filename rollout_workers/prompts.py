@@ -13,7 +13,7 @@ interleave):
 2. the oldest **expired** lease (its holder died): served again before the cursor advances;
 3. the next cursor position; past the last one the epoch ends and the next one starts.
 
-Invariants (tests/test_prompts.py):
+Invariants (tests/integration/test_prompts.py):
 
 - Within an epoch every position is handed out by the cursor exactly once, whatever the number
   of concurrent leasers (``test_concurrent_leasers_never_share_a_prompt``); a position is

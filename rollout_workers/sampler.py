@@ -8,7 +8,7 @@ log-probs and per-token versions are its segments' concatenated. A sample resubm
 than ``MAX_SEGMENTS`` times fails its group. Sampling seeds are ``seed_for(run seed, group id,
 sample, segment, attempt)``: distinct per sample, reproducible per run.
 
-Invariant (tests/test_rollout_worker.py::test_weight_update_mid_generation_logprobs_match_recorded_versions,
+Invariant (tests/integration/test_rollout_worker.py::test_weight_update_mid_generation_logprobs_match_recorded_versions,
 tests/unit/rollout_workers/test_rollout_workers_sampler.py): per-token versions come only from
 the server's answers (``GenerateResult.token_versions``), never from the worker's view; a
 segment with tokens and without versions fails its group (``no_token_versions``).

@@ -20,7 +20,7 @@ be trained within eta are cancelled (``InFlight.cancel_past_eta``, the staleness
 ``staleness.gate``) and the update is recorded.
 
 Invariants (tests/unit/rollout_workers/test_rollout_workers_updater.py, and with a real server
-tests/test_rollout_worker.py::test_weight_events_during_an_update_are_coalesced): each server
+tests/integration/test_rollout_worker.py::test_weight_events_during_an_update_are_coalesced): each server
 loads a version at most once, versions only increase, and the last event seen is the version
 the servers end on.
 """

@@ -17,7 +17,7 @@ Per group (``_run_group``): the staleness gate admits a slot (``try_admit``), a 
 (``Sampler.group``), the group is pushed (``RedisTrajectoryBuffer.put``), the slot finished and
 the lease released. At most ``rollout.max_inflight_groups`` groups at a time.
 
-Invariants (tests/test_rollout_worker.py, tests/unit/rollout_workers/test_rollout_workers_worker.py):
+Invariants (tests/integration/test_rollout_worker.py, tests/unit/rollout_workers/test_rollout_workers_worker.py):
 
 - Every admitted slot is finished (group pushed) or handed back with a reason (reward failure,
   inference error, ``cancelled_stale``, ``shutdown``); a SIGKILLed worker's slots come back

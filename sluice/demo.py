@@ -60,7 +60,7 @@ log = logging.getLogger("sluice.demo")
 # (under a minute of training on 2 CPU cores). Measured: with 4 digits the tiny RoPE model
 # collapses onto "repeat the last digit" (reward ~0.35, zero-variance groups) at every lr tried;
 # 2 digits at lr 1e-3 learns reliably. examples/demo.yaml holds the same values
-# (tests/test_demo.py checks).
+# (tests/integration/test_demo.py checks).
 DEMO_DEFAULTS: dict[str, Any] = {
     "run": {"name": "demo", "dir": "runs/demo", "seed": 0},
     "staleness": {"eta": 2, "batch_groups": 32},

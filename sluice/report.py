@@ -17,7 +17,7 @@ object is skipped and counted):
   (``updates``: [{``version``, ``latency_s``, ...}]).
 - ``events.jsonl`` (written by ``sluice demo``): process starts, deaths and restarts.
 
-Invariants (tests/test_report.py):
+Invariants (tests/unit/sluice/test_sluice_report.py):
 - A step logged more than once (a resumed trainer replays the steps whose updates a crash lost)
   counts once: its last row wins.
 - ``initial_reward`` is the reward of the first step, ``final_reward`` that of the last;

@@ -14,7 +14,7 @@ stops everything in order), with stdout and stderr appended to ``LOG_DIR/NAME.lo
 Each of these writes one log line naming the child, its pid, how it ended (exit code or signal
 name) and what was done, and is returned from ``poll()`` as a ``ChildEvent``.
 
-Invariants (tests/test_supervisor.py):
+Invariants (tests/integration/test_supervisor.py):
 - Every process is signalled by its own pid; what a child left behind in its process group is
   SIGKILLed through the group it leads while its exited leader is still unreaped (so the group
   id cannot have been reused). Nothing is looked up by name.

@@ -3,7 +3,7 @@ how stale a trajectory is (``staleness``, ``group_staleness``) and whether it ma
 (``past_eta``). The worker, the trainer and the reports use these; nothing recomputes them inline.
 
 The version manager (``staleness.version_manager``) runs the same formula inside one Lua script;
-``tests/test_staleness_math.py`` checks the two against each other on random schedules.
+``tests/unit/staleness/test_staleness_math.py`` checks the two against each other on random schedules.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def admission_capacity(
     admitted at version v is the k-th live group with ``k <= (v + eta + 1) * B`` and is trained
     in a step whose version is ``<= v + eta``: its staleness is at most ``eta``. A straggler that
     later groups overtake can exceed it; the trainer's per-group ``staleness`` check catches it
-    (``tests/test_staleness_math.py::GateModel`` checks both statements).
+    (``tests/unit/staleness/test_staleness_math.py::GateModel`` checks both statements).
 
     Never negative: lowering ``eta`` on a live run clamps capacity at 0 until the trainer
     catches up.

@@ -24,7 +24,7 @@ Every mutation is one Lua script, so concurrent workers and trainers never inter
 it, and every timestamp is Redis's own clock (``TIME``), so machines with skewed clocks agree
 on which heartbeat has expired.
 
-Slot conservation (checked after every step of ``tests/test_version_manager.py``'s stateful
+Slot conservation (checked after every step of ``tests/integration/test_version_manager.py``'s stateful
 test): ``admitted == finished + rejected + sum(inflight)``. Every admitted slot is either
 finished (its group was pushed), rejected (handed back: by the worker, by ``reap`` when the
 worker died, or by the trainer through ``drop``) or still held by exactly one worker.

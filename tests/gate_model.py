@@ -1,5 +1,5 @@
 """A hypothesis state machine for the staleness gate, shared by the pure-model test
-(tests/test_staleness_math.py) and the real-Redis test (tests/test_version_manager.py).
+(tests/unit/staleness/test_staleness_math.py) and the real-Redis test (tests/integration/test_version_manager.py).
 
 Simulated workers admit, finish (in any order, so stragglers happen), reject and die; a trainer
 drops over-stale groups (handing their slots back), consumes ``batch_groups`` fresh groups per

@@ -1,4 +1,4 @@
-"""Reward functions for tests/test_rollout_worker.py (loaded as ``rollout_reward_fns:NAME``)."""
+"""Reward functions for tests/integration/test_rollout_worker.py (loaded as ``rollout_reward_fns:NAME``)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""One rank of the data-parallel equivalence test (run by tests/test_trainer_ddp.py).
+"""One rank of the data-parallel equivalence test (run by tests/integration/test_trainer_ddp.py).
 
 ``python trainer_ddp_worker.py MODEL_DIR OUT RANK WORLD INIT_FILE``: every rank builds the same
 6 synthetic groups, takes groups ``rank::world``, runs one ``train_step`` under

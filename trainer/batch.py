@@ -6,7 +6,7 @@ the loss sees lives in the *shifted* frame of length ``L_max - 1`` (``L_max`` th
 sequence of the micro-batch, right-padded): position ``j`` holds the log-prob of ``s[j + 1]``.
 Output token ``i`` (0-based) of a sample sits at ``j = P - 1 + i``.
 
-Invariants (``tests/test_trainer.py::test_batch_logprobs_match_direct_forward``):
+Invariants (``tests/integration/test_trainer.py::test_batch_logprobs_match_direct_forward``):
 - ``mask[b, j] == 1`` exactly on the ``T_b`` output tokens of row ``b``; prompt tokens and
   padding are 0, so nothing but generated tokens is trained on.
 - ``behav_logp`` and ``versions`` are the sample's per-output-token arrays placed at the same

@@ -3,7 +3,7 @@ SIGKILL itself at ``point`` of step ``step``.
 
 Points: ``mid_step`` (after the first backward), ``after_step``, ``mid_publish`` (the weight
 directory written, not renamed), ``after_publish``, ``mid_checkpoint``, ``before_commit`` (the
-checkpoint durable, the Redis commit not done). ``tests/test_trainer_crash.py`` kills at each and
+checkpoint durable, the Redis commit not done). ``tests/integration/test_trainer_crash.py`` kills at each and
 checks the resumed run trains every group exactly once. For fault tests only.
 """
 

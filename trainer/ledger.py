@@ -13,7 +13,7 @@ Invariant: a group is acked iff a committed checkpoint contains its update. ``co
 every group of the steps a checkpoint covers, sets the pointer and deletes those step records
 in ONE Redis transaction (``RedisTrajectoryBuffer.ack`` with the rest queued on its MULTI), so
 after a crash the records left are exactly the steps whose updates were lost, and their groups
-are still pending (``tests/test_trainer_crash.py``, kill points ``mid_checkpoint`` and
+are still pending (``tests/integration/test_trainer_crash.py``, kill points ``mid_checkpoint`` and
 ``before_commit``; ``trainer.resume`` replays them).
 
 Every call goes through ``with_retries``: a Redis restart mid-run does not crash the trainer

@@ -9,7 +9,7 @@ Per step ``N`` the trainer
 3. drops the groups the staleness rule rejects: ``staleness.gate.group_staleness(version,
    group)`` past eta (``past_eta``: reason "stale") or negative (a token newer than the trainer:
    "future_version"); ``VersionManager.drop`` then an immediate ack, so a dropped group is never
-   replayed; the record notes them (``trainer.data``; ``tests/test_trainer.py::
+   replayed; the record notes them (``trainer.data``; ``tests/integration/test_trainer.py::
    test_stale_groups_are_dropped_counted_and_never_trained``);
 4. takes one optimizer step on the rest (``trainer.step.train_step``);
 5. every ``publish_every`` steps publishes version ``V+1`` from rank 0 through the
@@ -19,7 +19,7 @@ Per step ``N`` the trainer
    steps it covers are acked, the pointer is set and those step records are deleted.
 
 So a group is acked iff a committed checkpoint contains its update: exactly once across crashes
-(``trainer.ledger``, ``trainer.resume``, ``tests/test_trainer_crash.py``).
+(``trainer.ledger``, ``trainer.resume``, ``tests/integration/test_trainer_crash.py``).
 
 ``open_trainer`` has every part built complete (``trainer.parts``: connections, ledger, model,
 optimizer, state, group reader, publisher) and hands them to ``Trainer``, which only runs the

@@ -8,7 +8,7 @@ Staleness is reported two ways, kept apart:
   trainer: a bug), ``0`` ... ``31``, ``32+``;
 - ``staleness_max_trained``: the largest ``group_staleness`` over the groups that went into
   the optimizer step (after the drops), over all ranks; null when no group did. It can only
-  exceed ``eta`` if the drop rule failed (``tests/test_trainer.py::
+  exceed ``eta`` if the drop rule failed (``tests/integration/test_trainer.py::
   test_stale_groups_are_dropped_counted_and_never_trained``,
   ``tests/unit/trainer/test_trainer_metrics.py``).
 

@@ -7,7 +7,7 @@ updates were lost (``trainer.ledger``), and their groups are still pending on th
 they are replayed in their recorded composition and judged at their recorded version
 (``plan_replay``). Pending groups that no record names (read, not yet recorded) are trained as
 new. At most ``checkpoint_every * batch_groups`` groups are replayed. The result equals a run
-that never crashed (``tests/test_trainer_crash.py``, six kill points).
+that never crashed (``tests/integration/test_trainer_crash.py``, six kill points).
 
 Versions only grow: a resumed trainer continues from ``max(checkpoint version, the run's
 version)``. A start without ``--resume`` over existing trainer state (a pointer, records or

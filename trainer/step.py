@@ -6,7 +6,7 @@ Invariants:
   micro-batches and, under data parallelism, all ranks): each micro-batch's loss is rescaled by
   ``its denominator / the global denominator`` (tokens for ``token_mean``, samples otherwise),
   so splitting the batch into micro-batches or ranks changes nothing but float rounding
-  (``tests/test_trainer_ddp.py``).
+  (``tests/integration/test_trainer_ddp.py``).
 - The model runs with dropout off (``eval()``): before the update ``θ == p`` exactly, so the
   trust-region ratio starts at 1 and only the behaviour weight ``exp(p - b)`` corrects for
   staleness.

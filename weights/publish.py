@@ -11,7 +11,7 @@
 
 Invariant: the run's version moves to ``N`` (``publish_weights``) only once the weights of
 ``N`` can be read: a complete directory on disk, or every server of the group has received
-every tensor (``tests/test_weight_sync.py``; ``tests/unit/weights/test_weights_publish.py``
+every tensor (``tests/integration/test_weight_sync.py``; ``tests/unit/weights/test_weights_publish.py``
 checks the order of the calls with fakes).
 
 The trainer publishes from rank 0 only; a publisher never learns the trainer's state beyond

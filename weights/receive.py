@@ -12,7 +12,7 @@ and decides what a failure means (``ServerDead``: the server is gone; ``Inferenc
 - ``DistributedReceiver``: pause(abort), join the trainer's group when the plan opens one
   (``SyncPlan.init``), receive every bucket, continue (docs/weight-sync.md).
 
-Invariants (tests/test_weight_sync.py::test_distributed_sync_worker_server_and_catch_up_from_disk):
+Invariants (tests/integration/test_weight_sync.py::test_distributed_sync_worker_server_and_catch_up_from_disk):
 
 - A server's version label moves to the new version only with the last bucket; from the first
   bucket on its weights are a mix, so the receiver marks it ``mixed`` and only a complete

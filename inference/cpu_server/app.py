@@ -5,7 +5,7 @@ A scheduler task admits waiting requests into the engine's running batch and run
 model runs in one executor thread; every mutation of the batch (steps, aborts, pauses, weight
 loads) happens under one ``asyncio.Lock``, so HTTP handlers never see a half step.
 
-Invariants (tests/test_cpu_server.py):
+Invariants (tests/integration/test_cpu_server.py):
 - A request aborted by ``update_weights_from_disk(abort_all_requests=true)`` returns before
   the load and reports the old version; later tokens carry the new one
   (``test_pause_abort_resume_and_update``).

@@ -17,7 +17,7 @@ engine:
   the next step. Finished or aborted rows are dropped with ``index_select``; all-padding
   columns on the left are trimmed.
 
-Invariants (tests/test_cpu_server.py):
+Invariants (tests/integration/test_cpu_server.py):
 - ``output_token_logprobs[i][0] == log_softmax(logits_i / T)[token_i]`` of the full
   distribution, float32, to 1e-4 of an unbatched transformers forward over prompt + output
   (``test_logprobs_match_transformers_forward``; the sampling rule is ``sample_rows``).

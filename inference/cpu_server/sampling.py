@@ -5,12 +5,12 @@ Invariants:
 - A bad request raises ``BadRequest`` naming the first problem (key, value, or what is not
   supported), so the app answers it 400 ``{"error": {"message": ...}}`` before it reaches the
   model; token ids are checked against the vocabulary (tests/unit/inference/
-  test_cpu_server_sampling.py; tests/test_cpu_server.py::
+  test_cpu_server_sampling.py; tests/integration/test_cpu_server.py::
   test_bad_requests_get_400_and_server_keeps_serving).
 - ``sample_rows`` reports ``log_softmax(logits_i / T)[token_i]`` of the full distribution,
   before top-p/top-k (T=1 is used for the report when T=0, greedy), and draws each row from the
   request's own generator, so a ``sampling_seed`` reproduces whatever else is in the batch
-  (tests/test_cpu_server.py::test_logprobs_match_transformers_forward,
+  (tests/integration/test_cpu_server.py::test_logprobs_match_transformers_forward,
   ::test_seed_reproduces_and_stop_tokens).
 """
 

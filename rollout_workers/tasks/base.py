@@ -4,7 +4,7 @@ Tasks need no tokenizer: prompts are token ids and the reward reads token ids. E
 task uses the same special ids as ``inference.models.init_tiny_model``'s defaults
 (``PAD=0, BOS=1, EOS=2``), so ``sluice model init DIR --task NAME`` makes a matching model.
 
-Invariants (tests/test_tasks.py):
+Invariants (tests/unit/rollout_workers/test_rollout_workers_tasks.py):
 - ``prompts(split)`` depends only on the task's options (seed included): two instances built
   with the same options return equal prompts, and prompt ids are unique within a split.
 - ``reward(prompt, output_ids)`` is a float in [0, 1] for any list of ints, however malformed.

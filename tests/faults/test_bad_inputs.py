@@ -2,14 +2,14 @@
 
 Already covered elsewhere (not repeated here):
 - reward functions that raise, hang (timeout) or return NaN:
-  tests/test_rollout_worker.py::test_reward_failures_reject_the_group_with_their_reason;
+  tests/integration/test_rollout_worker.py::test_reward_failures_reject_the_group_with_their_reason;
 - corrupt payloads decoded one by one (truncated, wrong dtype, ...) and dead-lettered by the
-  buffer: tests/test_buffer.py::test_decode_rejects_corrupt_payloads and
+  buffer: tests/integration/test_buffer.py::test_decode_rejects_corrupt_payloads and
   ::test_corrupt_entries_are_dead_lettered_and_consumers_continue (the live-run version is
   tests/faults/test_security.py::test_secured_live_run);
-- malformed JSONL lines parsed by the task: tests/test_tasks.py::test_jsonl_task (the CLI
+- malformed JSONL lines parsed by the task: tests/unit/rollout_workers/test_rollout_workers_tasks.py::test_jsonl_task (the CLI
   path is here);
-- model directory errors at the library level: tests/test_tiny_models.py::test_model_dir_errors
+- model directory errors at the library level: tests/unit/inference/test_inference_models.py::test_model_dir_errors
   (the CLI path of each command is here).
 """
 

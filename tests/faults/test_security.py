@@ -4,8 +4,8 @@ TLS Redis URLs, the inference admin key.
 Covered elsewhere (not repeated): a model dir holding only ``pytorch_model.bin`` is refused
 by serve, rollout and train (tests/faults/test_bad_inputs.py::
 test_model_dir_missing_files_or_pickles_is_refused_by_every_command; library level in
-tests/test_tiny_models.py::test_model_dir_errors); the CPU server answers control calls
-without the admin key with 401 (tests/test_client_cpu_server.py::
+tests/unit/inference/test_inference_models.py::test_model_dir_errors); the CPU server answers control calls
+without the admin key with 401 (tests/integration/test_client_cpu_server.py::
 test_control_calls_need_the_admin_key); checkpoints hold no pickles (trainer/checkpoint.py
 writes safetensors + JSON only).
 """

@@ -1,5 +1,5 @@
 """inference/cpu_server/sampling.py: request validation and the sampling rule, without a model
-or a server (the same checks over HTTP are in tests/test_cpu_server.py)."""
+or a server (the same checks over HTTP are in tests/integration/test_cpu_server.py)."""
 
 from __future__ import annotations
 

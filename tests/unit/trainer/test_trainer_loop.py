@@ -1,7 +1,7 @@
 """The trainer loop with fakes for Redis, the publisher and the model (no Redis, no server):
 which groups are dropped and why, what reaches the optimizer, what the ledger records and
 commits, and ``staleness_max_trained`` derived from the trained groups' own token versions.
-The same loop on real Redis: ``tests/test_trainer.py``, ``tests/test_trainer_crash.py``."""
+The same loop on real Redis: ``tests/integration/test_trainer.py``, ``tests/integration/test_trainer_crash.py``."""
 
 from __future__ import annotations
 

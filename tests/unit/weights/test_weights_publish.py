@@ -1,5 +1,5 @@
 """``weights.publish``: what each transport writes and records, in which order, with fakes for
-the run's records and the broadcast (the real broadcast: ``tests/test_weight_sync.py``)."""
+the run's records and the broadcast (the real broadcast: ``tests/integration/test_weight_sync.py``)."""
 
 from __future__ import annotations
 
