@@ -9,7 +9,7 @@ TORCH_CPU_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: setup demo test test-fast lint bench redis-server clean
+.PHONY: setup demo test test-unit test-fast lint bench redis-server clean
 
 setup: $(STAMP) redis-server
 
@@ -42,6 +42,9 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: setup
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow and not faults" $(PYTEST_ARGS)
