@@ -28,10 +28,12 @@ if not (torch.cuda.is_available() and importlib.util.find_spec("sglang")):
     pytest.skip("needs CUDA and SGLang", allow_module_level=True)
 
 from buffer.redis_buffer import RedisTrajectoryBuffer  # noqa: E402
-from inference.client import SamplingParams  # noqa: E402
 from inference.launch import ServerHandle, launch_sglang  # noqa: E402
 from inference.models import init_tiny_model, load_model  # noqa: E402
-from inference.protocol import InvalidInputError  # noqa: E402
+from inference.protocol import (
+    InvalidInputError,
+    SamplingParams,
+)
 from rollout_workers.pool import make_servers  # noqa: E402
 from sluice.commands.rollout import open_worker  # noqa: E402
 from sluice.config import load_config  # noqa: E402
@@ -39,7 +41,7 @@ from staleness.version_manager import VersionManager  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(900)]
 
-# Flags seen working with SGLang 0.5.17 on H100 (shared/tools/sglang-gpu); override with
+# Flags seen working with SGLang 0.5.17 on H100 (scripts/gpu/); override with
 # SLUICE_SGLANG_ARGS="--flag value ...".
 DEFAULT_ARGS = (
     "--attention-backend triton --sampling-backend pytorch --disable-cuda-graph "
