@@ -30,10 +30,7 @@ if not (torch.cuda.is_available() and importlib.util.find_spec("sglang")):
 from buffer.redis_buffer import RedisTrajectoryBuffer  # noqa: E402
 from inference.launch import ServerHandle, launch_sglang  # noqa: E402
 from inference.models import init_tiny_model, load_model  # noqa: E402
-from inference.protocol import (
-    InvalidInputError,
-    SamplingParams,
-)
+from inference.protocol import InvalidInputError, SamplingParams  # noqa: E402
 from rollout_workers.pool import make_servers  # noqa: E402
 from sluice.commands.rollout import open_worker  # noqa: E402
 from sluice.config import load_config  # noqa: E402
