@@ -3,7 +3,7 @@
 Inputs (only ``metrics.jsonl`` is required; every key is optional and a line that is not a JSON
 object is skipped and counted):
 
-- ``metrics.jsonl``: one object per trainer step (``trainer/loop.py``): ``step``,
+- ``metrics.jsonl``: one object per trainer step (``trainer/metrics.py``): ``step``,
   ``reward_mean``, ``reward_std``, ``staleness_hist`` ({staleness: groups} over the groups
   that arrived), ``staleness_max``, ``staleness_max_trained`` (the max staleness over the groups
   that reached that optimizer step; null when none did), ``dropped``, ``dropped_total``,
