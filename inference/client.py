@@ -1,13 +1,14 @@
 """``SGLangClient``: the one HTTP client for SGLang and the CPU reference server.
 
 Speaks the subset of SGLang's HTTP protocol in docs/sglang-protocol.md (token in, token out,
-``--skip-tokenizer-init``). numpy only; no torch.
+``--skip-tokenizer-init``): this module sends the calls (session, retries, timeouts) and
+``inference.responses`` parses the answers. numpy only; no torch.
 
 Invariants:
 - Nothing the client sends can crash a server through bad ids: every ``generate`` checks its
   ``input_ids`` (non-empty, integers, ``0 <= id < vocab_size``) before sending, and refuses to
   send when the vocabulary size is unknown unless ``validate_ids=False``
-  (test_client_replay.py::test_oov_id_refused_before_sending).
+  (tests/unit/inference/test_inference_client_replay.py::test_oov_id_refused_before_sending).
 - Only connection attempts that never reached the server are retried (same rid, jittered
   exponential backoff). A generate whose connection dropped after sending is *not* resent;
   ``generate_with_retry`` resubmits it under a NEW rid after a best-effort abort of the old one.
@@ -30,7 +31,6 @@ import numpy as np
 
 from inference.protocol import (
     PAUSE_MODES,
-    FinishReason,
     GenerateResult,
     InferenceError,
     InferenceTimeout,
@@ -41,11 +41,9 @@ from inference.protocol import (
     ServerDead,
     SGLangClientError,
 )
+from inference.responses import error_message, opt_int, parse_generate, parse_version
 
 log = logging.getLogger(__name__)
-
-_FINISH_TYPES: tuple[str, ...] = ("stop", "length", "abort")
-_MAX_MESSAGE = 2000
 
 # Errors raised before the request left this machine: safe to retry with the same rid.
 _CONNECT_ERRORS: tuple[type[BaseException], ...] = (
@@ -58,165 +56,6 @@ _DROPPED_ERRORS: tuple[type[BaseException], ...] = (
     aiohttp.ClientConnectionError,
     aiohttp.ClientPayloadError,
 )
-
-
-def error_message(raw: bytes) -> str:
-    """The server's own words from an error body: ``{"error": {"message": ...}}``,
-    ``{"error": "..."}``, ``{"message": ...}``, FastAPI's ``{"detail": ...}``, or the text."""
-    text = raw.decode("utf-8", errors="replace").strip()
-    try:
-        body = json.loads(text)
-    except ValueError:
-        return text[:_MAX_MESSAGE] or "(empty body)"
-    msg: Any = body
-    if isinstance(body, dict):
-        err = body.get("error")
-        if isinstance(err, dict) and "message" in err:
-            msg = err["message"]
-        elif isinstance(err, str):
-            msg = err
-        elif "message" in body:
-            msg = body["message"]
-        elif "detail" in body:
-            msg = body["detail"]
-    return (msg if isinstance(msg, str) else json.dumps(msg))[:_MAX_MESSAGE]
-
-
-def _opt_int(v: Any) -> int | None:
-    return v if isinstance(v, int) and not isinstance(v, bool) else None
-
-
-def _opt_float(v: Any) -> float | None:
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        return None
-    return float(v)
-
-
-def parse_version(v: Any) -> int | None:
-    """SGLang reports versions as strings (``"12"``); a non-numeric one (SGLang's default
-    ``"default"``) is None."""
-    if isinstance(v, bool):
-        return None
-    if isinstance(v, int):
-        return v
-    if isinstance(v, str) and v.strip().lstrip("-").isdigit():
-        return int(v)
-    return None
-
-
-def parse_generate(body: Any, rid: str) -> GenerateResult:
-    """Parse one non-streaming ``/generate`` answer (see ``GenerateResult`` for invariants).
-
-    Every ``meta_info`` key is optional except ``finish_reason``; ``output_token_logprobs``
-    may be absent only when there is no output.
-    """
-    if not isinstance(body, dict):
-        raise ProtocolError(f"/generate {rid}: expected a JSON object, got {type(body).__name__}")
-    meta = body.get("meta_info")
-    if not isinstance(meta, dict):
-        raise ProtocolError(f"/generate {rid}: no meta_info object in the answer")
-    finish, finish_message = _finish_reason(meta.get("finish_reason"), rid)
-    server_id = meta.get("id")
-    if isinstance(server_id, str) and server_id != rid:
-        raise ProtocolError(f"/generate: sent rid {rid!r}, answer is for {server_id!r}")
-    output_ids, logprobs = _output_tokens(
-        body.get("output_ids"), meta.get("output_token_logprobs"), finish, rid
-    )
-    n = len(output_ids)
-    weight_version = parse_version(meta.get("weight_version"))
-    token_versions = _token_versions(meta.get("weight_versions"), n, rid)
-    if token_versions is None and weight_version is not None:
-        token_versions = np.full(n, weight_version, dtype=np.int32)
-    return GenerateResult(
-        rid=rid,
-        output_ids=output_ids,
-        logprobs=logprobs,
-        finish_reason=finish,
-        finish_message=finish_message,
-        weight_version=weight_version,
-        token_versions=token_versions,
-        prompt_tokens=_opt_int(meta.get("prompt_tokens")),
-        completion_tokens=_opt_int(meta.get("completion_tokens")),
-        cached_tokens=_opt_int(meta.get("cached_tokens")),
-        e2e_latency=_opt_float(meta.get("e2e_latency")),
-        meta_info=meta,
-    )
-
-
-def _finish_reason(fr: Any, rid: str) -> tuple[FinishReason, str | None]:
-    """``(type, message)`` of a ``finish_reason`` object; its type must be stop|length|abort."""
-    ftype = fr.get("type") if isinstance(fr, dict) else None
-    if ftype not in _FINISH_TYPES:
-        raise ProtocolError(f"/generate {rid}: finish_reason {fr!r} is not stop|length|abort")
-    finish: FinishReason = ftype
-    fmsg = fr.get("message") if isinstance(fr, dict) else None
-    return finish, fmsg if isinstance(fmsg, str) else None
-
-
-def _output_tokens(
-    ids_raw: Any, lp_raw: Any, finish: FinishReason, rid: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """``output_ids`` and their ``output_token_logprobs`` as int32 / float32 arrays of one
-    length, each log-prob entry naming its own token."""
-    if ids_raw is None and finish == "abort":
-        ids_raw = []
-    if not isinstance(ids_raw, list):
-        raise ProtocolError(f"/generate {rid}: output_ids missing or not a list")
-    n = len(ids_raw)
-    if lp_raw is None and n == 0:
-        lp_raw = []
-    if not isinstance(lp_raw, list):
-        raise ProtocolError(
-            f"/generate {rid}: {n} output ids but no output_token_logprobs (was return_logprob lost?)"
-        )
-    if len(lp_raw) != n:
-        raise ProtocolError(
-            f"/generate {rid}: {n} output ids but {len(lp_raw)} output_token_logprobs"
-        )
-    output_ids = np.empty(n, dtype=np.int32)
-    logprobs = np.empty(n, dtype=np.float32)
-    for i, (tok, entry) in enumerate(zip(ids_raw, lp_raw, strict=True)):
-        if not isinstance(tok, int) or isinstance(tok, bool) or tok < 0:
-            raise ProtocolError(f"/generate {rid}: output_ids[{i}] = {tok!r} is not a token id")
-        if not isinstance(entry, list | tuple) or len(entry) < 2:
-            raise ProtocolError(f"/generate {rid}: output_token_logprobs[{i}] = {entry!r}")
-        lp, lp_tok = entry[0], entry[1]
-        if isinstance(lp, bool) or not isinstance(lp, int | float):
-            raise ProtocolError(f"/generate {rid}: logprob of token {i} is {lp!r}")
-        if lp_tok != tok:
-            raise ProtocolError(
-                f"/generate {rid}: output_ids[{i}] = {tok} but its logprob entry is for {lp_tok!r}"
-            )
-        output_ids[i] = tok
-        logprobs[i] = lp
-    return output_ids, logprobs
-
-
-def _token_versions(spans: Any, n: int, rid: str) -> np.ndarray | None:
-    """Per-token versions from ``[{"version": "12", "start": 0, "end": 3}, ...]`` spans over
-    the output tokens (``[start, end)``). They must cover every token exactly once. None when
-    absent, empty, or any version is non-numeric (then the caller falls back)."""
-    if not isinstance(spans, list) or not spans:
-        return None
-    out = np.full(n, -1, dtype=np.int64)
-    for span in spans:
-        if not isinstance(span, dict):
-            raise ProtocolError(f"/generate {rid}: weight_versions span {span!r} is not an object")
-        v = parse_version(span.get("version"))
-        start, end = _opt_int(span.get("start")), _opt_int(span.get("end"))
-        if start is None or end is None or not (0 <= start <= end <= n):
-            raise ProtocolError(f"/generate {rid}: weight_versions span {span!r} outside [0, {n}]")
-        if v is None:
-            return None
-        if (out[start:end] != -1).any():
-            raise ProtocolError(f"/generate {rid}: weight_versions spans overlap at {span!r}")
-        out[start:end] = v
-    if (out == -1).any():
-        missing = int(np.flatnonzero(out == -1)[0])
-        raise ProtocolError(
-            f"/generate {rid}: weight_versions spans leave token {missing} uncovered"
-        )
-    return out.astype(np.int32)
 
 
 class SGLangClient:
@@ -398,7 +237,7 @@ class SGLangClient:
                     self._vocab = self._given_vocab
                 else:
                     info = await self.model_info()
-                    server_vocab = _opt_int(info.get("vocab_size"))
+                    server_vocab = opt_int(info.get("vocab_size"))
                     if server_vocab is not None and server_vocab <= 0:
                         raise ProtocolError(f"{self.url} reports vocab_size {server_vocab}")
                     self._vocab = server_vocab

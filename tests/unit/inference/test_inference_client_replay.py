@@ -7,6 +7,8 @@ the test also checks what the client sent. The recording kept only ``n_out``, ``
 and the first two logprob entries of long generates (``aborted_generates``, ``abort_by_rid``,
 ``generate_after_update``, ``retract_generate``): their bodies are rebuilt here with the
 recorded meta_info, the recorded first entries and filler ids/logprobs for the rest.
+The answers are parsed by ``inference.responses`` (``test_non_numeric_version_is_none`` calls
+it directly).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from inference.client import SGLangClient, parse_generate
+from inference.client import SGLangClient
 from inference.protocol import (
     GenerateResult,
     InferenceClient,
@@ -34,6 +36,7 @@ from inference.protocol import (
     SamplingParams,
     ServerDead,
 )
+from inference.responses import parse_generate
 from procs import free_port
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
@@ -238,7 +241,7 @@ async def test_abort_by_rid_returns_partial(replay: ReplayServer) -> None:
         gen = asyncio.create_task(c.generate([1, 2, 3], SamplingParams(2000), rid=rid))
         while "/generate" not in replay.paths():
             await asyncio.sleep(0.01)
-        assert await c.abort(rid) is None  # 200, empty body
+        assert await c.abort(rid) is None  # type: ignore[func-returns-value]  # 200, empty body
         aborted.set()
         res = await gen
     assert replay.last("/abort_request").json == {"rid": rid}
@@ -304,7 +307,7 @@ async def test_pause_modes_always_send_body(replay: ReplayServer) -> None:
     replay.on("/pause_generation", Reply(*recorded_body("pause_retract")))
     async with client(replay.url) as c:
         for mode in ("retract", "in_place"):
-            await c.pause(mode)  # type: ignore[arg-type]
+            await c.pause(mode)
             assert replay.last("/pause_generation").json == {"mode": mode}
         with pytest.raises(ValueError, match="pause mode"):
             await c.pause("stop")  # type: ignore[arg-type]
@@ -400,7 +403,7 @@ async def test_empty_input_refused_before_sending(replay: ReplayServer) -> None:
     async with client(replay.url) as c:
         for bad in ([], np.zeros((0,), np.int64), [[1, 2]], [1.5, 2.0]):
             with pytest.raises(InvalidInputError):
-                await c.generate(bad, SamplingParams(4))
+                await c.generate(bad, SamplingParams(4))  # type: ignore[arg-type]
     assert replay.received == []
 
 
@@ -645,4 +648,4 @@ def test_sampling_params_validation() -> None:
         {"max_new_tokens": 4, "top_k": 0},
     ):
         with pytest.raises(InvalidInputError):
-            SamplingParams(**bad)  # type: ignore[arg-type]
+            SamplingParams(**bad)
