@@ -2,6 +2,12 @@
 pure staleness math (capacity, staleness, behaviour weights, decoupled-PPO loss, GRPO
 advantages).
 
+The version manager's modules: ``version_manager`` (the ``VersionManager`` class, a thin shell
+around Redis), ``scripts`` (its Lua scripts, one atomic step each), ``records`` (what it hands
+out: ``WeightEvent``, ``WorkerInfo``, ``GateSnapshot`` and its errors), ``checks`` (argument
+checks), ``events`` (following weight publications). The math: ``gate`` (the staleness rule),
+``weights``, ``loss``, ``advantages``; ``config`` holds the run file's sections.
+
 Imports neither ``rollout_workers`` nor ``trainer`` nor the CLI. Names are loaded lazily, so
 ``from staleness import VersionManager`` does not import torch (``sluice status`` stays fast).
 """
@@ -15,17 +21,15 @@ if TYPE_CHECKING:
     from staleness.advantages import grpo_advantages
     from staleness.gate import admission_capacity, group_staleness, past_eta, staleness
     from staleness.loss import AGGREGATIONS, LossInputs, LossOutputs, decoupled_ppo_loss
-    from staleness.version_manager import (
-        WORKER_DEAD,
+    from staleness.records import (
         GateSnapshot,
         RunNotFound,
         RunSettingsMismatch,
         VersionError,
-        VersionManager,
         WeightEvent,
         WorkerInfo,
-        list_runs,
     )
+    from staleness.version_manager import WORKER_DEAD, VersionManager, list_runs
     from staleness.weights import (
         WEIGHT_LEVELS,
         WEIGHT_MODES,
@@ -44,14 +48,14 @@ _WHERE: dict[str, str] = {
     "LossInputs": "staleness.loss",
     "LossOutputs": "staleness.loss",
     "decoupled_ppo_loss": "staleness.loss",
+    "GateSnapshot": "staleness.records",
+    "RunNotFound": "staleness.records",
+    "RunSettingsMismatch": "staleness.records",
+    "VersionError": "staleness.records",
+    "WeightEvent": "staleness.records",
+    "WorkerInfo": "staleness.records",
     "WORKER_DEAD": "staleness.version_manager",
-    "GateSnapshot": "staleness.version_manager",
-    "RunNotFound": "staleness.version_manager",
-    "RunSettingsMismatch": "staleness.version_manager",
-    "VersionError": "staleness.version_manager",
     "VersionManager": "staleness.version_manager",
-    "WeightEvent": "staleness.version_manager",
-    "WorkerInfo": "staleness.version_manager",
     "list_runs": "staleness.version_manager",
     "WEIGHT_LEVELS": "staleness.weights",
     "WEIGHT_MODES": "staleness.weights",
