@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -73,7 +73,7 @@ async def _read_after(client: aioredis.Redis, run: str, cursor: str, block_ms: i
 
 async def follow_events(
     client: aioredis.Redis, run: str, after: int | None = None, *, block_ms: int = MAX_BLOCK_MS
-) -> AsyncIterator[WeightEvent]:
+) -> AsyncGenerator[WeightEvent, None]:
     """Weight publications of ``run`` with version > ``after``, in version order, forever.
 
     First yields the current publication if it is newer than ``after`` (``after=None``:
