@@ -37,6 +37,18 @@ def settings(run: str) -> str:
     return key(run, "settings")
 
 
+SETTINGS_GLOB = "sluice:{*}:settings"
+"""Matches every run's settings hash: how ``list_runs`` finds the runs of a Redis."""
+
+
+def run_of_settings_key(name: str) -> str | None:
+    """The run whose settings hash ``name`` is (``sluice:{RUN}:settings``), else None."""
+    prefix, suffix = "sluice:{", "}:settings"
+    if name.startswith(prefix) and name.endswith(suffix):
+        return name[len(prefix) : -len(suffix)]
+    return None
+
+
 def gate(run: str) -> str:
     """Admission counters and the current version: a hash."""
     return key(run, "gate")

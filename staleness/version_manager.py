@@ -129,14 +129,14 @@ async def list_runs(client: aioredis.Redis) -> list[str]:
     """Names of the runs in this Redis (those with a ``sluice:{run}:settings`` key), sorted.
     Uses SCAN, never KEYS, so a large Redis is not blocked."""
     runs: set[str] = set()
-    async for k in client.scan_iter(match="sluice:{*}:settings", count=1000):
-        name = decode(k)
-        if name.startswith("sluice:{") and name.endswith("}:settings"):
-            run = name[len("sluice:{") : -len("}:settings")]
-            try:
-                runs.add(check_run_name(run))
-            except ValueError:
-                continue
+    async for k in client.scan_iter(match=keys.SETTINGS_GLOB, count=1000):
+        run = keys.run_of_settings_key(decode(k))
+        if run is None:
+            continue
+        try:
+            runs.add(check_run_name(run))
+        except ValueError:
+            continue
     return sorted(runs)
 
 
