@@ -9,7 +9,11 @@ which builds that command line and waits for ``/health``).
   ``sample_rows`` (the token and its reported log-prob) and the ``/generate`` answer.
 - ``engine``: ``Engine``, the model with its left-padded running batch and KV cache, weight
   loads from disk and over a gloo broadcast.
-- ``app``: ``CPUServer``, the aiohttp app (scheduler, control endpoints, admin key), and
+- ``scheduler``: ``Scheduler``, the waiting queue and the engine's running batch under one
+  lock, one engine step at a time.
+- ``control``: ``Control``, the control endpoints (pause, continue, abort, flush, the weight
+  updates) and the information ones (``model_info``, ``get_weights_by_name``, health).
+- ``app``: ``CPUServer``, the aiohttp app (``/generate``, the routes, the admin key), and
   ``serve``.
 
 Each module's docstring states its invariants and the tests that prove them.

@@ -4,7 +4,7 @@ Batching choice. transformers 5 ships a continuous-batching manager (``generate_
 ``init_continuous_batching``, paged attention), but it samples inside its own loop with one
 generation config: no per-request seed, temperature or top-p/top-k, log-probs of the
 *filtered* distribution, and no way to return a running request's partial output on abort.
-So the server keeps its own small scheduler (``inference/cpu_server/app.py``) around this
+So the server keeps its own small scheduler (``inference/cpu_server/scheduler.py``) around this
 engine:
 
 - One running batch whose KV cache is a ``DynamicCache`` built from per-layer tensors
