@@ -139,7 +139,7 @@ async def _buffer_round(url: str, groups: list[Any], batch: int) -> tuple[float,
             got += len(delivered)
         get_s = time.perf_counter() - t0
         await buf.redis.delete(buf.stream_key)
-        keys = [k async for k in buf.redis.scan_iter(match=f"sluice:{{{run}}}:*", count=1000)]
+        keys = [k async for k in buf.redis.scan_iter(match=keys.namespace(run), count=1000)]
         if keys:
             await buf.redis.delete(*keys)
     finally:

@@ -1,3 +1,3 @@
-"""sluice: the CLI, configuration and local process launchers that wire the packages together."""
+"""sluice: the CLI, the run config that composes every package's section, the demo and the report."""
 
 __version__ = "0.1.0"
