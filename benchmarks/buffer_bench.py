@@ -121,6 +121,7 @@ async def _raw_round(r: Any, groups: list[Any], batch: int) -> tuple[float, floa
 
 
 async def _buffer_round(url: str, groups: list[Any], batch: int) -> tuple[float, float]:
+    from buffer import keys
     from buffer.redis_buffer import RedisTrajectoryBuffer
 
     run = "bench" + uuid.uuid4().hex[:8]
@@ -139,9 +140,9 @@ async def _buffer_round(url: str, groups: list[Any], batch: int) -> tuple[float,
             got += len(delivered)
         get_s = time.perf_counter() - t0
         await buf.redis.delete(buf.stream_key)
-        keys = [k async for k in buf.redis.scan_iter(match=keys.namespace(run), count=1000)]
-        if keys:
-            await buf.redis.delete(*keys)
+        left = [k async for k in buf.redis.scan_iter(match=keys.namespace(run), count=1000)]
+        if left:
+            await buf.redis.delete(*left)
     finally:
         await buf.close()
     return put_s, get_s
