@@ -3,10 +3,10 @@ weights to RUN_DIR/weights/v{N}, checkpoint with exactly-once acks.
 
 Data parallel: ``torchrun --nproc-per-node N -m sluice train --config RUN.yaml`` (gloo on CPU,
 NCCL on GPU); rank 0 publishes and checkpoints. See docs/trainer.md.
-
-The trainer takes its own section (``trainer``) plus ``TrainerArgs``; ``trainer_args`` composes
-those from the run file.
 """
+
+# The trainer takes its own section (``trainer``) plus ``TrainerArgs``; ``trainer_args``
+# composes those from the run file.
 
 from __future__ import annotations
 
