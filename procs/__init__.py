@@ -2,7 +2,7 @@
 
 - ``process``: ``spawn`` (log file, own session, CPU pinning), ``wait_http_ok`` (poll a URL
   until 200; fails with the log tail when the process exits), ``stop_pid`` / ``stop_pids``
-  (SIGTERM, then SIGKILL, then reap), ``kill_pid``, ``alive`` (never reaps), ``free_port``,
+  (SIGTERM, then SIGKILL, then reap), ``kill_pid``, ``alive`` (never reaps), ``pid_alive`` (any pid), ``free_port``,
   ``log_tail``.
 - ``redis_server``: ``RedisServer``, a private ``redis-server`` on a free loopback port.
 
@@ -18,6 +18,7 @@ from procs.process import (
     http_ok,
     kill_pid,
     log_tail,
+    pid_alive,
     reap,
     spawn,
     stop_pid,
@@ -36,6 +37,7 @@ __all__ = [
     "http_ok",
     "kill_pid",
     "log_tail",
+    "pid_alive",
     "reap",
     "spawn",
     "stop_pid",

@@ -122,6 +122,20 @@ def alive(proc: Proc) -> bool:
     return info is None
 
 
+def pid_alive(pid: int) -> bool:
+    """True if any process ``pid`` exists and is not a zombie (for processes that are not our
+    children, such as a child's children, which ``alive`` cannot ask about)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
 def wait_exit(procs: Sequence[Proc], timeout: float) -> list[Proc]:
     """Wait up to ``timeout`` s until each of ``procs`` exited, leaving them unreaped; returns
     those still running."""

@@ -19,23 +19,12 @@ from typing import Any
 import pytest
 import yaml
 
+from procs import pid_alive
 from sluice import cli
 from sluice.config import ConfigError
 from sluice.demo import DEMO_DEFAULTS, load_demo_config, split_password
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 def _events(run_dir: Path) -> list[dict[str, Any]]:
@@ -82,9 +71,9 @@ def _no_process_left(run_dir: Path) -> None:
     pids = _pids(run_dir)
     assert len(pids) >= 4  # redis, server, trainer, worker
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+    while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
         time.sleep(0.1)
-    assert not [p for p in pids if _alive(p)], "processes left behind"
+    assert not [p for p in pids if pid_alive(p)], "processes left behind"
 
 
 # ---------------------------------------------------------------------- fast

@@ -11,22 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from procs import pid_alive
 from sluice.supervisor import ChildSpec, Supervisor, describe_exit
 
 PY = sys.executable
-
-
-def _alive(pid: int) -> bool:
-    """True if ``pid`` exists and is not a zombie."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 def _wait(cond, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
@@ -65,10 +53,10 @@ def test_sigkilled_child_is_restarted_with_restart_args(tmp_path: Path) -> None:
         assert _wait(lambda: marker.read_text().splitlines() == ["first", "--resume"])
         assert events and events[0].kind == "restarted" and events[0].exit == "killed by SIGKILL"
         assert events[0].pid == first and events[0].new_pid == c.pid
-        assert not _alive(first)
+        assert not pid_alive(first)
         pids = sup.all_pids()
         assert pids == [first, c.pid]
-    assert not any(_alive(p) for p in pids)
+    assert not any(pid_alive(p) for p in pids)
     log = (tmp_path / "logs" / "trainer.log").read_text()
     assert "first" in log and "--resume" in log  # both command lines are in the child's log
 
@@ -114,7 +102,7 @@ def test_exit_zero_finishes_only_when_done_on_success(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_stop_all_leaves_nothing_alive(tmp_path: Path) -> None:
+def test_stop_all_leaves_nothingpid_alive(tmp_path: Path) -> None:
     """A child that ignores SIGTERM is SIGKILLed after the timeout; a grandchild left in the
     child's process group is killed too."""
     gpid_file = tmp_path / "grandchild.pid"
@@ -130,13 +118,13 @@ def test_stop_all_leaves_nothing_alive(tmp_path: Path) -> None:
     b = sup.start(ChildSpec("worker", [PY, "-c", polite]))
     assert _wait(lambda: gpid_file.is_file() and gpid_file.read_text().strip() != "")
     grandchild = int(gpid_file.read_text())
-    assert _alive(grandchild)
+    assert pid_alive(grandchild)
     t0 = time.monotonic()
     sup.stop_all()
     took = time.monotonic() - t0
     assert a.pid is not None and b.pid is not None
     for pid in (a.pid, b.pid, grandchild):
-        assert _wait(lambda pid=pid: not _alive(pid), 5), f"pid {pid} still alive"
+        assert _wait(lambda pid=pid: not pid_alive(pid), 5), f"pid {pid} still alive"
     assert a.returncode == -signal.SIGKILL  # ignored SIGTERM
     assert b.returncode == -signal.SIGTERM
     assert 0.9 <= took < 10

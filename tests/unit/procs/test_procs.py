@@ -18,6 +18,7 @@ from procs import (
     alive,
     free_port,
     kill_pid,
+    pid_alive,
     spawn,
     stop_pid,
     stop_pids,
@@ -141,3 +142,18 @@ def test_spawn_env_and_cpu_list(tmp_path: Path) -> None:
     proc = spawn([sys.executable, script(tmp_path, body)], log, env=env, cpu_list=[cpu])
     assert proc.wait(20) == 0
     assert log.read_text().split("\n")[0] == f"yes [{cpu}]"
+
+
+def test_pid_alive_sees_running_not_zombie_not_gone() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert pid_alive(proc.pid)
+        proc.kill()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and pid_alive(proc.pid):
+            time.sleep(0.02)
+        assert not pid_alive(proc.pid)  # a zombie until reaped: not alive
+    finally:
+        proc.kill()
+        proc.wait(timeout=5)
+    assert not pid_alive(proc.pid)  # reaped: gone
