@@ -25,6 +25,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import IO
 
 Proc = subprocess.Popen[bytes]
 
@@ -81,21 +82,13 @@ def spawn(
                     preexec_fn()
                 os.sched_setaffinity(0, cpus)
 
-    if log_path is None:
-        return subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env=env,
-            cwd=cwd,
-            start_new_session=new_session,
-            preexec_fn=pre,
-        )
-    with open(log_path, "ab") as out:
-        if header is not None:
-            out.write(header.rstrip("\n").encode() + b"\n")
-            out.flush()
+    with contextlib.ExitStack() as files:
+        out: int | IO[bytes] = subprocess.DEVNULL
+        if log_path is not None:
+            out = files.enter_context(open(log_path, "ab"))
+            if header is not None:
+                out.write(header.rstrip("\n").encode() + b"\n")
+                out.flush()
         return subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
