@@ -27,7 +27,7 @@ from rollout_workers.ports import (
 )
 from rollout_workers.prompts import PromptSource
 from rollout_workers.tasks.base import Prompt
-from staleness.version_manager import RunNotFound, VersionManager
+from staleness.version_manager import VersionManager
 
 log = logging.getLogger("sluice.rollout")
 
@@ -66,17 +66,14 @@ class WorkerParts:
 
 async def _open_versions(run: RunInfo, heartbeat_ttl_s: float) -> VersionManager:
     """Attach to the run (creating it with ``run.eta`` and ``run.batch_groups`` if absent)."""
-    ttl = heartbeat_ttl_s
-    try:
-        vm = await VersionManager.open(run.redis_url, run.name, default_worker_ttl=ttl)
-    except RunNotFound:
-        vm = await VersionManager.open(
-            run.redis_url,
-            run.name,
-            eta=run.eta,
-            batch_groups=run.batch_groups,
-            default_worker_ttl=ttl,
-        )
+    vm = await VersionManager.open_or_create(
+        run.redis_url,
+        run.name,
+        eta=run.eta,
+        batch_groups=run.batch_groups,
+        check_batch_groups=False,
+        default_worker_ttl=heartbeat_ttl_s,
+    )
     if vm.batch_groups != run.batch_groups or vm.eta != run.eta:
         log.warning(
             "run %s has eta=%s batch_groups=%s (the config says %s, %s): using the run's",

@@ -216,6 +216,38 @@ class VersionManager:
             raise
 
     @classmethod
+    async def open_or_create(
+        cls,
+        url: str,
+        run: str,
+        *,
+        eta: int,
+        batch_groups: int,
+        check_batch_groups: bool,
+        default_worker_ttl: float = DEFAULT_WORKER_TTL,
+    ) -> VersionManager:
+        """Attach to ``run``, or create it with ``eta`` and ``batch_groups`` when it does not
+        exist yet. With ``check_batch_groups`` an existing run whose ``batch_groups`` differs
+        raises ``RunSettingsMismatch`` (a trainer's step must consume what the gate admits per
+        version); without it the run's settings are taken as they are (compare ``eta`` and
+        ``batch_groups`` on the result)."""
+        try:
+            return await cls.open(
+                url,
+                run,
+                batch_groups=batch_groups if check_batch_groups else None,
+                default_worker_ttl=default_worker_ttl,
+            )
+        except RunNotFound:
+            return await cls.open(
+                url,
+                run,
+                eta=eta,
+                batch_groups=batch_groups,
+                default_worker_ttl=default_worker_ttl,
+            )
+
+    @classmethod
     async def from_client(
         cls,
         client: aioredis.Redis,

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from buffer import RedisTrajectoryBuffer
-from staleness import RunNotFound, VersionManager
+from staleness import VersionManager
 from trainer.config import TrainerArgs, TrainerConfig
 from trainer.crash import CRASH_ENV, crash_if, parse_crash_at
 from trainer.data import GroupReader
@@ -98,7 +98,15 @@ async def _connect_and_restore(
     """Connect to the run, then restore (``trainer.resume``); on failure close what opened."""
     consumer = tc.consumer if dist.world_size == 1 else f"{tc.consumer}-r{dist.rank}"
     async with contextlib.AsyncExitStack() as on_error:
-        vm = await _open_version_manager(args)
+        # The trainer creates the run (with ``args.eta``) if it is new; an existing run must
+        # admit ``batch_groups`` per version, as many as a step consumes.
+        vm = await VersionManager.open_or_create(
+            args.redis_url,
+            args.run_name,
+            eta=args.eta,
+            batch_groups=args.batch_groups,
+            check_batch_groups=True,
+        )
         on_error.push_async_callback(vm.close)
         buf = await RedisTrajectoryBuffer.open(args.redis_url, args.run_name, consumer)
         on_error.push_async_callback(buf.close)
@@ -123,18 +131,6 @@ async def _connect_and_restore(
         )
         on_error.pop_all()  # started: the Trainer closes the connections
     return vm, buf, ledger, restored
-
-
-async def _open_version_manager(args: TrainerArgs) -> VersionManager:
-    """The run's version manager; the trainer creates the run (with ``args.eta``) if it is new."""
-    try:
-        return await VersionManager.open(
-            args.redis_url, args.run_name, batch_groups=args.batch_groups
-        )
-    except RunNotFound:
-        return await VersionManager.open(
-            args.redis_url, args.run_name, eta=args.eta, batch_groups=args.batch_groups
-        )
 
 
 def _publisher(

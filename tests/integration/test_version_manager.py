@@ -340,3 +340,21 @@ async def test_current_eta_reads_the_live_setting(redis_url: str, run_name: str)
         await a.set_eta(5)
         assert b.eta == 2  # b's cached view is stale until it reads again
         assert await b.current_eta() == 5 and b.eta == 5
+
+
+async def test_open_or_create_creates_then_attaches(redis_url: str) -> None:
+    run = "ooc-" + uuid.uuid4().hex[:8]
+    async with await VersionManager.open_or_create(
+        redis_url, run, eta=3, batch_groups=4, check_batch_groups=True
+    ) as vm:
+        assert (vm.eta, vm.batch_groups) == (3, 4)  # created with these
+    # A worker takes the run's settings as they are, whatever its config says.
+    async with await VersionManager.open_or_create(
+        redis_url, run, eta=1, batch_groups=9, check_batch_groups=False
+    ) as vm:
+        assert (vm.eta, vm.batch_groups) == (3, 4)
+    # A trainer whose step size differs from the run's is refused, naming both values.
+    with pytest.raises(RunSettingsMismatch, match=r"batch_groups=4 .*batch_groups=9"):
+        await VersionManager.open_or_create(
+            redis_url, run, eta=3, batch_groups=9, check_batch_groups=True
+        )
