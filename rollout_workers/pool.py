@@ -43,6 +43,11 @@ class Shutdown(Exception):
     """The worker is stopping: the sample or group in hand is given up."""
 
 
+def check_servers(servers: Sequence[Server]) -> None:
+    if not servers:
+        raise ValueError("a rollout worker needs at least one inference server")
+
+
 class ServerState(enum.Enum):
     UP = "up"
     """Answers, serves ``version``, takes requests."""
@@ -140,8 +145,7 @@ class ServerPool:
     """The servers of one worker; every state change goes through these methods."""
 
     def __init__(self, servers: list[Server]) -> None:
-        if not servers:
-            raise ValueError("a rollout worker needs at least one inference server")
+        check_servers(servers)
         self.servers = servers
         self.closed = False
         """Set by ``close``: ``acquire`` raises ``Shutdown`` from then on."""
@@ -258,9 +262,9 @@ class ServerPool:
             ok = await asyncio.gather(*(self.healthy(s) for s in self.servers))
             for s, good in zip(self.servers, ok, strict=True):
                 if not good:
-                    s.state = ServerState.DEAD
+                    self._set(s, ServerState.DEAD)
                 elif s.state is ServerState.DEAD:
-                    s.state = ServerState.NEEDS_LOAD
+                    self._set(s, ServerState.NEEDS_LOAD)
             if any(ok):
                 return
             if time.monotonic() >= deadline:

@@ -48,7 +48,7 @@ from rollout_workers.evaluator import Evaluator
 from rollout_workers.inflight import InFlight
 from rollout_workers.metrics import Counters, worker_metrics
 from rollout_workers.parts import RunInfo, WorkerParts, connect
-from rollout_workers.pool import Server, ServerPool, Shutdown
+from rollout_workers.pool import Server, ServerPool, Shutdown, check_servers
 from rollout_workers.prompts import Lease
 from rollout_workers.rewards import RewardRunner, resolve_reward_fn
 from rollout_workers.sampler import GroupRejected, Sampler, trajectory_group
@@ -65,7 +65,9 @@ def default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-def _check(run: RunInfo, max_groups: int | None) -> None:
+def _check(run: RunInfo, max_groups: int | None, servers: list[Server]) -> None:
+    """Settings the worker refuses before it connects to anything."""
+    check_servers(servers)
     if not run.model_path:
         raise ValueError(
             "model.path is empty: the worker needs the version-0 weights. Create a model with "
@@ -90,7 +92,7 @@ class RolloutWorker:
         worker_id: str,
         max_groups: int | None = None,
     ) -> None:
-        _check(run, max_groups)
+        _check(run, max_groups, servers)
         self.parts = parts
         self.pool = ServerPool(servers)
         self.rc = rc
@@ -145,9 +147,7 @@ class RolloutWorker:
         max_groups: int | None = None,
     ) -> RolloutWorker:
         """Connect to the run (``connect``) and build the worker; ``run`` closes it."""
-        if not servers:
-            raise ValueError("a rollout worker needs at least one inference server")
-        _check(run, max_groups)
+        _check(run, max_groups, servers)
         wid = worker_id or default_worker_id()
         parts = await connect(run, wid, task.prompts("train"), rc)
         return cls(parts, servers, rc, task, run, worker_id=wid, max_groups=max_groups)
@@ -271,13 +271,14 @@ class RolloutWorker:
             t.cancel()
         await asyncio.gather(*self._bg, return_exceptions=True)
         self.status = "stopped"
+        final = self.metrics()
         with contextlib.suppress(Exception):
-            await self.parts.records.write_metrics(self.metrics())
+            await self.parts.records.write_metrics(final)
         log.info(
             "worker %s stopped in %.2fs: %s",
             self.worker_id,
             time.monotonic() - t0,
-            json.dumps(self.metrics()),
+            json.dumps(final),
         )
         self.sampler.rewards.close()
         if self.run_info.distributed:
