@@ -43,9 +43,9 @@ SIZES: dict[str, dict[str, Any]] = {  # name -> init_tiny_model shape
         "max_positions": 32768,
     },
 }
-# Flags seen working with SGLang 0.5.17 on an H100 (override with $SLUICE_SGLANG_ARGS).
+# Flags for SGLang 0.5.17 on an H100/H200, CUDA graphs on (override with $SLUICE_SGLANG_ARGS).
 SGLANG_ARGS = (
-    "--attention-backend triton --sampling-backend pytorch --disable-cuda-graph "
+    "--attention-backend triton --sampling-backend pytorch "
     "--disable-piecewise-cuda-graph --grammar-backend none --dtype bfloat16"
 )
 

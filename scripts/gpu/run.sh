@@ -19,7 +19,7 @@ cat > /tmp/bin/redis-server <<'SH'
 LD_LIBRARY_PATH=/tmp/redis/usr/lib/x86_64-linux-gnu exec /tmp/redis/usr/bin/redis-server "$@"
 SH
 chmod +x /tmp/bin/redis-server
-SGL_DEFAULT="--attention-backend triton --sampling-backend pytorch --disable-cuda-graph --disable-piecewise-cuda-graph --grammar-backend none --dtype bfloat16"
+SGL_DEFAULT="--attention-backend triton --sampling-backend pytorch --disable-piecewise-cuda-graph --grammar-backend none --dtype bfloat16"
 export PATH=/tmp/bin:$PATH PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 log "unpacked; $(nvidia-smi -L | head -1); python $(python3 -V)"
 python3 -c "import sglang, torch, redis, aiohttp; print('sglang', sglang.__version__, 'torch', torch.__version__)"

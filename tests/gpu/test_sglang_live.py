@@ -38,10 +38,10 @@ from staleness.version_manager import VersionManager  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(900)]
 
-# Flags seen working with SGLang 0.5.17 on H100 (scripts/gpu/); override with
+# Flags seen working with SGLang 0.5.17 on an H200, CUDA graphs on (2026-12-01); override with
 # SLUICE_SGLANG_ARGS="--flag value ...".
 DEFAULT_ARGS = (
-    "--attention-backend triton --sampling-backend pytorch --disable-cuda-graph "
+    "--attention-backend triton --sampling-backend pytorch "
     "--disable-piecewise-cuda-graph --grammar-backend none"
 )
 DTYPE = os.environ.get("SLUICE_GPU_TEST_DTYPE", "bfloat16")
