@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from buffer import keys
+from sluice import report
 from sluice.config import SluiceConfig
 from sluice.supervisor import Supervisor
 
@@ -184,11 +185,8 @@ def _queued(buf: dict[str, int]) -> int | None:
 
 
 def staleness_text(p: Progress, eta: Any) -> str:
-    """Trained and arrived staleness apart: ``trained max 2 · arrived max 3 (eta 2)``."""
-    return (
-        f"trained max {fmt(p.max_staleness_trained())} · arrived max {fmt(p.max_staleness())} "
-        f"(eta {eta})"
-    )
+    """Trained and arrived staleness apart (``sluice.report.staleness_text``)."""
+    return report.staleness_text(p.max_staleness_trained(), p.max_staleness(), eta, fmt)
 
 
 def plain_line(p: Progress, cfg: SluiceConfig) -> str:

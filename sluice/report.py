@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -416,12 +417,16 @@ def _fmt(x: Any, nd: int = 3) -> str:
     return str(x)
 
 
+def staleness_text(trained: Any, arrived: Any, eta: Any, fmt: Callable[[Any], str] = _fmt) -> str:
+    """Trained and arrived staleness apart, e.g. ``trained max 2 · arrived max 3 (eta 2)``:
+    the one wording of the report, the demo's final line and its live view (``fmt`` renders
+    each value; the live view shows an unknown one as ``-``)."""
+    return f"trained max {fmt(trained)} · arrived max {fmt(arrived)} (eta {fmt(eta)})"
+
+
 def staleness_line(s: dict[str, Any]) -> str:
-    """Trained and arrived staleness apart, e.g. ``trained max 2 · arrived max 3 (eta 2)``."""
-    return (
-        f"trained max {_fmt(s['max_staleness_trained'])} · arrived max "
-        f"{_fmt(s['max_staleness_arrived'])} (eta {_fmt(s['eta'])})"
-    )
+    """``staleness_text`` of a summary."""
+    return staleness_text(s["max_staleness_trained"], s["max_staleness_arrived"], s["eta"])
 
 
 def _markdown(s: dict[str, Any], plots: list[str]) -> str:
