@@ -32,7 +32,9 @@ class LossConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    eps_low: float = Field(0.2, ge=0, le=1, description="PPO clip: ratio lower bound 1 - eps_low.")
+    eps_low: float = Field(
+        0.2, ge=0, lt=1, description="PPO clip: ratio lower bound 1 - eps_low (> 0)."
+    )
     eps_high: float = Field(
         0.28, ge=0, le=10, description="PPO clip: ratio upper bound 1 + eps_high."
     )

@@ -81,19 +81,8 @@ def _check(inp: LossInputs) -> None:
             f"LossInputs.advantages has shape {tuple(a.shape)}; expected [B, T]={tuple(m.shape)} "
             f"or [B]={tuple(m.shape[:1])}"
         )
-    c = inp.settings
-    if not 0 <= c.eps_low < 1:
-        raise ValueError(f"LossInputs.settings.eps_low={c.eps_low} must be in [0, 1)")
-    if not c.eps_high >= 0:
-        raise ValueError(f"LossInputs.settings.eps_high={c.eps_high} must be >= 0")
-    if c.dual_clip is not None and not c.dual_clip > 1:
-        raise ValueError(
-            f"LossInputs.settings.dual_clip={c.dual_clip} must be > 1 (or None for off)"
-        )
-    if c.aggregation not in AGGREGATIONS:
-        raise ValueError(
-            f"LossInputs.settings.aggregation={c.aggregation!r}; allowed: {', '.join(AGGREGATIONS)}"
-        )
+    # The settings were validated when the LossConfig was built (bounds and allowed values
+    # are declared there, once).
 
 
 def decoupled_ppo_loss(inp: LossInputs) -> LossOutputs:

@@ -45,6 +45,7 @@ BAD = [
     ("trainer.is_level=batch", "'token' or 'sequence'"),
     ("trainer.aggregation=sum", "'token_mean', 'seq_mean_token_sum' or 'seq_mean_token_mean'"),
     ("trainer.dual_clip=1", "greater than 1"),
+    ("trainer.eps_low=1", "less than 1"),
     ("trainer.reward_target=1.5", "less than or equal to 1"),
     ("trainer.device=tpu", "'auto', 'cpu' or 'cuda'"),
     ("trainer.consumer=a:b", "should match pattern"),
