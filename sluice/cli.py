@@ -8,8 +8,10 @@ level, so ``sluice --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import importlib
 import logging
+import signal
 import sys
 
 # name -> (module, one-line help). Add a line here to add a command.
@@ -53,6 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # A process that hangs can be asked where: SIGUSR1 writes every thread's Python stack to
+    # the process's stderr (the fault suite asks before it SIGKILLs a process that ignored
+    # SIGTERM). The real stderr: sys.stderr may be a stream without a file descriptor.
+    if sys.__stderr__ is not None:
+        faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
     mod = importlib.import_module(args._module)
     from sluice.config import ConfigError, load_config
 

@@ -166,8 +166,10 @@ async def _main(cfg: SluiceConfig, args: argparse.Namespace) -> int:
 
     from inference.launch import model_vocab_size
     from rollout_workers.pool import make_servers
+    from sluice.commands import log_task_stacks_on_sigusr2
 
     loop = asyncio.get_running_loop()
+    log_task_stacks_on_sigusr2()
     early_stop = asyncio.Event()  # SIGTERM before the worker exists: stop as soon as it does
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, early_stop.set)

@@ -57,7 +57,10 @@ async def run_trainer(
     cfg: SluiceConfig, *, resume: bool = False, max_steps: int | None = None
 ) -> int:
     """``trainer.loop.run_trainer`` on the run file ``cfg``: returns the steps taken."""
+    from sluice.commands import log_task_stacks_on_sigusr2
     from trainer.loop import run_trainer as train
+
+    log_task_stacks_on_sigusr2()
 
     return await train(cfg.trainer, trainer_args(cfg), resume=resume, max_steps=max_steps)
 

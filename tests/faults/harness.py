@@ -20,8 +20,10 @@ still running.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -37,11 +39,13 @@ from procs import (
     NotHealthy,
     ProcessExited,
     RedisServer,
+    alive,
     free_port,
     kill_pid,
     log_tail,
+    reap,
     spawn,
-    stop_pids,
+    wait_exit,
     wait_http_ok,
 )
 
@@ -118,12 +122,23 @@ class Proc:
         as hung. Returns the exit code."""
         assert self.popen is not None
         self.expected_exit = True
-        if stop_pids([self.popen], timeout):
+        p = self.popen
+        if alive(p):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, signal.SIGTERM)
+        if wait_exit([p], timeout):
+            # Before the SIGKILL, ask where it is stuck: every thread's stack (SIGUSR1), then
+            # every asyncio task's (SIGUSR2), into its log (sluice.cli, sluice.commands).
+            for sig in (signal.SIGUSR1, signal.SIGUSR2):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, sig)
+                time.sleep(1.0)
+            kill_pid(p, timeout=10)
             raise ProcessFailed(
-                f"{self.name} (pid {self.popen.pid}) hung: still running {timeout}s after "
-                f"SIGTERM\n{log_tail(self.log_path)}"
+                f"{self.name} (pid {p.pid}) hung: still running {timeout}s after "
+                f"SIGTERM\n{log_tail(self.log_path, 150)}"
             )
-        return int(self.popen.returncode)
+        return reap(p)
 
     def wait_log(self, text: str, timeout: float) -> None:
         """Until the current incarnation's log contains ``text`` (or it exited)."""
