@@ -80,9 +80,12 @@ def test_secured_live_run(tmp_path: Path) -> None:
     pickle.loads(pickle.dumps(_CreatesFile(probe))).close()
     assert probe.exists()
 
+    # The hostile entries go in after step 2; the trainer reads what was queued before them
+    # (at most (eta + 1) * batch_groups groups: 2 steps at eta 1) and then them. With 14 steps
+    # it is still running then; with 8 it once finished first and never read them.
     run = FaultRun(
         tmp_path / "run",
-        steps=8,
+        steps=14,
         password=PASSWORD,
         extra={"inference": {"admin_api_key": ADMIN_KEY}},
     )
