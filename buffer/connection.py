@@ -129,6 +129,16 @@ def _auth_error(client: aioredis.Redis, url: str, e: Exception) -> RedisUnavaila
     )
 
 
+def raise_if_cancelling(error: BaseException | None) -> None:
+    """Raise ``CancelledError`` when the current task is being cancelled. The Redis client
+    can answer a cancellation with a connection or timeout error of its own (its clean-up on a
+    dead connection fails after the cancel): retrying that would swallow the cancel, and a
+    stopping process would wait for the task for ever (seen in the fault suite)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError() from error
+
+
 async def with_retries(
     op: Callable[[], Awaitable[T]],
     *,
@@ -157,6 +167,7 @@ async def with_retries(
             if not str(e).startswith("LOADING"):
                 raise
             last = e
+        raise_if_cancelling(last)
         await asyncio.sleep(delay * (0.5 + random.random()))
         delay = min(delay * 2, max_delay)
     raise RedisUnavailable(f"{what}: Redis unavailable after {attempts} attempts: {last}")

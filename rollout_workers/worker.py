@@ -57,6 +57,8 @@ from rollout_workers.updater import UpdateRecord, WeightUpdater
 
 log = logging.getLogger("sluice.rollout")
 
+BG_STOP_S = 5.0
+"""How long shutdown waits for a cancelled background loop to end."""
 START_TIMEOUT_S = 120.0
 """How long the worker waits at start-up for one of its servers to answer /health."""
 
@@ -269,7 +271,15 @@ class RolloutWorker:
                 await asyncio.wait(rest, timeout=5.0)
         for t in self._bg:
             t.cancel()
-        await asyncio.gather(*self._bg, return_exceptions=True)
+        if self._bg:
+            _, stuck = await asyncio.wait(self._bg, timeout=BG_STOP_S)
+            for t in stuck:  # it ignored the cancel; the exit goes on without it
+                log.error(
+                    "worker %s: %s did not stop %.0fs after its cancel",
+                    self.worker_id,
+                    t.get_name(),
+                    BG_STOP_S,
+                )
         self.status = "stopped"
         final = self.metrics()
         with contextlib.suppress(Exception):

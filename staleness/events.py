@@ -27,7 +27,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from buffer import keys
-from buffer.connection import TRANSIENT, closed_transport, with_retries
+from buffer.connection import TRANSIENT, closed_transport, raise_if_cancelling, with_retries
 from staleness.records import WeightEvent, decode
 
 log = logging.getLogger("sluice.staleness")
@@ -61,6 +61,7 @@ async def _read_after(client: aioredis.Redis, run: str, cursor: str, block_ms: i
     except (*TRANSIENT, RuntimeError) as e:
         if isinstance(e, RuntimeError) and not closed_transport(e):
             raise
+        raise_if_cancelling(e)
         log.warning("run %s: weight events: connection lost (%s); reconnecting", run, e)
         return None
     except ResponseError as e:
