@@ -404,9 +404,12 @@ async def test_sigkill_worker_prompts_and_slots_come_back(
     try:
 
         async def a_busy() -> Any:
-            return await holds(redis_url, run_name, "A") == 3
+            # Slots first, then each group leases its prompt: wait for both, so the kill finds
+            # what this test is about (3 slots and 3 leases held by A).
+            leased = [t for t in (await holders()).values() if t.startswith("A/")]
+            return await holds(redis_url, run_name, "A") == 3 and len(leased) == 3
 
-        await wait_for(a_busy, 30, "worker A to hold 3 slots")
+        await wait_for(a_busy, 30, "worker A to hold 3 slots and 3 prompt leases")
         a.send_signal(signal.SIGKILL)
         a.wait(10)
         killed_at = time.monotonic()
