@@ -39,6 +39,7 @@ redis-server:
 
 demo: setup
 	$(VENV)/bin/sluice demo $(DEMO_ARGS)
+	@echo "the sluice command is in $(VENV)/bin: source $(VENV)/bin/activate (or call $(VENV)/bin/sluice)"
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
