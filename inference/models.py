@@ -9,6 +9,9 @@ Invariants:
 - The same arguments (seed included) write bit-identical weights.
 - Weights are only ever read from ``*.safetensors``; ``load_model`` refuses a directory whose
   weights are pickles (``pytorch_model.bin``, ``*.pt``) rather than unpickling them.
+- A trainer checkpoint (``RUN_DIR/checkpoints/step-N``, whose ``model/`` subdirectory is the
+  HF directory) is accepted wherever a model directory is: ``resolve_model_dir`` turns it into
+  its ``model/`` subdirectory (with one log line) and every function here resolves first.
 - Special ids: ``pad=0, bos=1, eos=2`` unless given; every built-in task uses the same layout
   (``rollout_workers.tasks``), so a model made for a task's ``vocab_size`` stops on its EOS.
 """
@@ -16,11 +19,14 @@ Invariants:
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger("sluice.model")
 
 ARCHS = ("llama", "qwen2")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -194,9 +200,29 @@ def save_weights(model: Any, directory: str | Path) -> Path:
     return path
 
 
-def check_model_dir(directory: str | Path) -> list[Path]:
-    """The safetensors files of a model directory; ``ModelDirError`` naming what is wrong."""
+_resolved_logged: set[Path] = set()
+
+
+def resolve_model_dir(directory: str | Path) -> Path:
+    """The HF model directory ``directory`` stands for: itself, or, for a directory without
+    ``config.json`` whose ``model/`` subdirectory has one (a trainer checkpoint
+    ``RUN_DIR/checkpoints/step-N``), that subdirectory, logged once per path. Checks nothing
+    else (``check_model_dir`` does)."""
     d = Path(directory)
+    sub = d / "model"
+    if not (d / "config.json").is_file() and (sub / "config.json").is_file():
+        if d not in _resolved_logged:
+            _resolved_logged.add(d)
+            what = "a trainer checkpoint" if (d / "state.json").is_file() else "a directory"
+            log.info("model path %s is %s: using its model directory %s", d, what, sub)
+        return sub
+    return d
+
+
+def check_model_dir(directory: str | Path) -> list[Path]:
+    """The safetensors files of a model directory (or of a checkpoint's ``model/``:
+    ``resolve_model_dir``); ``ModelDirError`` naming what is wrong."""
+    d = resolve_model_dir(directory)
     if not d.is_dir():
         raise ModelDirError(f"model directory {d} does not exist")
     if not (d / "config.json").is_file():
@@ -216,12 +242,12 @@ def check_model_dir(directory: str | Path) -> list[Path]:
 def read_config(directory: str | Path) -> dict[str, Any]:
     """``config.json`` of a model directory as a dict."""
     check_model_dir(directory)
-    return dict(json.loads((Path(directory) / "config.json").read_text()))
+    return dict(json.loads((resolve_model_dir(directory) / "config.json").read_text()))
 
 
 def eos_token_ids(directory: str | Path) -> list[int]:
     """EOS ids: ``generation_config.json`` if present, else ``config.json``; [] if neither has one."""
-    d = Path(directory)
+    d = resolve_model_dir(directory)
     for name in ("generation_config.json", "config.json"):
         p = d / name
         if p.is_file():
@@ -250,7 +276,7 @@ def load_model(directory: str | Path, *, dtype: str = "float32") -> Any:
 
     check_model_dir(directory)
     model = AutoModelForCausalLM.from_pretrained(
-        str(directory), dtype=getattr(torch, dtype), use_safetensors=True
+        str(resolve_model_dir(directory)), dtype=getattr(torch, dtype), use_safetensors=True
     )
     model.eval()  # type: ignore[no-untyped-call]
     return model

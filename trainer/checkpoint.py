@@ -10,7 +10,9 @@ trainer sees either the complete checkpoint or none.
 
 Layout of a checkpoint ``RUN_DIR/checkpoints/step-{step:08d}/``::
 
-    model/                 a Hugging Face model dir (config.json, *.safetensors, ...)
+    model/                 a Hugging Face model dir (config.json, *.safetensors, and the
+                           starting model's tokenizer and other non-weight files): servable
+                           and usable as ``model.path`` (the checkpoint dir itself is too)
     optimizer.safetensors  flattened optimizer tensors
     rng.safetensors        torch CPU (and CUDA) RNG states
     state.json             step, version, optimizer param groups and scalars, scheduler,
@@ -24,14 +26,14 @@ import json
 import os
 import random
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from weights.disk import fsync_dir, replace_dir
+from weights.disk import copy_model_files, fsync_dir, replace_dir
 
 STATE_FORMAT = 1
 
@@ -88,8 +90,10 @@ def save_checkpoint(
     scheduler: Any,
     state: dict[str, Any],
     crash_hook: Callable[[str], None] | None = None,
+    model_files: Iterable[Path] = (),
 ) -> Path:
-    """Write a checkpoint directory atomically (layout in the module docstring).
+    """Write a checkpoint directory atomically (layout in the module docstring); ``model/``
+    also gets a copy of ``model_files`` (``weights.disk.model_files`` of the starting model).
 
     ``state`` is the JSON part owned by the caller (step, version, group ids, ...). The
     checkpoint is durable (fsynced and renamed) when this returns; it counts only once the
@@ -103,6 +107,7 @@ def save_checkpoint(
     tmp.mkdir()
     raw = model.module if hasattr(model, "module") else model
     raw.save_pretrained(str(tmp / "model"), safe_serialization=True)
+    copy_model_files(model_files, tmp / "model")
     if crash_hook is not None:
         crash_hook("mid_checkpoint")
     tensors, opt_meta = flatten_optimizer(optimizer.state_dict())

@@ -24,13 +24,16 @@ def choose_device(name: str) -> torch.device:
 
 def check_model_dir(model_path: str) -> Path:
     """``model_path`` as a path, once it holds the version-0 weights; ``TrainerError`` saying
-    what is missing otherwise."""
+    what is missing otherwise. A trainer checkpoint (``RUN_DIR/checkpoints/step-N``) stands for
+    its ``model/`` subdirectory (``inference.models.resolve_model_dir``, logged)."""
+    from inference.models import resolve_model_dir
+
     if not model_path:
         raise TrainerError(
             "model.path is empty: the trainer needs the version-0 weights (a Hugging Face "
             "model dir with config.json + *.safetensors); `sluice model init DIR` makes a tiny one"
         )
-    path = Path(model_path)
+    path = resolve_model_dir(model_path)
     if not (path / "config.json").is_file():
         raise TrainerError(f"model.path={path} has no config.json")
     if not list(path.glob("*.safetensors")):

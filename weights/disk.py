@@ -5,6 +5,11 @@ into place, so a reader (a rollout worker loading ``weights/v{N}``, a resuming t
 either the complete directory or none: a crash before the rename leaves no ``v{N}`` at all
 (``tests/unit/weights/test_weights_disk.py``). ``prune`` keeps the newest numbered
 directories. The trainer's checkpoints (``trainer.checkpoint``) use the same helpers.
+
+A published directory is servable and loadable as is: besides the weights and ``config.json``
+that ``save_pretrained`` writes, it carries the starting model directory's other files
+(tokenizer, generation config, chat template, ...: ``model_files``), copied byte for byte
+into the temporary directory before the rename (``tests/unit/weights/test_weights_disk.py``).
 """
 
 from __future__ import annotations
@@ -12,15 +17,77 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 
+WEIGHT_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".pkl",
+    ".h5",
+    ".msgpack",
+    ".gguf",
+    ".onnx",
+    ".npz",
+)
+"""Files that hold weights (any format): never copied by ``model_files``."""
+MODEL_FILE_MAX_BYTES = 256 * 1024 * 1024
+"""A larger non-weight file is left out (it is most likely weights in a format we do not know)."""
+
+
+def model_files(model_dir: str | Path | None) -> list[Path]:
+    """The files of a model directory that are not weights: tokenizer (``tokenizer.json``,
+    ``tokenizer_config.json``, ``special_tokens_map.json``, vocab/merges, ``tokenizer.model``),
+    ``generation_config.json``, ``chat_template.*``, ``config.json``, README, ... Every regular
+    top-level file except dotfiles, weights (``WEIGHT_SUFFIXES``), weight indexes
+    (``*.index.json``) and files over ``MODEL_FILE_MAX_BYTES``; sorted by name. ``[]`` when
+    ``model_dir`` is None or not a directory."""
+    if model_dir is None:
+        return []
+    d = Path(model_dir)
+    if not d.is_dir():
+        return []
+    out = []
+    for p in sorted(d.iterdir()):
+        name = p.name
+        if name.startswith(".") or not p.is_file():
+            continue
+        if name.endswith(WEIGHT_SUFFIXES) or name.endswith(".index.json"):
+            continue
+        if p.stat().st_size > MODEL_FILE_MAX_BYTES:
+            continue
+        out.append(p)
+    return out
+
+
+def copy_model_files(files: Iterable[Path], dest: Path) -> list[Path]:
+    """Copy ``files`` (``model_files`` of the starting model) into the directory ``dest``,
+    byte for byte, leaving alone every name ``dest`` already has (what ``save_pretrained``
+    wrote, e.g. ``config.json``, describes the weights beside it). Returns the copies made."""
+    copied = []
+    for src in files:
+        target = dest / src.name
+        if target.exists():
+            continue
+        shutil.copyfile(src, target)
+        copied.append(target)
+    return copied
+
+
 def write_model_dir(
-    model: Any, dest: str | Path, crash_hook: Callable[[str], None] | None = None
+    model: Any,
+    dest: str | Path,
+    crash_hook: Callable[[str], None] | None = None,
+    files: Iterable[Path] = (),
 ) -> Path:
-    """Write ``model`` (unwrapped HF causal LM) as an HF directory at ``dest``, atomically.
+    """Write ``model`` (unwrapped HF causal LM) as an HF directory at ``dest``, atomically,
+    with a copy of ``files`` (``model_files`` of the starting model: tokenizer, generation
+    config, ...) that ``save_pretrained`` did not write.
 
     If ``dest`` exists it is replaced (only a directory that was never published can be in the
     way: versions only increase). Returns ``dest``.
@@ -32,6 +99,7 @@ def write_model_dir(
         shutil.rmtree(tmp)
     raw = model.module if hasattr(model, "module") else model
     raw.save_pretrained(str(tmp), safe_serialization=True)
+    copy_model_files(files, tmp)
     fsync_dir(tmp)
     if crash_hook is not None:
         crash_hook("mid_publish")

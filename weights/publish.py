@@ -1,7 +1,8 @@
 """Weight publication, trainer side: one contract (``WeightPublisher``), two transports.
 
 - ``DiskPublisher`` (``trainer.weight_sync=disk``): writes ``weights_dir/v{N}`` (an HF
-  safetensors directory, atomically: ``weights.disk``), publishes it
+  safetensors directory, atomically, with the starting model directory's non-weight files —
+  tokenizer, generation config, ...: ``weights.disk.model_files``), publishes it
   (``publish_weights(N, path, "safetensors")``) and keeps the newest ``keep`` versions.
 - ``DistributedPublisher`` (``trainer.weight_sync=distributed``): broadcasts ``N`` to the
   registered servers (``weights.distributed``) and publishes it as ``distributed-done``.
@@ -26,7 +27,7 @@ from typing import Protocol, TypeVar
 
 import torch
 
-from weights.disk import prune, write_model_dir
+from weights.disk import model_files, prune, write_model_dir
 from weights.plan import FMT_DONE
 
 R = TypeVar("R")
@@ -75,7 +76,8 @@ async def untimed(call: Awaitable[R]) -> R:
 
 
 class DiskPublisher:
-    """``weight_sync=disk``: every version as ``weights_dir/v{N}``, the newest ``keep`` kept."""
+    """``weight_sync=disk``: every version as ``weights_dir/v{N}``, the newest ``keep`` kept;
+    each carries the non-weight files of ``model_dir`` (the starting model), when given."""
 
     def __init__(
         self,
@@ -85,15 +87,17 @@ class DiskPublisher:
         keep: int,
         timed: CallTimer = untimed,
         crash_hook: CrashHook | None = None,
+        model_dir: Path | None = None,
     ) -> None:
         self.records = records
         self.weights_dir = weights_dir
         self.keep = keep
         self.timed = timed
         self.crash_hook = crash_hook
+        self.files = model_files(model_dir)
 
     async def publish(self, version: int, model: torch.nn.Module) -> None:
-        dest = write_model_dir(model, self.weights_dir / f"v{version}", self.crash_hook)
+        dest = write_model_dir(model, self.weights_dir / f"v{version}", self.crash_hook, self.files)
         await self.timed(self.records.publish_weights(version, str(dest.resolve()), "safetensors"))
         prune(self.weights_dir, "v", self.keep)
 
@@ -112,6 +116,7 @@ class DistributedPublisher:
         disk_every: int,
         timed: CallTimer = untimed,
         crash_hook: CrashHook | None = None,
+        model_dir: Path | None = None,
     ) -> None:
         self.records = records
         self.sync = sync
@@ -120,9 +125,10 @@ class DistributedPublisher:
         self.disk_every = disk_every
         self.timed = timed
         self.crash_hook = crash_hook
+        self.files = model_files(model_dir)
 
     async def _disk_copy(self, version: int, model: torch.nn.Module) -> Path:
-        dest = write_model_dir(model, self.weights_dir / f"v{version}", self.crash_hook)
+        dest = write_model_dir(model, self.weights_dir / f"v{version}", self.crash_hook, self.files)
         await self.timed(self.records.record_disk_weights(version, str(dest.resolve())))
         prune(self.weights_dir, "v", self.keep)
         return dest
