@@ -74,6 +74,12 @@ def workers_seen(run: str) -> str:
     return key(run, "workers", "seen")
 
 
+def run_finished(run: str) -> str:
+    """Set by the trainer when the run ended cleanly (``max_steps`` or ``reward_target``):
+    ``step``, ``version``, ``time``; deleted when a trainer starts the run again. A hash."""
+    return key(run, "finished")
+
+
 def weights(run: str) -> str:
     """The latest published weights (version, path, plan): a hash."""
     return key(run, "weights")

@@ -40,6 +40,21 @@ class RolloutConfig(BaseModel):
     heartbeat_ttl_s: float = Field(
         15.0, gt=0, description="Worker heartbeat TTL: a silent worker's slots are reaped after it."
     )
+    server_wait_s: float = Field(
+        120.0,
+        ge=0,
+        le=86_400,
+        description="At start-up, seconds to wait for one of the worker's inference servers to "
+        "answer /health (it logs the URLs it waits for every 10 s, heart-beating meanwhile); "
+        "then it exits 1 naming them.",
+    )
+    on_run_finished: Literal["exit", "wait"] = Field(
+        "exit",
+        description="When the trainer ends the run (max_steps or reward_target): exit = the "
+        "worker exits 0; wait = it stays, blocked at the gate, until a trainer starts the run "
+        "again (`sluice train --resume`). A worker started on an already finished run waits "
+        "either way.",
+    )
     reward_timeout_s: float = Field(
         30.0, gt=0, description="A reward call slower than this rejects the group."
     )

@@ -43,6 +43,15 @@ class Shutdown(Exception):
     """The worker is stopping: the sample or group in hand is given up."""
 
 
+class NoServer(RuntimeError):
+    """No server answered /health within the start-up wait; the message is one line naming
+    the URLs and the fix."""
+
+
+WAIT_LOG_S = 10.0
+"""While waiting for a server at start-up, log the URLs waited for this often."""
+
+
 def check_servers(servers: Sequence[Server]) -> None:
     if not servers:
         raise ValueError("a rollout worker needs at least one inference server")
@@ -254,10 +263,15 @@ class ServerPool:
         except (ServerDead, InferenceTimeout):
             return False
 
-    async def wait_for_a_server(self, timeout: float, stop: asyncio.Event) -> None:
-        """Until one server answers /health (those that do not are DEAD, uncounted);
-        ``RuntimeError`` naming them all after ``timeout``; returns early once ``stop`` is set."""
-        deadline = time.monotonic() + timeout
+    async def wait_for_a_server(
+        self, timeout: float, stop: asyncio.Event, *, log_every: float = WAIT_LOG_S
+    ) -> None:
+        """Until one server answers /health (those that do not are DEAD, uncounted), logging
+        the URLs it waits for and for how long, first at once, then every ``log_every``
+        seconds; ``NoServer`` naming them after ``timeout``; returns early once ``stop`` is
+        set."""
+        t0 = time.monotonic()
+        next_log = t0
         while True:
             ok = await asyncio.gather(*(self.healthy(s) for s in self.servers))
             for s, good in zip(self.servers, ok, strict=True):
@@ -265,12 +279,30 @@ class ServerPool:
                     self._set(s, ServerState.DEAD)
                 elif s.state is ServerState.DEAD:
                     self._set(s, ServerState.NEEDS_LOAD)
+            waited = time.monotonic() - t0
             if any(ok):
+                if next_log > t0:  # it logged that it was waiting: say the wait is over
+                    up = ", ".join(s.url for s, good in zip(self.servers, ok, strict=True) if good)
+                    log.info("inference server %s answers after %.0fs", up, waited)
                 return
-            if time.monotonic() >= deadline:
-                raise RuntimeError("no inference server answers /health: " + ", ".join(self.urls()))
+            if waited >= timeout:
+                raise NoServer(
+                    f"no inference server answered /health within {timeout:g}s "
+                    f"(rollout.server_wait_s) at {', '.join(self.urls())}: start one there "
+                    "(`sluice serve --config RUN.yaml --port PORT`, or SGLang), or check "
+                    "--servers / inference.servers"
+                )
+            if time.monotonic() >= next_log:
+                log.warning(
+                    "waiting for an inference server to answer /health at %s: %.0fs of %gs "
+                    "(rollout.server_wait_s)",
+                    ", ".join(self.urls()),
+                    waited,
+                    timeout,
+                )
+                next_log = time.monotonic() + log_every
             with contextlib.suppress(TimeoutError):  # SIGTERM ends the wait at once
-                await asyncio.wait_for(stop.wait(), 0.5)
+                await asyncio.wait_for(stop.wait(), min(0.5, max(0.0, timeout - waited)))
             if stop.is_set():
                 return
 

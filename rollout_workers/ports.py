@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from buffer.schema import TrajectoryGroup
 from rollout_workers.prompts import Lease
-from staleness.version_manager import WeightEvent
+from staleness.version_manager import RunFinished, WeightEvent
 
 
 @runtime_checkable
 class VersionSource(Protocol):
-    """The run's version, admission gate, weight events and worker liveness
+    """The run's version, admission gate, weight events, worker liveness and end
     (``staleness.version_manager.VersionManager``)."""
 
     async def version(self) -> int: ...
@@ -48,6 +48,10 @@ class VersionSource(Protocol):
     async def heartbeat(self, worker_id: str, ttl: float = ...) -> None: ...
 
     async def reap(self) -> dict[str, int]: ...
+
+    async def deregister(self, worker_id: str) -> int: ...
+
+    async def run_finished(self) -> RunFinished | None: ...
 
     async def register_sync_servers(self, worker_id: str, urls: list[str]) -> None: ...
 

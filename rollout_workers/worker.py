@@ -25,6 +25,15 @@ Invariants (tests/integration/test_rollout_worker.py, tests/unit/rollout_workers
   (``test_sigkill_worker_prompts_and_slots_come_back``, ``test_sigterm_exits_clean``).
 - The worker never admits past the gate (``test_worker_stops_at_gate_capacity``).
 - A group whose push started is finished, never handed back: a shutdown waits for the push.
+- The worker heart-beats from its first heartbeat until it stops, also while it waits for its
+  servers, so a live worker is never reaped (``test_the_worker_heartbeats_while_it_waits_for_
+  its_servers``; tests/integration/test_worker_lifecycle.py::
+  test_a_worker_whose_server_starts_late_is_never_reaped); a clean stop then leaves the
+  liveness books (``VersionManager.deregister``), holding no slot.
+- The trainer's end of the run (``VersionManager.mark_finished``) stops the worker, or with
+  ``rollout.on_run_finished: wait`` leaves it waiting for the run to start again; a mark that
+  was there before the worker started does not stop it (``test_the_end_of_the_run_stops_the_
+  worker``, ``test_a_run_finished_before_the_worker_started_is_waited_on``).
 """
 
 from __future__ import annotations
@@ -54,13 +63,14 @@ from rollout_workers.rewards import RewardRunner, resolve_reward_fn
 from rollout_workers.sampler import GroupRejected, Sampler, trajectory_group
 from rollout_workers.tasks.base import Task
 from rollout_workers.updater import UpdateRecord, WeightUpdater
+from staleness.records import RunFinished
 
 log = logging.getLogger("sluice.rollout")
 
 BG_STOP_S = 5.0
 """How long shutdown waits for a cancelled background loop to end."""
-START_TIMEOUT_S = 120.0
-"""How long the worker waits at start-up for one of its servers to answer /health."""
+RUN_END_POLL_S = 2.0
+"""How often the worker reads the run's finished mark (``VersionManager.run_finished``)."""
 
 
 def default_worker_id() -> str:
@@ -111,6 +121,10 @@ class RolloutWorker:
         self._bg: list[asyncio.Task[None]] = []
         self._crash: BaseException | None = None
         self._started = time.monotonic()
+        self._run_end: RunFinished | None = None
+        """The run's finished mark as this worker last read it."""
+        self.run_finished: RunFinished | None = None
+        """Set when this worker stops because the trainer ended the run."""
         self.updater = WeightUpdater(
             self.pool,
             parts.versions,
@@ -207,6 +221,18 @@ class RolloutWorker:
     async def _start(self) -> None:
         vs = self.parts.versions
         await vs.heartbeat(self.worker_id, self.rc.heartbeat_ttl_s)
+        # From here until it stops, the worker heart-beats: one waiting for its servers (or
+        # loading weights) is alive and must not be reaped.
+        self._spawn("housekeeping", self._housekeeping)
+        self._run_end = await vs.run_finished()
+        if self._run_end is not None:
+            log.warning(
+                "worker %s: run %s finished at step %d before this worker started: it waits "
+                "until a trainer starts the run again (`sluice train --resume`)",
+                self.worker_id,
+                self.run_info.name,
+                self._run_end.step,
+            )
         if self.run_info.distributed:
             await vs.register_sync_servers(self.worker_id, self.pool.urls())
         await self.updater.start()
@@ -219,7 +245,7 @@ class RolloutWorker:
             self.version,
             self.updater.weights.location,
         )
-        await self.pool.wait_for_a_server(START_TIMEOUT_S, self._stop)
+        await self.pool.wait_for_a_server(self.rc.server_wait_s, self._stop)
         if self._stop.is_set():  # stopped while waiting: nothing admitted yet
             return
         await asyncio.gather(*(self.updater.bring_up(s) for s in self.pool.servers if s.alive))
@@ -233,11 +259,14 @@ class RolloutWorker:
             "watch_events": self.updater.watch_events,
             "updater": self.updater.run,
             "health_loop": lambda: self.pool.health_loop(self.rc.health_interval_s, self.updater),
-            "housekeeping": self._housekeeping,
         }
         for name, fn in loops.items():
-            self._bg.append(asyncio.create_task(self._guard(name, fn), name=name))
+            self._spawn(name, fn)
         self.evaluator.maybe_start(self.version)
+
+    def _spawn(self, name: str, fn: Callable[[], Awaitable[None]]) -> None:
+        """A guarded background loop that runs until the shutdown cancels it."""
+        self._bg.append(asyncio.create_task(self._guard(name, fn), name=name))
 
     async def _guard(self, name: str, fn: Callable[[], Awaitable[None]]) -> None:
         """Run a background loop; if it crashes, stop the worker and re-raise from ``run``."""
@@ -284,6 +313,7 @@ class RolloutWorker:
         final = self.metrics()
         with contextlib.suppress(Exception):
             await self.parts.records.write_metrics(final)
+        await self._deregister()
         log.info(
             "worker %s stopped in %.2fs: %s",
             self.worker_id,
@@ -416,12 +446,13 @@ class RolloutWorker:
 
     # ------------------------------------------------------------------ liveness
     async def _housekeeping(self) -> None:
-        """Heartbeat, lease renewal, reaping dead workers and metrics, each when due."""
+        """From the first heartbeat until the shutdown: heartbeat, reaping dead workers, the
+        run's finished mark, lease renewal and metrics, each when due."""
         vs, rc = self.parts.versions, self.rc
         hb_every = rc.heartbeat_ttl_s / 3
         lease_every = rc.lease_ttl_s / 3
-        tick = min(hb_every, lease_every, rc.metrics_interval_s, 1.0)
-        last_hb = last_lease = last_metrics = time.monotonic()
+        tick = min(hb_every, lease_every, rc.metrics_interval_s, RUN_END_POLL_S, 1.0)
+        last_hb = last_lease = last_metrics = last_end = time.monotonic()
         while True:
             await asyncio.sleep(tick)
             now = time.monotonic()
@@ -430,9 +461,51 @@ class RolloutWorker:
                 if await vs.reap():
                     self._wake.set()
                 last_hb = now
+            if now - last_end >= RUN_END_POLL_S:
+                await self._follow_run_end()
+                last_end = now
             if now - last_lease >= lease_every:
                 await self.parts.prompts.renew_all()
                 last_lease = now
             if now - last_metrics >= rc.metrics_interval_s:
                 await self.parts.records.write_metrics(self.metrics())
                 last_metrics = now
+
+    async def _follow_run_end(self) -> None:
+        """Read the run's finished mark: a new one (the trainer ended the run while this
+        worker ran) stops the worker, or with ``rollout.on_run_finished: wait`` is only
+        logged; a removed one (a trainer started the run again) is logged."""
+        mark = await self.parts.versions.run_finished()
+        if mark == self._run_end:
+            return
+        self._run_end = mark
+        name = self.run_info.name
+        if mark is None:
+            log.info("worker %s: run %s started again", self.worker_id, name)
+        elif self.rc.on_run_finished == "exit":
+            log.info("run %s finished at step %d: worker exits", name, mark.step)
+            self.run_finished = mark
+            self.request_stop()
+        else:
+            log.info(
+                "run %s finished at step %d: worker waits for it to start again "
+                "(rollout.on_run_finished=wait)",
+                name,
+                mark.step,
+            )
+
+    async def _deregister(self) -> None:
+        """Leave the liveness books once every slot is handed back or finished, so the run
+        sees a stopped worker, not a dead one (a holder is left for ``reap``)."""
+        try:
+            held = await self.parts.versions.deregister(self.worker_id)
+        except Exception as e:  # Redis gone: the heartbeat expires and reap cleans up
+            log.warning("worker %s: could not deregister (%s)", self.worker_id, e)
+            return
+        if held:
+            log.warning(
+                "worker %s still holds %d slot(s) at exit: reap hands them back after %.0fs",
+                self.worker_id,
+                held,
+                self.rc.heartbeat_ttl_s,
+            )

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from staleness.loss import AGGREGATIONS, LossInputs, LossOutputs, decoupled_ppo_loss
     from staleness.records import (
         GateSnapshot,
+        RunFinished,
         RunNotFound,
         RunSettingsMismatch,
         VersionError,
@@ -49,6 +50,7 @@ _WHERE: dict[str, str] = {
     "LossOutputs": "staleness.loss",
     "decoupled_ppo_loss": "staleness.loss",
     "GateSnapshot": "staleness.records",
+    "RunFinished": "staleness.records",
     "RunNotFound": "staleness.records",
     "RunSettingsMismatch": "staleness.records",
     "VersionError": "staleness.records",
@@ -73,6 +75,7 @@ __all__ = [
     "GateSnapshot",
     "LossInputs",
     "LossOutputs",
+    "RunFinished",
     "RunNotFound",
     "RunSettingsMismatch",
     "VersionError",

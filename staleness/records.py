@@ -1,6 +1,6 @@
-"""What the version manager hands out: its errors, a weight publication (``WeightEvent``), a
-worker's liveness (``WorkerInfo``) and a consistent read of the gate (``GateSnapshot``), plus
-the pure functions that build them from Redis replies.
+"""What the version manager hands out: its errors, a weight publication (``WeightEvent``), the
+run's end (``RunFinished``), a worker's liveness (``WorkerInfo``) and a consistent read of the
+gate (``GateSnapshot``), plus the pure functions that build them from Redis replies.
 
 ``gate_snapshot`` builds a ``GateSnapshot`` from the replies of the one MULTI that
 ``VersionManager.snapshot`` sends; its capacity is ``staleness.gate.admission_capacity`` of the
@@ -62,6 +62,29 @@ class WeightEvent:
             "fmt": self.fmt,
             "time": self.time,
         }
+
+
+@dataclass(frozen=True)
+class RunFinished:
+    """The trainer's mark that the run ended cleanly (``VersionManager.mark_finished``)."""
+
+    step: int
+    """The last step trained."""
+    version: int
+    """The run's policy version when it ended."""
+    time: float
+    """Redis server time of the mark (unix seconds): two marks of one run differ in it."""
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[Any, Any]) -> RunFinished:
+        return cls(
+            step=int(fields[b"step"]),
+            version=int(fields.get(b"version", b"0")),
+            time=float(fields.get(b"time", b"0")),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "version": self.version, "time": self.time}
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,8 @@ return {1, eta, redis.call('HGET', KEYS[1], 'batch_groups')}
 # The staleness gate: admits k = min(n, capacity) with
 #   capacity = max(0, (version + eta + 1) * batch_groups - (admitted - rejected))
 # (the same formula as staleness.gate.admission_capacity) and books the k slots on the worker
-# in the same step, registering it as alive for the default ttl if it never heart-beat.
+# in the same step, registering it as alive for the default ttl if it never heart-beat or its
+# heartbeat expired (a worker asking for room is alive: its new slots are not reaped at once).
 # Keeps, however many workers call at once: after any admission
 # admitted - rejected <= (version + eta + 1) * batch_groups, and
 # admitted == finished + rejected + sum(inflight).
@@ -72,9 +73,10 @@ local r = tonumber(g[3] or '0')
 local cap = (v + tonumber(s[1]) + 1) * tonumber(s[2]) - (a - r)
 if cap < 0 then cap = 0 end
 local k = math.min(tonumber(ARGV[2]), cap)
-if not redis.call('ZSCORE', KEYS[4], ARGV[1]) then
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local exp = redis.call('ZSCORE', KEYS[4], ARGV[1])
+if not exp or tonumber(exp) < now then
   redis.call('ZADD', KEYS[4], now + tonumber(ARGV[3]), ARGV[1])
   redis.call('HSET', KEYS[5], ARGV[1], now)
 end
@@ -167,6 +169,30 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], now)
 return now
+"""
+
+# A worker that stopped cleanly leaves the liveness books: its heartbeat expiry and last-seen
+# time are removed, so it is not shown (or reaped) as a dead worker. Only when it holds no slot:
+# a holder stays for reap, which hands its slots back (admitted == finished + rejected +
+# sum(inflight) holds either way).
+# KEYS: inflight, expiry, seen. ARGV: worker. Returns the slots it still holds (0: removed).
+DEREGISTER_LUA = """
+local held = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if held > 0 then return held end
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[1])
+return 0
+"""
+
+# The trainer ended the run cleanly: records its last step, the current version and the time
+# (Redis clock, to the microsecond, so a later mark of the same run differs from this one).
+# KEYS: finished, gate. ARGV: step. Returns {version, time}.
+MARK_FINISHED_LUA = """
+local t = redis.call('TIME')
+local now = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
+local v = redis.call('HGET', KEYS[2], 'version') or '0'
+redis.call('HSET', KEYS[1], 'step', ARGV[1], 'version', v, 'time', now)
+return {v, now}
 """
 
 # Makes a version current: sets the version, the latest record and appends the event in one

@@ -19,6 +19,8 @@ Keys (all in the run's namespace ``sluice:{run}:...``, one Redis Cluster slot, n
 ``weights:disk``            hash        the latest disk copy (distributed mode): version,
                                         location, fmt, time
 ``weights:sync_servers``    hash        server URL -> worker id, for distributed weight sync
+``finished``                hash        the run's clean end: ``step``, ``version``, ``time``
+                                        (set by the trainer, deleted when one starts again)
 ==========================  ==========  ====================================================
 
 The class is a thin shell: it checks its arguments (``staleness.checks``), runs one Lua script
@@ -54,6 +56,10 @@ tests/integration/test_version_manager.py unless named otherwise):
   (``test_publish_versions_only_increase``); ``events`` never misses the latest publication
   and yields strictly increasing versions (``test_events_reach_two_subscribers_in_order``,
   ``test_events_survive_a_redis_restart``).
+- A worker that stops cleanly leaves the liveness books (``deregister``), never while it holds
+  a slot (``test_deregister_removes_a_worker_that_holds_no_slot``); a run's finished mark is
+  set by ``mark_finished`` and removed by ``clear_finished``
+  (``test_finished_mark_is_set_read_and_cleared``).
 - ``batch_groups`` is fixed for a run and ``eta`` changes only through ``set_eta``
   (``test_open_creates_then_checks_settings``, ``test_set_eta_takes_effect_at_next_admission``,
   ``test_current_eta_reads_the_live_setting``).
@@ -82,6 +88,7 @@ from staleness.checks import (
 from staleness.events import MAX_BLOCK_MS, follow_events
 from staleness.records import (
     GateSnapshot,
+    RunFinished,
     RunNotFound,
     RunSettingsMismatch,
     VersionError,
@@ -97,6 +104,7 @@ __all__ = [
     "REQUEST_TTL_S",
     "WORKER_DEAD",
     "GateSnapshot",
+    "RunFinished",
     "RunNotFound",
     "RunSettingsMismatch",
     "VersionError",
@@ -176,6 +184,7 @@ class VersionManager:
         self.k_events = keys.weight_events(run)
         self.k_disk = keys.weights_disk(run)
         self.k_sync_servers = keys.sync_servers(run)
+        self.k_finished = keys.run_finished(run)
         self._admit = client.register_script(scripts.ADMIT_LUA)
         self._release = client.register_script(scripts.RELEASE_LUA)
         self._drop = client.register_script(scripts.DROP_LUA)
@@ -185,6 +194,8 @@ class VersionManager:
         self._set_eta = client.register_script(scripts.SET_ETA_LUA)
         self._announce = client.register_script(scripts.ANNOUNCE_LUA)
         self._disk = client.register_script(scripts.DISK_LUA)
+        self._deregister = client.register_script(scripts.DEREGISTER_LUA)
+        self._mark_finished = client.register_script(scripts.MARK_FINISHED_LUA)
         self.eta = eta
         """The run's eta as of ``open`` (``set_eta`` may change it later; ``snapshot`` reads it)."""
         self.batch_groups = batch_groups
@@ -427,8 +438,9 @@ class VersionManager:
         """Admit up to ``n`` new groups for ``worker_id`` within the staleness gate; returns how
         many (0..n). One atomic Lua step: ``min(n, capacity)`` with ``capacity`` as in
         ``staleness.gate.admission_capacity``; the slots are booked on the worker (which is
-        registered as alive for ``default_worker_ttl`` if it never heart-beat). Every admitted
-        slot must later be ``finish``-ed or ``reject``-ed, or ``reap`` returns it."""
+        registered as alive for ``default_worker_ttl`` if it never heart-beat or its heartbeat
+        expired: a worker asking for room is alive). Every admitted slot must later be
+        ``finish``-ed or ``reject``-ed, or ``reap`` returns it."""
         check_worker(worker_id)
         check_count("try_admit", n)
         if n == 0:
@@ -540,6 +552,60 @@ class VersionManager:
         if out:
             log.warning("run %s: reaped dead workers %s", self.run, out)
         return out
+
+    async def deregister(self, worker_id: str) -> int:
+        """A worker that stopped cleanly leaves the liveness books (its heartbeat expiry and
+        last-seen time), so ``sluice status`` shows it stopped rather than expired. Only when it
+        holds no slot: returns the slots it still holds (0: removed); a holder stays until
+        ``reap`` hands its slots back."""
+        check_worker(worker_id)
+        return int(
+            await self._call(
+                self._deregister,
+                [self.k_inflight, self.k_expiry, self.k_seen],
+                [worker_id],
+                what=f"deregister {worker_id}",
+            )
+        )
+
+    # ------------------------------------------------------------------ the run's end
+    async def mark_finished(self, step: int) -> RunFinished:
+        """The run ended cleanly at ``step`` (the trainer reached ``max_steps`` or its
+        ``reward_target``). Workers following the run read it (``run_finished``) and exit, or
+        wait for the run to start again (``rollout.on_run_finished``); a trainer that starts
+        the run again removes it (``clear_finished``). Returns the mark."""
+        check_setting("step", step, 0)
+        res = await self._call(
+            self._mark_finished,
+            [self.k_finished, self.k_gate],
+            [step],
+            what=f"mark finished at step {step}",
+        )
+        mark = RunFinished(step=step, version=int(decode(res[0])), time=float(decode(res[1])))
+        log.info("run %s finished at step %d (version %d)", self.run, step, mark.version)
+        return mark
+
+    async def run_finished(self) -> RunFinished | None:
+        """The run's finished mark, or None while the run goes on (or never ended)."""
+        rec = await self._retry(lambda: self.redis.hgetall(self.k_finished), "read finished mark")
+        return RunFinished.from_fields(rec) if rec else None
+
+    async def clear_finished(self) -> RunFinished | None:
+        """A trainer starts the run again: remove the finished mark. Returns the mark it
+        removed (None: there was none)."""
+
+        async def op() -> list[Any]:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hgetall(self.k_finished)
+                pipe.delete(self.k_finished)
+                return list(await pipe.execute())
+
+        rec, _ = await self._retry(op, "clear finished mark")
+        if not rec:
+            return None
+        mark = RunFinished.from_fields(rec)
+        log.info("run %s (finished at step %d) starts again", self.run, mark.step)
+        return mark
 
     # ------------------------------------------------------------------ observability
     async def snapshot(self) -> GateSnapshot:

@@ -177,6 +177,8 @@ class Trainer:
     async def run(self) -> int:
         """Train until ``max_steps``, ``reward_target`` or SIGTERM; returns steps taken now."""
         await self.reader.settle_dead_letters()
+        if self.dist.rank == 0:  # a run trained again is not finished (workers go on)
+            await self.vm.clear_finished()
         if self.tc.threads:
             torch.set_num_threads(self.tc.threads)
         train_model: Any = self.model
@@ -189,6 +191,7 @@ class Trainer:
         # while the other replays: each rank's share is still trained exactly once.
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
         taken = 0
+        reached = False
         t_start = time.time()
         while self.st.step < self.max_steps:
             batch = await self.reader.next_batch()
@@ -209,6 +212,7 @@ class Trainer:
                 await self._checkpoint()
             if reached_target:
                 log.info("reward %.4f reached reward_target %s", reward, target)
+                reached = True
                 break
             if self.stop.requested:
                 break
@@ -216,6 +220,8 @@ class Trainer:
             if self.st.weights_version is None:
                 await self._publish()
             await self._checkpoint()
+        if self.dist.rank == 0 and (reached or self.st.step >= self.max_steps):
+            await self.vm.mark_finished(self.st.step)  # the run's workers exit (or wait)
         return taken
 
     async def _step(self, batch: StepBatch, train_model: Any, t_start: float) -> float | None:

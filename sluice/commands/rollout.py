@@ -3,8 +3,10 @@ inference servers, score them and push them to the run's Redis buffer, across we
 
 Start as many as you like, on one machine or many, against the same Redis and run name: they
 share the gate, the prompt cursor and the weight events. Servers come from --servers (or
-inference.servers), else --launch N starts N of them (engine auto|sglang|cpu). SIGTERM/SIGINT
-stops cleanly (in-flight groups hand their slots back, exit 0 within 30 s).
+inference.servers), else --launch N starts N of them (engine auto|sglang|cpu); the worker
+waits up to rollout.server_wait_s for one to answer. SIGTERM/SIGINT stops cleanly (in-flight
+groups hand their slots back, exit 0 within 30 s); so does the end of the run, when the trainer
+finishes (rollout.on_run_finished: exit, or wait for the run to start again).
 """
 
 from __future__ import annotations
@@ -98,11 +100,12 @@ def run(args: argparse.Namespace) -> int:
     import uvloop
 
     from buffer import RedisUnavailable
+    from rollout_workers.pool import NoServer
     from staleness.version_manager import RunSettingsMismatch
 
     try:
         return int(uvloop.run(_main(cfg, args)))
-    except (RedisUnavailable, RunSettingsMismatch) as e:  # messages carry the URL redacted
+    except (RedisUnavailable, RunSettingsMismatch, NoServer) as e:  # URLs redacted; one line
         raise SystemExit(f"sluice rollout: {e}") from None
 
 

@@ -14,6 +14,7 @@ import asyncio
 import json
 import os
 import sys
+import time
 from typing import TYPE_CHECKING, Any
 
 from buffer import keys
@@ -114,7 +115,7 @@ async def collect(client: aioredis.Redis, run: str, url: str) -> dict[str, Any]:
     snap["buffer"] = (await buf.stats()).as_dict()
     snap["redis"] = redact_url(url)
     snap["dead_letters"] = _dead_letter_summary(await buf.dead_letters(count=DEAD_LETTERS_READ))
-    snap["worker_metrics"] = await _worker_metrics(client, run)
+    snap["worker_metrics"] = await _worker_metrics(client, run, snap)
     snap["eval"] = await _evals(client, run)
     return snap
 
@@ -142,13 +143,18 @@ def _dead_letter_summary(rows: list[dict[str, str]]) -> dict[str, Any]:
     return {"by_reason": by, "recent": rows[:5], "read": len(rows)}
 
 
-async def _worker_metrics(client: aioredis.Redis, run: str) -> dict[str, dict[str, Any]]:
+async def _worker_metrics(
+    client: aioredis.Redis, run: str, snap: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
     """Each worker's last metrics write (``sluice:{run}:worker:{id}:metrics``), JSON decoded,
-    with ``age_s``: seconds since it was written (Redis clock)."""
+    with ``age_s``: seconds since it was written (Redis clock), and its ``liveness`` as
+    ``worker_liveness`` judges it against the heartbeats in ``snap`` (``last_heartbeat``: unix
+    seconds, or None when unknown)."""
 
     prefix = keys.worker_prefix(run)
     now_s, now_us = await client.time()
     now = float(now_s) + float(now_us) / 1e6
+    beats = {w["id"]: w for w in snap["workers"]}
     out: dict[str, dict[str, Any]] = {}
     async for k in client.scan_iter(match=keys.worker_metrics_glob(run), count=1000):
         name = k.decode() if isinstance(k, bytes) else str(k)
@@ -164,8 +170,37 @@ async def _worker_metrics(client: aioredis.Redis, run: str) -> dict[str, dict[st
                 m[field] = text
         if isinstance(m.get("updated_at"), int | float):
             m["age_s"] = round(now - float(m["updated_at"]), 3)
+        m["liveness"], m["last_heartbeat"] = worker_liveness(m, beats.get(wid), now)
         out[wid] = m
     return dict(sorted(out.items()))
+
+
+def worker_liveness(
+    metrics: dict[str, Any], beat: dict[str, Any] | None, now: float
+) -> tuple[str, float | None]:
+    """Whether a worker with these last ``metrics`` lives: ``alive`` (its heartbeat ``beat``,
+    a ``WorkerInfo.as_dict``, has not expired), ``stopped`` (no live heartbeat, and its last
+    metrics say it stopped: a clean stop deregisters the worker) or ``lost`` (no live
+    heartbeat, and it never said it stopped: killed, or cut off). Also its last heartbeat
+    (unix seconds at ``now``), or, once ``reap`` removed the heartbeat, its last metrics write;
+    None when neither is known."""
+    if beat is not None:
+        last: float | None = now - float(beat["seconds_since_heartbeat"])
+        if beat["alive"]:
+            return "alive", last
+    elif isinstance(metrics.get("updated_at"), int | float):
+        last = float(metrics["updated_at"])
+    else:
+        last = None
+    return ("stopped" if metrics.get("status") == "stopped" else "lost"), last
+
+
+def _clock(t: float | None) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(t)) if t is not None else "?"
+
+
+def _lost(m: dict[str, Any]) -> str:
+    return f"lost (no heartbeat since {_clock(m.get('last_heartbeat'))})"
 
 
 async def _evals(client: aioredis.Redis, run: str) -> list[dict[str, Any]]:
@@ -223,6 +258,9 @@ def _gate_table(d: dict[str, Any]) -> Any:
 
 
 def _workers_table(d: dict[str, Any]) -> Any:
+    """Heartbeats (alive, or expired: reap pending), slot holders that never heart-beat, then
+    the workers known only from their last metrics: stopped (a clean stop deregisters) or
+    lost (reaped, or expired and gone)."""
     from rich.table import Table
 
     workers = Table(title="workers", title_justify="left")
@@ -239,7 +277,20 @@ def _workers_table(d: dict[str, Any]) -> Any:
     for wid, n in sorted(d["inflight_by_worker"].items()):
         if wid not in holders:
             workers.add_row(wid, str(n), "never", "[red]no heartbeat (reap pending)[/red]")
-    if not d["workers"] and not d["inflight_by_worker"]:
+    gone = {
+        wid: m
+        for wid, m in (d.get("worker_metrics") or {}).items()
+        if wid not in holders and wid not in d["inflight_by_worker"]
+    }
+    for wid, m in gone.items():
+        last = m.get("last_heartbeat")
+        workers.add_row(
+            wid,
+            "0",
+            f"{_age(max(0.0, d['time'] - last))} ago" if last is not None else "?",
+            "stopped" if m.get("liveness") == "stopped" else f"[red]{_lost(m)}[/red]",
+        )
+    if not d["workers"] and not d["inflight_by_worker"] and not gone:
         workers.add_row("(none)", "", "", "")
     return workers
 
@@ -270,9 +321,12 @@ def _worker_metrics_table(wm: dict[str, dict[str, Any]]) -> Any:
             rej_s += " (" + ", ".join(f"{k}={v}" for k, v in sorted(rej.items())) + ")"
         servers = m.get("servers") or []
         alive = sum(1 for s in servers if isinstance(s, dict) and s.get("alive"))
+        status = str(m.get("status", "?"))
+        if m.get("liveness") == "lost":  # its last write says running, but it is gone
+            status = f"[red]{_lost(m)}[/red]"
         t.add_row(
             wid,
-            str(m.get("status", "?")),
+            status,
             str(m.get("groups_pushed", 0)),
             rej_s,
             str(m.get("tokens_per_s", "")),

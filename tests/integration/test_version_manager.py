@@ -148,6 +148,58 @@ async def test_reap_returns_a_dead_workers_slots(redis_url: str, run_name: str) 
         assert s.late == 1 and s.admitted == s.finished + s.rejected + s.inflight_total
 
 
+async def test_an_admission_renews_an_expired_heartbeat(redis_url: str, run_name: str) -> None:
+    """A worker whose heartbeat lapsed (not reaped yet) and asks for room is alive: its new
+    slots are not reaped as a dead worker's."""
+    await (await VersionManager.open(redis_url, run_name, eta=0, batch_groups=4)).close()
+    async with await VersionManager.open(redis_url, run_name, default_worker_ttl=5.0) as vm:
+        await vm.heartbeat("w", ttl=0.2)
+        await asyncio.sleep(0.3)
+        assert not (await vm.snapshot()).workers[0].alive
+        assert await vm.try_admit("w", 2) == 2
+        w = (await vm.snapshot()).workers[0]
+        assert w.alive and w.expires_in > 4.0 and w.seconds_since_heartbeat < 1.0
+        assert await vm.reap() == {}
+        await vm.heartbeat("w", ttl=60)  # a live heartbeat is not shortened by an admission
+        assert await vm.try_admit("w", 1) == 1
+        assert (await vm.snapshot()).workers[0].expires_in > 50
+
+
+async def test_deregister_removes_a_worker_that_holds_no_slot(
+    redis_url: str, run_name: str
+) -> None:
+    async with await VersionManager.open(redis_url, run_name, eta=0, batch_groups=4) as vm:
+        await vm.heartbeat("a", ttl=30)
+        await vm.heartbeat("b", ttl=30)
+        assert await vm.try_admit("a", 2) == 2
+        assert await vm.deregister("a") == 2  # holds slots: stays, for reap
+        assert [w.id for w in (await vm.snapshot()).workers] == ["a", "b"]
+        await vm.finish("a", 1)
+        await vm.reject("a", 1, "shutdown")
+        assert await vm.deregister("a") == 0
+        s = await vm.snapshot()
+        assert [w.id for w in s.workers] == ["b"] and s.inflight == {}
+        assert s.admitted == s.finished + s.rejected + s.inflight_total
+        assert await vm.reap() == {}  # a deregistered worker is not "dead"
+        assert await vm.deregister("never-seen") == 0
+
+
+async def test_finished_mark_is_set_read_and_cleared(redis_url: str, run_name: str) -> None:
+    async with await VersionManager.open(redis_url, run_name, eta=1, batch_groups=2) as vm:
+        assert await vm.run_finished() is None
+        assert await vm.clear_finished() is None
+        await vm.publish_weights(3, "/w/v3")
+        first = await vm.mark_finished(12)
+        assert (first.step, first.version) == (12, 3) and first.time > 0
+        assert await vm.run_finished() == first
+        assert await vm.clear_finished() == first
+        assert await vm.run_finished() is None
+        second = await vm.mark_finished(12)  # the same step again: a different mark
+        assert second != first and second.time > first.time
+        with pytest.raises(ValueError, match="step"):
+            await vm.mark_finished(-1)
+
+
 async def test_worker_that_never_heartbeats_is_reaped_after_default_ttl(
     redis_url: str, run_name: str
 ) -> None:

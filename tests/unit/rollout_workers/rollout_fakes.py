@@ -16,7 +16,7 @@ from inference.protocol import FinishReason, GenerateResult, SamplingParams, Ser
 from rollout_workers.pool import Server, ServerState
 from rollout_workers.prompts import Lease
 from rollout_workers.tasks.base import Prompt
-from staleness.version_manager import WeightEvent
+from staleness.version_manager import RunFinished, WeightEvent
 
 
 def answer(
@@ -204,6 +204,9 @@ class FakeVersions:
         self.queue: asyncio.Queue[WeightEvent] = asyncio.Queue()
         self.heartbeats = 0
         self.registered: list[str] = []
+        self.deregistered: list[str] = []
+        self.finished_mark: RunFinished | None = None
+        """What ``run_finished`` answers (a test sets it: the trainer ended the run)."""
 
     async def version(self) -> int:
         return self.current
@@ -241,6 +244,13 @@ class FakeVersions:
 
     async def reap(self) -> dict[str, int]:
         return {}
+
+    async def deregister(self, worker_id: str) -> int:
+        self.deregistered.append(worker_id)
+        return 0
+
+    async def run_finished(self) -> RunFinished | None:
+        return self.finished_mark
 
     async def register_sync_servers(self, worker_id: str, urls: list[str]) -> None:
         self.registered += urls

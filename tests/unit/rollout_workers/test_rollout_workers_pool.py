@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 
 import pytest
 from rollout_fakes import client_of, server
 
-from rollout_workers.pool import Server, ServerPool, ServerState, Shutdown
+from rollout_workers.pool import NoServer, Server, ServerPool, ServerState, Shutdown
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -189,11 +191,44 @@ async def test_wait_for_a_server_marks_the_silent_ones_dead() -> None:
     await pool.wait_for_a_server(5.0, asyncio.Event())
     assert (a.state, b.state) == (NEEDS_LOAD, DEAD) and b.deaths == 0
     client_of(a).dead = True
-    with pytest.raises(RuntimeError, match="no inference server answers /health: http://a"):
+    with pytest.raises(NoServer, match=r"answered /health within 0s .* at http://a, http://b"):
         await pool.wait_for_a_server(0.0, asyncio.Event())
     stop = asyncio.Event()
     stop.set()
     await pool.wait_for_a_server(60.0, stop)  # a stop ends the wait at once
+
+
+async def test_waiting_for_a_server_says_for_which_and_how_long(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    a, b = server("http://a", state=NEEDS_LOAD), server("http://b", state=NEEDS_LOAD)
+    client_of(a).dead, client_of(b).healthy = True, False
+    pool = ServerPool([a, b])
+    caplog.set_level(logging.INFO, logger="sluice.rollout")
+    t0 = time.monotonic()
+    with pytest.raises(NoServer) as e:
+        await pool.wait_for_a_server(1.2, asyncio.Event(), log_every=0.5)
+    assert 1.2 <= time.monotonic() - t0 < 3.0
+    msg = str(e.value)
+    assert "\n" not in msg and "http://a, http://b" in msg and "check --servers" in msg
+    msgs = [r.getMessage() for r in caplog.records]
+    waits = [m for m in msgs if m.startswith("waiting for an inference server")]
+    assert 2 <= len(waits) <= 3, waits  # at once, after 0.5 s, (after 1 s)
+    assert all("at http://a, http://b: " in w and "s of 1.2s" in w for w in waits), waits
+    # The server answers: the wait ends and says after how long.
+    caplog.clear()
+
+    async def late() -> None:
+        await asyncio.sleep(0.6)
+        client_of(a).dead = False
+
+    task = asyncio.ensure_future(late())
+    await pool.wait_for_a_server(5.0, asyncio.Event(), log_every=10.0)
+    await task
+    assert a.state is NEEDS_LOAD and b.state is DEAD
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len([m for m in msgs if "waiting for an inference server" in m]) == 1
+    assert any(m.startswith("inference server http://a answers after") for m in msgs), msgs
 
 
 async def test_abort_requests_reaches_live_servers_only() -> None:

@@ -1,9 +1,11 @@
 """rollout_workers.worker on fakes (no Redis, no server): every admitted slot is finished or
-handed back with its reason, and the gate bounds what is admitted."""
+handed back with its reason, the gate bounds what is admitted, the worker heart-beats while it
+waits for its servers, leaves the liveness books when it stops, and follows the run's end."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,12 +21,13 @@ from rollout_fakes import (
     server,
 )
 
+from rollout_workers import worker as worker_module
 from rollout_workers.config import RolloutConfig
 from rollout_workers.parts import RunInfo, WorkerParts
 from rollout_workers.pool import Server, ServerState
 from rollout_workers.tasks import Prompt, get_task
 from rollout_workers.worker import RolloutWorker
-from staleness.version_manager import WeightEvent
+from staleness.version_manager import RunFinished, WeightEvent
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -153,3 +156,74 @@ async def test_a_group_past_eta_is_cancelled_and_handed_back_as_cancelled_stale(
     r.worker.request_stop()
     await run
     assert r.versions.admitted == len(r.versions.rejected) + r.versions.finished
+
+
+async def test_the_worker_heartbeats_while_it_waits_for_its_servers() -> None:
+    s = server(state=ServerState.NEEDS_LOAD, version=None)
+    client_of(s).healthy = False
+    r = rig([s], max_groups=2, heartbeat_ttl_s=0.3, metrics_interval_s=0.05, server_wait_s=60)
+    run = asyncio.create_task(r.worker.run())
+    await until(lambda: r.versions.heartbeats >= 4)  # the first one, then every 0.1 s
+    await until(lambda: len(r.records.metrics) >= 2)
+    assert r.worker.status == "starting" and r.versions.admitted == 0 and not run.done()
+    assert r.records.metrics[-1]["status"] == "starting"  # sluice status sees it waiting
+    client_of(s).healthy = True
+    assert await run == 2
+    assert r.versions.deregistered == ["w"]  # a clean stop leaves the liveness books
+    assert r.records.metrics[-1]["status"] == "stopped"
+
+
+async def test_the_end_of_the_run_stops_the_worker(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(worker_module, "RUN_END_POLL_S", 0.02)
+    caplog.set_level(logging.INFO, logger="sluice.rollout")
+    vs = FakeVersions(capacity=2)
+    r = rig(versions=vs)
+    run = asyncio.create_task(r.worker.run())
+    await until(lambda: r.worker.counters.gate_waits >= 2)  # blocked at the gate
+    vs.finished_mark = RunFinished(step=7, version=3, time=100.5)
+    assert await run == 2
+    assert r.worker.run_finished == vs.finished_mark and r.worker.status == "stopped"
+    assert vs.admitted == vs.finished == 2 and vs.deregistered == ["w"]
+    assert "run r finished at step 7: worker exits" in caplog.messages
+
+
+async def test_a_run_finished_before_the_worker_started_is_waited_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Started in any order with a resumed trainer: the old mark does not stop the worker; the
+    trainer clears it, and the mark of the run's next end does."""
+    monkeypatch.setattr(worker_module, "RUN_END_POLL_S", 0.02)
+    vs = FakeVersions(capacity=2)
+    vs.finished_mark = RunFinished(step=5, version=2, time=50.0)
+    r = rig(versions=vs)
+    run = asyncio.create_task(r.worker.run())
+    await until(lambda: r.worker.counters.gate_waits >= 2)
+    await asyncio.sleep(0.15)  # several polls of the mark
+    assert not run.done()
+    vs.finished_mark = None  # `sluice train --resume`
+    vs.capacity = 3
+    await until(lambda: r.worker.counters.groups_pushed == 3)
+    vs.finished_mark = RunFinished(step=9, version=4, time=80.0)
+    assert await run == 3
+    assert r.worker.run_finished == vs.finished_mark
+
+
+async def test_with_on_run_finished_wait_the_worker_stays_for_the_next_run(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(worker_module, "RUN_END_POLL_S", 0.02)
+    caplog.set_level(logging.INFO, logger="sluice.rollout")
+    vs = FakeVersions(capacity=2)
+    r = rig(versions=vs, on_run_finished="wait")
+    run = asyncio.create_task(r.worker.run())
+    await until(lambda: r.worker.counters.gate_waits >= 2)
+    vs.finished_mark = RunFinished(step=7, version=3, time=100.5)
+    await until(lambda: any("waits for it to start again" in m for m in caplog.messages))
+    await asyncio.sleep(0.1)
+    assert not run.done() and r.worker.run_finished is None
+    vs.finished_mark, vs.capacity = None, 4  # the run starts again
+    await until(lambda: r.worker.counters.groups_pushed == 4)
+    r.worker.request_stop()
+    assert await run == 4

@@ -70,6 +70,14 @@ class _Buffer:
 class _VM:
     def __init__(self) -> None:
         self.drops: list[tuple[int, str]] = []
+        self.finished: list[int | None] = []
+        """The run's finished mark, in order: the step marked, None for a clear."""
+
+    async def clear_finished(self) -> None:
+        self.finished.append(None)
+
+    async def mark_finished(self, step: int) -> None:
+        self.finished.append(step)
 
     async def drop(self, n: int = 1, reason: str = "stale") -> int:
         self.drops.append((n, reason))
@@ -186,6 +194,7 @@ def test_loop_drops_trains_commits_and_reports_trained_staleness(tmp_path: Path)
     assert asyncio.run(trainer.run()) == 2
 
     assert vm.drops == [(1, "stale")] + [(1, "stale")] * 3 + [(1, "future_version"), (1, "stale")]
+    assert vm.finished == [None, 2]  # cleared at start, marked at max_steps: the workers exit
     assert pub.versions == [4, 5] and (state.step, state.version, state.ckpt_step) == (2, 5, 2)
     (covered, step, version) = ledger.commits[0]
     assert (step, version) == (2, 5) and ledger.recs == {}  # the forgotten step left nothing
