@@ -198,7 +198,9 @@ def trainer_spec(cfg: SluiceConfig, config_path: Path) -> ChildSpec:
 def worker_spec(config_path: Path, server_url: str) -> ChildSpec:
     args = [sys.executable, "-m", "sluice", "rollout", "--config", str(config_path)]
     args += ["--servers", server_url]
-    return ChildSpec("worker", args, env={"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    # Exit 0 is the worker's own end: the trainer finished the run (rollout.on_run_finished).
+    env = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return ChildSpec("worker", args, env=env, done_on_success=True)
 
 
 # ---------------------------------------------------------------------- the run

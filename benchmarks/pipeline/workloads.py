@@ -97,6 +97,7 @@ def write_config(s: Setup, *, url: str, run: str, run_dir: Path, eta: int) -> Pa
         "max_inflight_groups": spec["max_inflight_groups"],
         "log_every": 10_000,
         "metrics_interval_s": 1.0,
+        "on_run_finished": "wait",  # the runner stops the worker once it has sampled the run
     }
     if spec["max_new_tokens"] is not None:
         rollout["max_new_tokens"] = spec["max_new_tokens"]

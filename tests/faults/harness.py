@@ -209,6 +209,7 @@ class FaultRun:
                 "metrics_interval_s": 0.5,
                 "shutdown_grace_s": 5.0,
                 "log_every": 10_000,
+                "on_run_finished": "wait",  # finish() stops the workers and checks their exit
             },
             "trainer": {
                 "max_steps": steps,
