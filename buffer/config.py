@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class RedisConfig(BaseModel):
@@ -13,3 +13,10 @@ class RedisConfig(BaseModel):
         description="Redis URL: redis:// or rediss:// (TLS), optional user:password@, db. "
         "The password may instead come from $SLUICE_REDIS_PASSWORD.",
     )
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, url: str) -> str:
+        from buffer.connection import validate_url
+
+        return validate_url(url)

@@ -46,6 +46,11 @@ class RedisUnavailable(RuntimeError):
     redacted."""
 
 
+class RedisAuthFailed(RedisUnavailable):
+    """Redis refused our credentials, or wants a password we did not give (a bad input, where
+    an unreachable Redis is the environment's problem)."""
+
+
 def redact_url(url: str) -> str:
     """``redis://user:secret@host/0`` -> ``redis://user:***@host/0``."""
     parts = urlsplit(url)
@@ -119,11 +124,11 @@ async def connect(
 
 def _auth_error(client: aioredis.Redis, url: str, e: Exception) -> RedisUnavailable:
     if client.connection_pool.connection_kwargs.get("password") is None or "NOAUTH" in str(e):
-        return RedisUnavailable(
+        return RedisAuthFailed(
             f"Redis at {redact_url(url)} needs a password ({e}): put it in the URL or "
             f"${PASSWORD_ENV}"
         )
-    return RedisUnavailable(
+    return RedisAuthFailed(
         f"Redis at {redact_url(url)} refused the credentials ({e}); check the password in the "
         f"URL or ${PASSWORD_ENV}"
     )

@@ -89,12 +89,13 @@ def choose_engine(engine: str = "auto") -> Engine:
     if not have_sglang:
         raise EngineUnavailable(
             f"engine 'sglang' needs SGLang, which is not installed: {SGLANG_INSTALL_HINT} "
-            "(or use engine 'cpu' / 'auto')"
+            "on a CUDA machine, or use --engine cpu (inference.engine=cpu; 'auto' picks cpu "
+            "here)"
         )
     if not cuda_available():
         raise EngineUnavailable(
-            "engine 'sglang' needs a CUDA GPU and torch.cuda.is_available() is False "
-            "(use engine 'cpu' / 'auto')"
+            "engine 'sglang' needs a CUDA GPU and torch.cuda.is_available() is False: use "
+            "--engine cpu (inference.engine=cpu; 'auto' picks cpu here)"
         )
     return "sglang"
 

@@ -15,7 +15,9 @@ class TaskConfig(BaseModel):
     )
     options: dict[str, Any] = Field(
         default_factory=dict,
-        description="Task options, e.g. {digits: 4} for reverse, {path: data.jsonl, reward: mod:fn} for jsonl.",
+        description="Task options, e.g. {n_digits: 4} for reverse, {path: data.jsonl, reward: "
+        "mod:fn, eos_token_id: 2} for jsonl; `sluice config show --set task.name=NAME` lists a "
+        "task's options with their meaning and defaults.",
     )
 
 
@@ -58,7 +60,11 @@ class RolloutConfig(BaseModel):
     reward_timeout_s: float = Field(
         30.0, gt=0, description="A reward call slower than this rejects the group."
     )
-    reward_fn: str | None = Field(None, description="module:function overriding the task's reward.")
+    reward_fn: str | None = Field(
+        None,
+        description="module:function overriding the task's reward; the module is found on "
+        "PYTHONPATH, beside the run config file or in the current directory.",
+    )
     eval_every: int = Field(
         0, ge=0, description="Evaluate held-out prompts every N versions (0 = never)."
     )

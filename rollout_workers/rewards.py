@@ -34,12 +34,19 @@ class RewardFailure(Exception):
 
 
 def resolve_reward_fn(task: Task, spec: str | None) -> RewardFn:
-    """``spec`` (``module:function``) when given, else the task's ``reward``."""
+    """``spec`` (``rollout.reward_fn``, ``module:function``) when given, else the task's
+    ``reward``. ``TaskError`` naming the field when the module or function is not found; a
+    ``sluice`` command also looks for the module beside the run config and in the current
+    directory (``sluice.config.add_module_dirs``)."""
     if not spec:
         return task.reward
+    from rollout_workers.tasks.base import TaskError
     from rollout_workers.tasks.jsonl import load_reward_fn
 
-    return load_reward_fn(spec)
+    try:
+        return load_reward_fn(spec)
+    except TaskError as e:
+        raise TaskError(f"rollout.reward_fn: {e}") from e
 
 
 class RewardRunner:

@@ -61,18 +61,42 @@ def main(argv: list[str] | None = None) -> int:
     if sys.__stderr__ is not None:
         faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
     mod = importlib.import_module(args._module)
-    from sluice.config import ConfigError, load_config
+    from sluice.config import add_module_dirs, load_config
+    from sluice.errors import one_line
 
     try:
         if hasattr(args, "config") and hasattr(args, "overrides"):
-            # Every command that reads a run config rejects a bad one here, before it starts.
+            # Every command that reads a run config rejects a bad one here, before it starts;
+            # modules it names (a reward's module:function) are found beside it.
             load_config(args.config, args.overrides)
+            add_module_dirs(args.config)
         return int(mod.run(args) or 0)
-    except ConfigError as e:
-        print(f"sluice {args.command}: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as e:
+        # A known error is one line and its exit code (sluice.errors); anything else is a bug
+        # and keeps its traceback.
+        known = _known(e)
+        if known is None:
+            raise
+        code, err = known
+        print(f"sluice {args.command}: {one_line(err)}", file=sys.stderr)
+        return code
+
+
+def _known(e: BaseException) -> tuple[int, BaseException] | None:
+    """``(exit code, error)`` for ``e`` or, in an exception group, its first known error."""
+    from sluice.errors import exit_code
+
+    code = exit_code(e)
+    if code is not None:
+        return code, e
+    if isinstance(e, BaseExceptionGroup):
+        for sub in e.exceptions:
+            found = _known(sub)
+            if found is not None:
+                return found
+    return None
 
 
 if __name__ == "__main__":

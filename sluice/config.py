@@ -11,6 +11,9 @@ into the one run file and adds the run's identity (``run``).
 
 from __future__ import annotations
 
+import difflib
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +23,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from buffer.config import RedisConfig
 from inference.config import InferenceConfig, ModelConfig
 from rollout_workers.config import RolloutConfig, TaskConfig
+from sluice.errors import InputError
 from staleness.config import StalenessConfig
 from trainer.config import TrainerConfig
 
 
-class ConfigError(ValueError):
-    """A config file or override that does not validate; the message names every bad field."""
+class ConfigError(InputError):
+    """A config file or override that does not validate; the message names every bad field
+    (exit 2, ``sluice.errors``)."""
 
 
 class Section(BaseModel):
@@ -59,9 +64,71 @@ def _format_error(e: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]
     for err in e.errors():
         loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {unknown_key_message(err['loc'])}")
+            continue
         val = err.get("input")
-        lines.append(f"  {loc} = {val!r}: {err['msg']}")
+        if loc == "redis.url" and isinstance(val, str):
+            from buffer.connection import redact_url
+
+            val = redact_url(val)
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"  {loc} = {val!r}: {msg}")
     return "\n".join(lines)
+
+
+def _section_model(path: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The model of the section at dotted ``path`` (() = the whole config), or None."""
+    model: type[BaseModel] = SluiceConfig
+    for part in path:
+        field = model.model_fields.get(str(part))
+        ann = field.annotation if field is not None else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def did_you_mean(word: str, choices: list[str], prefix: str = "") -> str:
+    """``"; did you mean PREFIX.X?"`` for the closest of ``choices`` to ``word``, else
+    ``"; valid: a, b, c"`` (``""`` when there are no choices)."""
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {prefix}{close[0]}?"
+    return f"; valid: {', '.join(choices)}" if choices else ""
+
+
+def unknown_key_message(loc: tuple[Any, ...]) -> str:
+    """``staleness.etta: unknown key; did you mean staleness.eta?`` for the unknown key at
+    ``loc``, suggesting the closest field of its section (or the closest section)."""
+    dotted = ".".join(str(p) for p in loc)
+    parent = tuple(loc[:-1])
+    model = _section_model(parent)
+    what = "unknown section" if not parent else "unknown key"
+    if model is None:
+        return f"{dotted}: {what}"
+    prefix = ".".join(str(p) for p in parent) + "." if parent else ""
+    return f"{dotted}: {what}" + did_you_mean(str(loc[-1]), list(model.model_fields), prefix)
+
+
+def _check_task_options(cfg: SluiceConfig) -> list[str]:
+    """One line per unknown option of a built-in task (the task checks its values)."""
+    from rollout_workers.tasks import task_options
+
+    opts = task_options(cfg.task.name)
+    if opts is None:
+        return []
+    names = [o.name for o in opts]
+    out = []
+    for k in cfg.task.options:
+        if k not in names:
+            close = difflib.get_close_matches(k, names, n=1, cutoff=0.6)
+            hint = f"; did you mean task.options.{close[0]}?" if close else ""
+            out.append(
+                f"  task.options.{k}: unknown option of task {cfg.task.name!r}{hint} "
+                f"(options: {', '.join(names)}; `sluice config show` lists them)"
+            )
+    return out
 
 
 def _parse_scalar(text: str) -> Any:
@@ -136,9 +203,35 @@ def validate_config(data: dict[str, Any], overrides: list[str] | None, source: s
         apply_override(data, o)
         source += f" + --set {o.split('=', 1)[0]}=..."
     try:
-        return SluiceConfig.model_validate(data)
+        cfg = SluiceConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_error(e, source)) from None
+    bad = _check_task_options(cfg)
+    if bad:
+        raise ConfigError("\n".join([f"invalid config ({source}):", *bad]))
+    return cfg
+
+
+def module_dirs(config_path: str | Path | None) -> list[Path]:
+    """Where modules a config names (``module:function`` rewards) are looked for besides the
+    installed packages: the config file's directory, then the current directory."""
+    dirs = [Path(config_path).resolve().parent] if config_path is not None else []
+    return [*dirs, Path.cwd()]
+
+
+def add_module_dirs(config_path: str | Path | None) -> list[Path]:
+    """Append ``module_dirs(config_path)`` to ``sys.path`` (after the installed packages, so
+    they never shadow one) and to ``$PYTHONPATH`` (so processes this one starts, the demo's,
+    find them too); returns the directories added."""
+    added = []
+    for d in module_dirs(config_path):
+        if str(d) not in sys.path:
+            sys.path.append(str(d))
+            added.append(d)
+        env = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        if str(d) not in env:
+            os.environ["PYTHONPATH"] = os.pathsep.join([*env, str(d)])
+    return added
 
 
 def dump_config(cfg: SluiceConfig) -> str:

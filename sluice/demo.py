@@ -303,8 +303,8 @@ class Demo:
         cfg = self.cfg
         try:
             self.engine = choose_engine(cfg.inference.engine)
-        except EngineUnavailable as e:
-            raise DemoError(str(e), 2) from None
+        except EngineUnavailable as e:  # the machine's, not the input's: exit 1
+            raise DemoError(str(e), 1) from None
         try:
             task = get_task(cfg.task.name, **cfg.task.options)
         except (ValueError, FileNotFoundError) as e:
@@ -332,13 +332,15 @@ class Demo:
         return resolved, config_path, env, url
 
     async def _check_redis(self, url: str) -> Any:
-        from buffer.connection import RedisUnavailable, connect, redact_url
+        from buffer.connection import RedisAuthFailed, RedisUnavailable, connect, redact_url
         from staleness import list_runs
 
         try:
             client = await connect(url)
-        except (RedisUnavailable, ValueError) as e:
+        except (RedisAuthFailed, ValueError) as e:  # wrong credentials, a bad URL: exit 2
             raise DemoError(f"redis: {e}", 2) from None
+        except RedisUnavailable as e:  # not reachable: exit 1
+            raise DemoError(f"redis: {e}", 1) from None
         if self.opts.redis_url is not None and self.cfg.run.name in await list_runs(client):
             await client.aclose()
             raise DemoError(

@@ -20,7 +20,9 @@ tests/unit/inference/test_cpu_server_control.py):
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable
 
@@ -33,6 +35,40 @@ from inference.cpu_server.sampling import BadRequest, Req, generate_response, pa
 from inference.cpu_server.scheduler import Scheduler
 
 log = logging.getLogger("sluice.cpu_server")
+
+
+class CannotListen(RuntimeError):
+    """The server cannot listen on its host and port (in use, not an address of this
+    machine, or not allowed); the message names them and what to do."""
+
+
+def _listen_error(host: str, port: int, e: OSError) -> CannotListen:
+    if e.errno == errno.EADDRINUSE:
+        why = "is already in use: stop what listens there or pick another --port"
+    elif e.errno == errno.EACCES:
+        why = "is not allowed for this user: pick a --port above 1023"
+    elif e.errno == errno.EADDRNOTAVAIL:
+        why = "is not an address of this machine: pick another --host"
+    else:
+        why = f"cannot be listened on: {e.strerror or e}"
+    return CannotListen(f"{host}:{port} {why}")
+
+
+def check_can_listen(host: str, port: int) -> None:
+    """``CannotListen`` now, before the model loads, when ``host:port`` cannot be bound (with
+    SO_REUSEADDR, as the server binds it)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise CannotListen(f"--host {host!r} does not resolve: {e.strerror}") from None
+    for family, kind, proto, _, addr in infos:
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(addr)
+            except OSError as e:
+                raise _listen_error(host, port, e) from None
+
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -167,6 +203,7 @@ def serve(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    check_can_listen(host, port)
     torch.set_num_threads(threads)
     engine = Engine(model, weight_version, max_batch, dtype=dtype)
     server = CPUServer(engine, admin_api_key=admin_api_key, seed=seed, threads=threads)
@@ -179,4 +216,9 @@ def serve(
         port,
         weight_version,
     )
-    web.run_app(server.app(), host=host, port=port, print=None, access_log=None)
+    try:
+        web.run_app(server.app(), host=host, port=port, print=None, access_log=None)
+    except OSError as e:  # taken between the check and the bind
+        if e.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
+            raise _listen_error(host, port, e) from None
+        raise

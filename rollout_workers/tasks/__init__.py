@@ -7,11 +7,12 @@ with heavy-tailed lengths, for throughput benchmarks) and ``jsonl`` (a user JSON
 
 from __future__ import annotations
 
+import difflib
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from rollout_workers.tasks.base import Prompt, Split, Task
+from rollout_workers.tasks.base import Prompt, Split, Task, TaskError, TaskOption
 from rollout_workers.tasks.jsonl import JsonlTask
 from rollout_workers.tasks.long_tail import LongTailTask
 from rollout_workers.tasks.reverse import ReverseTask
@@ -30,21 +31,66 @@ def register_task(name: str, factory: Callable[..., Task]) -> None:
     TASKS[name] = factory
 
 
-def get_task(name: str, **options: Any) -> Task:
-    """The task ``name`` built with ``options``; ``ValueError`` naming a bad name or option."""
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; known: {sorted(TASKS)}")
-    factory = TASKS[name]
+def task_options(name: str) -> list[TaskOption] | None:
+    """The options of task ``name`` (its factory's keyword arguments, with the defaults of its
+    signature and the help of its ``option_help``); None for an unknown task or one that takes
+    ``**options`` (any name goes)."""
+    factory = TASKS.get(name)
+    if factory is None:
+        return None
     params: Mapping[str, inspect.Parameter]
     try:
         params = inspect.signature(factory).parameters
     except (TypeError, ValueError):
-        params = {}
-    if params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        unknown = sorted(set(options) - set(params))
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return None
+    helps: Mapping[str, str] = getattr(factory, "option_help", {})
+    return [
+        TaskOption(
+            name=p.name,
+            default=None if p.default is p.empty else p.default,
+            required=p.default is p.empty,
+            help=helps.get(p.name, ""),
+        )
+        for p in params.values()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
+
+
+def get_task(name: str, **options: Any) -> Task:
+    """The task ``name`` built with ``options``; ``TaskError`` naming a bad name, an unknown or
+    missing option (with the task's options) or a bad value (what the task says)."""
+    if name not in TASKS:
+        close = difflib.get_close_matches(name, sorted(TASKS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise TaskError(f"unknown task {name!r} (task.name){hint} known: {sorted(TASKS)}")
+    opts = task_options(name)
+    if opts is not None:
+        names = [o.name for o in opts]
+        listing = (
+            ", ".join(o.short() for o in opts)
+            + f" (`sluice config show --set task.name={name}` says what each means)"
+        )
+        unknown = sorted(set(options) - set(names))
         if unknown:
-            raise ValueError(f"task {name!r} has no option(s) {unknown}; options: {sorted(params)}")
-    return factory(**options)
+            close = difflib.get_close_matches(unknown[0], names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise TaskError(
+                f"task {name!r} has no option(s) {unknown}{hint}; its options: {listing}"
+            )
+        missing = [o.name for o in opts if o.required and o.name not in options]
+        if missing:
+            raise TaskError(
+                f"task {name!r} needs option(s) {', '.join(missing)}: set them in task.options "
+                f"(e.g. --set task.options.{missing[0]}=...); its options: {listing}"
+            )
+    try:
+        return TASKS[name](**options)
+    except TaskError:
+        raise
+    except (ValueError, TypeError) as e:  # a bad option value, said by the task
+        raise TaskError(f"task {name!r}: {e}") from e
 
 
 __all__ = [
@@ -55,6 +101,9 @@ __all__ = [
     "ReverseTask",
     "Split",
     "Task",
+    "TaskError",
+    "TaskOption",
     "get_task",
     "register_task",
+    "task_options",
 ]

@@ -15,12 +15,36 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 Split = Literal["train", "eval"]
 SPLITS: tuple[str, ...] = ("train", "eval")
 
 PAD, BOS, EOS = 0, 1, 2
+
+
+class TaskError(ValueError):
+    """A task's name, options or data are wrong; the message names the option (``task.options.
+    NAME``), the file or ``FILE:LINE``, and what to do (``sluice`` exits 2 with it)."""
+
+
+@dataclass(frozen=True)
+class TaskOption:
+    """One option of a task (``task.options.NAME``): its default, or ``required``, and help."""
+
+    name: str
+    default: Any
+    required: bool
+    help: str
+
+    def short(self) -> str:
+        """``name (required)`` or ``name=default``."""
+        return f"{self.name} (required)" if self.required else f"{self.name}={self.default!r}"
+
+    def describe(self) -> str:
+        """``name (required): help`` or ``name = default: help``."""
+        head = f"{self.name} (required)" if self.required else f"{self.name} = {self.default!r}"
+        return f"{head}: {self.help}" if self.help else head
 
 
 @dataclass(frozen=True)
@@ -42,6 +66,9 @@ class Task(ABC):
     bos_token_id: int = BOS
     pad_token_id: int = PAD
     max_new_tokens: int
+    option_help: ClassVar[dict[str, str]] = {}
+    """What each constructor argument (``task.options.NAME``) means; defaults come from the
+    signature (``rollout_workers.tasks.task_options``)."""
 
     @abstractmethod
     def prompts(self, split: Split) -> Sequence[Prompt]:

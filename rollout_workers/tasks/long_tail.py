@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
+from typing import ClassVar
 
 from rollout_workers.tasks.base import BOS, EOS, Prompt, Split, Task, check_split, until_eos
 
@@ -27,6 +28,15 @@ class LongTailTask(Task):
     name = "long-tail"
     vocab_size = 16
     eos_token_id = EOS
+    option_help: ClassVar[dict[str, str]] = {
+        "median": "median target output length (tokens before EOS)",
+        "sigma": "lognormal sigma of the target lengths (0 = all equal to median)",
+        "min_len": "shortest target length",
+        "max_len": "longest target length (max_new_tokens is max_len + 1)",
+        "n_train": "train prompts",
+        "n_eval": "held-out eval prompts",
+        "seed": "prompt generation seed",
+    }
 
     def __init__(
         self,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from typing import ClassVar
 
 from rollout_workers.tasks.base import BOS, EOS, Prompt, Split, Task, check_split, until_eos
 
@@ -23,6 +24,12 @@ class ReverseTask(Task):
     name = "reverse"
     vocab_size = DIGIT0 + 10
     eos_token_id = EOS
+    option_help: ClassVar[dict[str, str]] = {
+        "n_digits": "digits per prompt (the output is them reversed, then EOS)",
+        "n_train": "train prompts (distinct digit strings)",
+        "n_eval": "held-out eval prompts, disjoint from the train ones",
+        "seed": "prompt generation seed",
+    }
 
     def __init__(
         self, n_digits: int = 4, n_train: int = 1024, n_eval: int = 128, seed: int = 0

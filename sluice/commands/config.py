@@ -3,7 +3,9 @@
 ``sluice config show RUN.yaml [--set k=v ...]`` prints commented YAML (each field's description,
 and its default where the config changes it) that is itself a valid config file; ``--table``
 prints a table instead. Without a file, the defaults. A bad value exits 2 naming the field, the
-value and what is allowed. A password in ``redis.url`` is printed as ``***``.
+value and what is allowed. A password in ``redis.url`` is printed as ``***``. The task's options
+(``task.options``) are listed one by one with their meaning and default (a required one not
+given is a ``# REQUIRED`` comment); ``--set task.name=jsonl`` shows another task's.
 """
 
 from __future__ import annotations
@@ -49,8 +51,58 @@ def rows(cfg: Any) -> list[tuple[str, str, Any, Any, str]]:
     return out
 
 
+def task_option_rows(cfg: Any) -> list[tuple[str, Any, Any, str, bool]] | None:
+    """``(option, value, default, help, required_and_missing)`` for each option of the
+    config's task (``rollout_workers.tasks.task_options``: the given value, else the
+    default), then any other given option; None when the task does not declare its options."""
+    from rollout_workers.tasks import task_options
+
+    opts = task_options(cfg.task.name)
+    if opts is None:
+        return None
+    given = cfg.task.options
+    out = [
+        (
+            o.name,
+            given.get(o.name, o.default),
+            o.default,
+            o.help,
+            o.required and o.name not in given,
+        )
+        for o in opts
+    ]
+    known = {o.name for o in opts}
+    out += [
+        (k, v, None, "not an option of this task", False)
+        for k, v in given.items()
+        if k not in known
+    ]
+    return out
+
+
+def _task_options_yaml(cfg: Any, indent: str) -> list[str]:
+    """``options:`` with each option of the task on its own line after its help; a required
+    option not given is a comment (fill it in)."""
+    opts = task_option_rows(cfg)
+    if opts is None:
+        return [f"{indent}options: {_yaml_value(cfg.task.options)}"]
+    shown = [o for o in opts if not o[4]]
+    lines = [f"{indent}options:" + ("" if shown else " {}")]
+    for name, value, default, help_text, missing in opts:
+        note = ("REQUIRED: " if missing else "") + help_text
+        if not missing and value != default:
+            note += f" [default: {_yaml_value(default)}]"
+        for chunk in textwrap.wrap(note, 92) or [""]:
+            lines.append(f"{indent}  # {chunk}")
+        lines.append(
+            f"{indent}  {'# ' if missing else ''}{name}: {'' if missing else _yaml_value(value)}".rstrip()
+        )
+    return lines
+
+
 def commented_yaml(cfg: Any) -> str:
-    """The config as YAML, each field preceded by its help text (and default, when changed)."""
+    """The config as YAML, each field preceded by its help text (and default, when changed);
+    the task's options one by one, with their help and defaults."""
     lines: list[str] = []
     current = None
     for section, name, value, default, help_text in rows(cfg):
@@ -64,6 +116,9 @@ def commented_yaml(cfg: Any) -> str:
             note += f" [default: {_yaml_value(default)}]"
         for chunk in textwrap.wrap(note, 96) or [""]:
             lines.append(f"  # {chunk}")
+        if (section, name) == ("task", "options"):
+            lines += _task_options_yaml(cfg, "  ")
+            continue
         lines.append(f"  {name}: {_yaml_value(value)}")
     return "\n".join(lines) + "\n"
 
@@ -95,5 +150,14 @@ def run(args: argparse.Namespace) -> int:
             escape(_yaml_value(default)),
             escape(help_text),
         )
+        if (section, name) == ("task", "options"):
+            for opt, v, d, h, missing in task_option_rows(cfg) or []:
+                shown = "(required)" if missing else escape(_yaml_value(v))
+                table.add_row(
+                    f"task.options.{opt}",
+                    f"[bold]{shown}[/bold]" if missing or v != d else shown,
+                    "" if missing else escape(_yaml_value(d)),
+                    escape(h),
+                )
     Console().print(table)
     return 0

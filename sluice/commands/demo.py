@@ -29,7 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--redis-url",
         default=None,
-        help="use this Redis instead of starting a private redis-server",
+        help="use this Redis instead of starting a private redis-server (so does a redis.url "
+        "set in --config or --set)",
     )
     p.add_argument(
         "--engine", choices=("auto", "sglang", "cpu"), default=None, help="inference engine"
@@ -51,22 +52,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def given_redis_url(args: argparse.Namespace) -> str | None:
+    """The Redis the demo is told to use: ``--redis-url``, else a ``redis.url`` the config file
+    or a ``--set`` gives (the last one wins); None: start a private redis-server."""
+    from sluice.config import load_config, read_config_file
+
+    if args.redis_url is not None:
+        return str(args.redis_url)
+    given = args.config is not None and "url" in (read_config_file(args.config).get("redis") or {})
+    given = given or any(o.split("=", 1)[0].strip() == "redis.url" for o in args.overrides)
+    return load_config(args.config, args.overrides).redis.url if given else None
+
+
 def run(args: argparse.Namespace) -> int:
     from sluice.demo import DemoOptions, run_demo
+    from sluice.errors import InputError
 
     for name in ("eta", "max_steps"):
         v = getattr(args, name)
         if v is not None and v < (0 if name == "eta" else 1):
-            raise SystemExit(f"sluice demo: --{name.replace('_', '-')} out of range: {v}")
+            raise InputError(f"--{name.replace('_', '-')} out of range: {v}")
     if args.stop_timeout <= 0:
-        raise SystemExit(f"sluice demo: --stop-timeout must be > 0, got {args.stop_timeout}")
+        raise InputError(f"--stop-timeout must be > 0, got {args.stop_timeout}")
     opts = DemoOptions(
         config=args.config,
         overrides=list(args.overrides),
         eta=args.eta,
         max_steps=args.max_steps,
         run_dir=args.run_dir,
-        redis_url=args.redis_url,
+        redis_url=given_redis_url(args),
         engine=args.engine,
         live=not args.no_live and sys.stdout.isatty(),
         max_restarts=args.max_restarts,

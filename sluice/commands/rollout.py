@@ -58,27 +58,25 @@ def run(args: argparse.Namespace) -> int:
     # SIGTERM while importing or launching servers exits 0 like a stop of a running worker
     # (tests/faults/test_bad_inputs.py::test_rollout_sigterm_while_starting_exits_0).
     signal.signal(signal.SIGTERM, _stop_while_starting)
-    from sluice.config import ConfigError, load_config
+    from sluice.config import load_config
+    from sluice.errors import InputError
 
     overrides = list(args.overrides)
     if args.servers is not None:
         urls = [u.strip() for u in args.servers.split(",") if u.strip()]
         if not urls:
-            raise SystemExit("sluice rollout: --servers is empty")
+            raise InputError("--servers is empty: give URL,URL,...")
         overrides.append("inference.servers=[" + ",".join(f'"{u}"' for u in urls) + "]")
     if args.launch is not None:
         overrides.append(f"inference.launch={args.launch}")
     if args.engine is not None:
         overrides.append(f"inference.engine={args.engine}")
     if args.max_groups is not None and args.max_groups < 1:
-        raise SystemExit(f"sluice rollout: --max-groups must be >= 1, got {args.max_groups}")
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as e:
-        raise SystemExit(f"sluice rollout: {e}") from None
+        raise InputError(f"--max-groups must be >= 1, got {args.max_groups}")
+    cfg = load_config(args.config, overrides)  # errors: one line and exit 2 (sluice.errors)
     if not cfg.model.path:
-        raise SystemExit(
-            "sluice rollout: model.path is empty; the worker needs the version-0 weights. Create "
+        raise InputError(
+            "model.path is empty; the worker needs the version-0 weights. Create "
             f"them with `sluice model init DIR --task {cfg.task.name}` and pass "
             "--set model.path=DIR (or set model.path in the config)"
         )
@@ -87,25 +85,28 @@ def run(args: argparse.Namespace) -> int:
     try:
         check_model_dir(cfg.model.path)
     except ModelDirError as e:
-        raise SystemExit(f"sluice rollout: model.path: {e}") from None
+        raise InputError(f"model.path: {e}") from None
+    from rollout_workers.rewards import resolve_reward_fn
     from rollout_workers.tasks import get_task
 
-    try:  # a bad task (a malformed dataset line: FILE:LINE) fails here, before any launch
-        get_task(cfg.task.name, **cfg.task.options)
-    except (ValueError, TypeError, OSError) as e:
-        raise SystemExit(f"sluice rollout: task {cfg.task.name!r}: {e}") from None
+    # A bad task (a malformed dataset line: FILE:LINE), reward module or engine fails here,
+    # before any launch: TaskError exits 2, EngineUnavailable 1 (sluice.errors).
+    resolve_reward_fn(get_task(cfg.task.name, **cfg.task.options), cfg.rollout.reward_fn)
     if not cfg.inference.servers and cfg.inference.launch < 1:
-        raise SystemExit("sluice rollout: no servers: give --servers URL,... or --launch N")
+        raise InputError("no servers: give --servers URL,... or --launch N")
+    if not cfg.inference.servers:
+        from inference.launch import choose_engine
+
+        choose_engine(cfg.inference.engine)
 
     import uvloop
 
-    from buffer import RedisUnavailable
     from rollout_workers.pool import NoServer
-    from staleness.version_manager import RunSettingsMismatch
 
+    # RedisUnavailable (URL redacted), RunSettingsMismatch: one line in sluice.cli.
     try:
         return int(uvloop.run(_main(cfg, args)))
-    except (RedisUnavailable, RunSettingsMismatch, NoServer) as e:  # URLs redacted; one line
+    except NoServer as e:  # one line
         raise SystemExit(f"sluice rollout: {e}") from None
 
 

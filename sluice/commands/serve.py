@@ -56,14 +56,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _from_config(args: argparse.Namespace) -> None:
     """Fill ``--model/--threads/--admin-api-key/--seed`` left unset from the run config."""
+    from sluice.errors import InputError
+
     if args.config is not None or args.overrides:
         from sluice.config import load_config
 
         cfg = load_config(args.config, args.overrides)  # ConfigError: exit 2 (sluice.cli)
         if args.model is None:
             if not cfg.model.path:
-                raise SystemExit(
-                    "sluice serve: model.path is empty in the config; give --model DIR or set "
+                raise InputError(
+                    "model.path is empty in the config; give --model DIR or set "
                     "model.path (`sluice model init DIR --task NAME` makes a tiny model)"
                 )
             args.model = cfg.model.path
@@ -74,23 +76,26 @@ def _from_config(args: argparse.Namespace) -> None:
         if args.seed is None:
             args.seed = cfg.run.seed
     if args.model is None:
-        raise SystemExit("sluice serve: give --model DIR or --config RUN.yaml (with model.path)")
+        raise InputError("give --model DIR or --config RUN.yaml (with model.path)")
     args.threads = 1 if args.threads is None else args.threads
     args.seed = 0 if args.seed is None else args.seed
 
 
 def run(args: argparse.Namespace) -> int:
+    from sluice.errors import InputError
+
     _from_config(args)
     for name in ("port", "max_batch", "threads"):
         if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.port > 65535:
+        raise InputError(f"--port must be <= 65535, got {args.port}")
     from inference.cpu_server.app import serve
-    from inference.models import ModelDirError, check_model_dir
+    from inference.models import check_model_dir
 
-    try:
-        check_model_dir(args.model)
-    except ModelDirError as e:
-        raise SystemExit(f"sluice serve: {e}") from None
+    # A bad model dir (ModelDirError: exit 2) or a port that cannot be listened on
+    # (CannotListen: exit 1, before the model loads) is one line in sluice.cli.
+    check_model_dir(args.model)
     serve(
         args.model,
         host=args.host,

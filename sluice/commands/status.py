@@ -70,7 +70,13 @@ def resolve_url(args: argparse.Namespace) -> str:
 
 async def connect_and_pick_run(url: str, run: str | None) -> tuple[aioredis.Redis, str]:
     """A client for ``url`` and the run to act on (``run``, or the only one there)."""
-    from buffer.connection import RedisUnavailable, check_run_name, connect, redact_url
+    from buffer.connection import (
+        RedisAuthFailed,
+        RedisUnavailable,
+        check_run_name,
+        connect,
+        redact_url,
+    )
     from staleness import list_runs
 
     if run is not None:
@@ -80,8 +86,10 @@ async def connect_and_pick_run(url: str, run: str | None) -> tuple[aioredis.Redi
             raise CommandError(f"--run: {e}") from None
     try:
         client = await connect(url, wait_s=0)  # an operator's look: fail at once
-    except (RedisUnavailable, ValueError) as e:
+    except (RedisAuthFailed, ValueError) as e:  # wrong credentials, a bad URL: exit 2
         raise CommandError(str(e), code=2) from None
+    except RedisUnavailable as e:  # not reachable: the environment's, exit 1
+        raise CommandError(str(e), code=1) from None
     try:
         runs = await list_runs(client)
         if run is None:

@@ -66,21 +66,14 @@ async def run_trainer(
 
 
 def run(args: argparse.Namespace) -> int:
-    from sluice.config import ConfigError, load_config
+    from sluice.config import load_config
+    from sluice.errors import InputError
 
     if args.max_steps is not None and args.max_steps < 1:
-        raise SystemExit(f"sluice train: --max-steps must be >= 1, got {args.max_steps}")
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        raise SystemExit(f"sluice train: {e}") from None
-
-    from buffer import RedisUnavailable
-    from trainer.config import TrainerError
-
-    try:
-        steps = asyncio.run(run_trainer(cfg, resume=args.resume, max_steps=args.max_steps))
-    except (TrainerError, RedisUnavailable) as e:
-        raise SystemExit(f"sluice train: {e}") from None
+        raise InputError(f"--max-steps must be >= 1, got {args.max_steps}")
+    cfg = load_config(args.config, args.overrides)
+    # ConfigError, TrainerError, RunSettingsMismatch (exit 2) and RedisUnavailable (exit 1)
+    # become one line in sluice.cli (sluice.errors).
+    steps = asyncio.run(run_trainer(cfg, resume=args.resume, max_steps=args.max_steps))
     logging.getLogger("sluice.trainer").info("done: %d steps this run", steps)
     return 0
