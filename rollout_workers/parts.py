@@ -27,6 +27,7 @@ from rollout_workers.ports import (
 )
 from rollout_workers.prompts import PromptSource
 from rollout_workers.tasks.base import Prompt
+from staleness.checks import settings_differ
 from staleness.version_manager import VersionManager
 
 log = logging.getLogger("sluice.rollout")
@@ -74,15 +75,15 @@ async def _open_versions(run: RunInfo, heartbeat_ttl_s: float) -> VersionManager
         check_batch_groups=False,
         default_worker_ttl=heartbeat_ttl_s,
     )
-    if vm.batch_groups != run.batch_groups or vm.eta != run.eta:
-        log.warning(
-            "run %s has eta=%s batch_groups=%s (the config says %s, %s): using the run's",
-            run.name,
-            vm.eta,
-            vm.batch_groups,
-            run.eta,
-            run.batch_groups,
-        )
+    note = settings_differ(
+        run.name,
+        run_eta=vm.eta,
+        config_eta=run.eta,
+        run_batch_groups=vm.batch_groups,
+        config_batch_groups=run.batch_groups,
+    )
+    if note is not None:
+        log.warning("%s", note)
     return vm
 
 

@@ -68,3 +68,29 @@ def check_run_settings(
             "change it)"
         )
     return have_eta, have_b
+
+
+def settings_differ(
+    run: str,
+    *,
+    run_eta: int,
+    config_eta: int,
+    run_batch_groups: int | None = None,
+    config_batch_groups: int | None = None,
+) -> str | None:
+    """The one warning a worker or trainer logs when it joins a run whose settings differ
+    from its config's (None when they agree): both values of each, and that the run's win.
+    The run's eta may differ after ``sluice run set-eta``; that is normal, not an error."""
+    diffs = []
+    if run_eta != config_eta:
+        diffs.append(f"eta={run_eta} (the config says {config_eta})")
+    if None not in (run_batch_groups, config_batch_groups) and (
+        run_batch_groups != config_batch_groups
+    ):
+        diffs.append(f"batch_groups={run_batch_groups} (the config says {config_batch_groups})")
+    if not diffs:
+        return None
+    return (
+        f"run {run!r} has {' and '.join(diffs)}: using the run's, which wins (change eta on "
+        f"the live run with `sluice run set-eta N --run {run}`)"
+    )

@@ -9,6 +9,7 @@ Settings are checked before anything connects (``model.path``, ``SLUICE_TRAINER_
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import torch
 
 from buffer import RedisTrajectoryBuffer
 from staleness import VersionManager
+from staleness.checks import settings_differ
 from trainer.config import TrainerArgs, TrainerConfig
 from trainer.crash import CRASH_ENV, crash_if, parse_crash_at
 from trainer.data import GroupReader
@@ -108,6 +110,10 @@ async def _connect_and_restore(
             check_batch_groups=True,
         )
         on_error.push_async_callback(vm.close)
+        # The run's eta wins (the step reads it live: ``sluice run set-eta``); say so once.
+        note = settings_differ(args.run_name, run_eta=vm.eta, config_eta=args.eta)
+        if note is not None and dist.rank == 0:
+            logging.getLogger("sluice.trainer").warning("%s", note)
         buf = await RedisTrajectoryBuffer.open(args.redis_url, args.run_name, consumer)
         on_error.push_async_callback(buf.close)
         ledger = StepLedger(

@@ -1,9 +1,11 @@
 """Change a live run's settings: ``sluice run set-eta N``.
 
 ``set-eta`` changes the staleness limit in Redis; the next admission of any worker uses it
-(lowering it stops admissions until the trainer catches up; raising it admits at once).
-Processes started afterwards must pass the new value, or none, or they stop with an error
-naming both values.
+(lowering it stops admissions until the trainer catches up; raising it admits at once), and so
+does the trainer's staleness drop. The run's value wins from then on: a worker or trainer
+started (or restarted, or resumed) later with a config that says another eta logs one warning
+naming both values and uses the run's. (batch_groups is fixed for a run: a trainer whose
+config differs stops with an error naming both values.)
 """
 
 from __future__ import annotations
@@ -48,8 +50,7 @@ async def _set_eta(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from buffer.connection import RedisUnavailable
-
+    # RedisUnavailable after connecting (Redis went away): one line, exit 1, in sluice.cli.
     try:
         if args.run_command == "set-eta":
             return asyncio.run(_set_eta(args))
@@ -57,6 +58,3 @@ def run(args: argparse.Namespace) -> int:
     except CommandError as e:
         print(f"sluice run: {e}", file=sys.stderr)
         return e.code
-    except RedisUnavailable as e:
-        print(f"sluice run: {e}", file=sys.stderr)
-        return 2
