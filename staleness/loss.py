@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 
 from staleness.config import LossConfig
-from staleness.weights import behaviour_weights
+from staleness.weights import behaviour_weights, masked_mean_max_min, to_floats
 
 Aggregation = Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"]
 AGGREGATIONS: tuple[str, ...] = ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean")
@@ -58,11 +58,17 @@ class LossOutputs:
     """[B, T]: the behaviour weights applied (detached)."""
     mask: torch.Tensor
     """[B, T]: the effective mask after behaviour masking."""
-    metrics: dict[str, float]
+    stats: dict[str, torch.Tensor]
     """``loss``, ``clip_frac`` (valid tokens whose clipped term was the active one, i.e. got no
     gradient), ``dual_clip_frac``, ``approx_kl`` (mean k3 ``(r - 1) - log r``), ``ratio_mean``,
     ``ratio_max``, ``tokens``, and the behaviour-weight metrics (``w_mean``, ``w_max``,
-    ``w_min``, ``w_frac_masked``, ``w_frac_truncated``)."""
+    ``w_min``, ``w_frac_masked``, ``w_frac_truncated``): detached 0-dim tensors on the
+    inputs' device, so the loss never waits for the device (all 0 when no token is valid)."""
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """``stats`` as floats (one device sync)."""
+        return to_floats(self.stats)
 
 
 def _check(inp: LossInputs) -> None:
@@ -142,21 +148,20 @@ def decoupled_ppo_loss(inp: LossInputs) -> LossOutputs:
         loss = (per_row * row_valid).sum() / row_valid.sum().clamp_min(1.0)
 
     with torch.no_grad():
-        n = int(valid.sum().item())
-        metrics: dict[str, float] = {"loss": float(loss.detach().item()), "tokens": float(n)}
-        if n:
-            r = ratio.detach()[valid]
-            clipped = (surr2.detach() < surr1.detach()) & valid
-            lr = log_ratio.detach()[valid]
-            metrics["clip_frac"] = int(clipped.sum().item()) / n
-            metrics["dual_clip_frac"] = int(dual_active.sum().item()) / n
-            metrics["approx_kl"] = float((torch.expm1(lr) - lr).mean().item())
-            metrics["ratio_mean"] = float(r.mean().item())
-            metrics["ratio_max"] = float(r.max().item())
-        else:
-            for k in ("clip_frac", "dual_clip_frac", "approx_kl", "ratio_mean", "ratio_max"):
-                metrics[k] = 0.0
-        metrics.update(bw.metrics)
+        n = valid.sum().to(m.dtype)
+        clipped = (surr2.detach() < surr1.detach()) & valid
+        lr = log_ratio.detach()
+        ratio_mean, ratio_max, _ = masked_mean_max_min(ratio.detach(), valid)
+        stats: dict[str, torch.Tensor] = {
+            "loss": loss.detach(),
+            "tokens": n,
+            "clip_frac": clipped.sum().to(m.dtype) / n.clamp_min(1.0),
+            "dual_clip_frac": dual_active.sum().to(m.dtype) / n.clamp_min(1.0),
+            "approx_kl": masked_mean_max_min(torch.expm1(lr) - lr, valid)[0],
+            "ratio_mean": ratio_mean,
+            "ratio_max": ratio_max,
+            **bw.stats,
+        }
     return LossOutputs(
-        loss=loss, per_token_loss=per_token, weights=bw.weights, mask=bw.mask, metrics=metrics
+        loss=loss, per_token_loss=per_token, weights=bw.weights, mask=bw.mask, stats=stats
     )

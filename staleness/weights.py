@@ -26,10 +26,38 @@ class BehaviourWeights:
     tokens (or samples) the ``mask`` mode removed."""
     mask: torch.Tensor
     """[B, T] float: the effective mask, the input mask with masked-out tokens set to 0."""
-    metrics: dict[str, float]
+    stats: dict[str, torch.Tensor]
     """``w_mean``, ``w_max``, ``w_min`` of the raw weight ``exp(p - b)`` (before truncation or
     masking) over valid tokens; ``w_frac_masked`` and ``w_frac_truncated``: fractions of valid
-    tokens that ``mask`` removed / ``truncate`` capped. All 0.0 when no token is valid."""
+    tokens that ``mask`` removed / ``truncate`` capped. All 0 when no token is valid. 0-dim
+    tensors on the inputs' device: computing them never waits for the device."""
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """``stats`` as floats (one device sync)."""
+        return to_floats(self.stats)
+
+
+def to_floats(stats: dict[str, torch.Tensor]) -> dict[str, float]:
+    """0-dim tensors as floats, read from the device in one transfer."""
+    if not stats:
+        return {}
+    values = torch.stack([v.detach().double() for v in stats.values()]).tolist()
+    return dict(zip(stats, values, strict=True))
+
+
+def masked_mean_max_min(
+    x: torch.Tensor, valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean, max and min of ``x`` over ``valid`` as 0-dim tensors (all 0 when nothing is
+    valid), without boolean indexing: no device sync."""
+    n = valid.sum()
+    any_valid = n > 0
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    mean = torch.where(valid, x, zero).sum() / n.clamp_min(1).to(x.dtype)
+    mx = torch.where(valid, x, torch.full_like(x, float("-inf"))).amax()
+    mn = torch.where(valid, x, torch.full_like(x, float("inf"))).amin()
+    return mean, torch.where(any_valid, mx, zero), torch.where(any_valid, mn, zero)
 
 
 def _check_2d(name: str, t: torch.Tensor, shape: torch.Size | None) -> None:
@@ -93,37 +121,35 @@ def behaviour_weights(
             per_seq = (log_w * m).sum(-1) / m.sum(-1).clamp_min(1.0)
             log_w = per_seq.unsqueeze(-1).expand_as(m)
         raw = torch.exp(log_w)
-        n_valid = int(valid.sum().item())
+        n_valid = valid.sum().clamp_min(1).to(m.dtype)
+        zero = torch.zeros((), dtype=m.dtype, device=m.device)
 
         eff_mask = m.clone()
         w = raw
-        frac_masked = 0.0
-        frac_truncated = 0.0
+        frac_masked = zero
+        frac_truncated = zero
         if mode == "truncate":
             assert cap is not None
             over = (raw > cap) & valid
-            frac_truncated = int(over.sum().item()) / n_valid if n_valid else 0.0
+            frac_truncated = over.sum().to(m.dtype) / n_valid
             w = raw.clamp(max=cap)
         elif mode == "mask":
             assert lo is not None and hi is not None
             keep = (raw >= lo) & (raw <= hi)
             removed = valid & ~keep
-            frac_masked = int(removed.sum().item()) / n_valid if n_valid else 0.0
+            frac_masked = removed.sum().to(m.dtype) / n_valid
             eff_mask = torch.where(keep, m, torch.zeros_like(m))
         weights = w * eff_mask
 
-        if n_valid:
-            rv = raw[valid]
-            metrics = {
-                "w_mean": float(rv.mean().item()),
-                "w_max": float(rv.max().item()),
-                "w_min": float(rv.min().item()),
-            }
-        else:
-            metrics = {"w_mean": 0.0, "w_max": 0.0, "w_min": 0.0}
-        metrics["w_frac_masked"] = frac_masked
-        metrics["w_frac_truncated"] = frac_truncated
-    return BehaviourWeights(weights=weights, mask=eff_mask, metrics=metrics)
+        w_mean, w_max, w_min = masked_mean_max_min(raw, valid)
+        stats = {
+            "w_mean": w_mean,
+            "w_max": w_max,
+            "w_min": w_min,
+            "w_frac_masked": frac_masked,
+            "w_frac_truncated": frac_truncated,
+        }
+    return BehaviourWeights(weights=weights, mask=eff_mask, stats=stats)
 
 
 def logprob_gap(
@@ -145,14 +171,29 @@ def logprob_gap(
     _check_2d("mask", mask, None)
     _check_2d("trainer_logp", trainer_logp, mask.shape)
     _check_2d("rollout_logp", rollout_logp, mask.shape)
+    return dict(
+        zip(
+            ("logp_abs_diff", "logp_k3_kl", "logp_gap_tokens"),
+            _gap_means(logprob_gap_sums(trainer_logp, rollout_logp, mask).tolist()),
+            strict=True,
+        )
+    )
+
+
+def _gap_means(sums: list[float]) -> list[float]:
+    abs_sum, k3_sum, n = sums
+    return [abs_sum / n, k3_sum / n, n] if n else [0.0, 0.0, 0.0]
+
+
+def logprob_gap_sums(
+    trainer_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """float64[3] on the inputs' device: ``sum |d|``, ``sum exp(d) - 1 - d`` and the token
+    count over ``mask`` (``logprob_gap``'s sums, for callers that add several batches before
+    reading anything back)."""
     with torch.no_grad():
         valid = mask > 0
-        n = int(valid.sum().item())
-        if n == 0:
-            return {"logp_abs_diff": 0.0, "logp_k3_kl": 0.0, "logp_gap_tokens": 0.0}
-        d = (trainer_logp.detach() - rollout_logp.detach())[valid]
-        return {
-            "logp_abs_diff": float(d.abs().mean().item()),
-            "logp_k3_kl": float((torch.expm1(d) - d).mean().item()),
-            "logp_gap_tokens": float(n),
-        }
+        d = torch.where(
+            valid, trainer_logp.detach() - rollout_logp.detach(), torch.zeros_like(trainer_logp)
+        ).double()
+        return torch.stack([d.abs().sum(), (torch.expm1(d) - d).sum(), valid.sum().double()])

@@ -120,9 +120,13 @@ class MicroBatch:
     def padded_tokens(self) -> int:
         return int(self.input_ids.numel())
 
-    def to(self, device: torch.device | str) -> MicroBatch:
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> MicroBatch:
         return MicroBatch(
-            **{k: v.to(device) for k, v in self.__dict__.items() if isinstance(v, torch.Tensor)}
+            **{
+                k: v.to(device, non_blocking=non_blocking)
+                for k, v in self.__dict__.items()
+                if isinstance(v, torch.Tensor)
+            }
         )
 
 

@@ -111,15 +111,22 @@ def train_step(
     """
     raw = model.module if hasattr(model, "module") else model
     raw.eval()
-    mbs = [mb.to(device) for mb in pack_micro_batches(samples, tc.micro_batch_tokens, pad_id)]
-    g_denom = _global_denominator(mbs, tc.aggregation, dist)
-    sums = dict.fromkeys(_SUMS, 0.0)
+    # Samples of similar length share a micro-batch: far less padding than arrival order on
+    # long-tailed outputs (the loss is a sum over micro-batches, so order changes only rounding).
+    ordered = sorted(samples, key=lambda s: s.length)
+    cpu_mbs = pack_micro_batches(ordered, tc.micro_batch_tokens, pad_id)
+    denoms = [_local_denominator(mb, tc.aggregation) for mb in cpu_mbs]
+    g_denom = _global_denominator(cpu_mbs, tc.aggregation, dist)
+    mbs = [mb.to(device, non_blocking=True) for mb in cpu_mbs]
+    # Every statistic is summed on the device and read back once, at the end of the step: no
+    # micro-batch waits for the device to report a number.
+    sums = torch.zeros(len(_SUMS), dtype=torch.float64, device=device)
     prox = _proximal_logps(raw, mbs, tc, temperature, device)
     if current_version is not None and tc.prox_logp == "recompute":
         _add_gap(sums, mbs, prox, current_version)
     optimizer.zero_grad(set_to_none=False)
     w_max = _accumulate_gradients(
-        model, mbs, prox, tc, temperature, g_denom, sums, device, dist, crash_hook
+        model, mbs, prox, tc, temperature, g_denom, denoms, sums, device, dist, crash_hook
     )
     grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), tc.max_grad_norm)
     lr = float(optimizer.param_groups[0]["lr"])
@@ -127,19 +134,24 @@ def train_step(
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return _step_stats(sums, w_max, float(grad_norm), lr, dist)
+    return _step_stats(sums, w_max, grad_norm, lr, dist)
 
 
-def _rows(mb: MicroBatch) -> torch.Tensor:
-    """How many rows of ``mb`` have at least one output token."""
-    return (mb.mask.sum(-1) > 0).sum()
+def _rows(mb: MicroBatch) -> int:
+    """How many rows of ``mb`` (on the CPU) have at least one output token."""
+    return int((mb.mask.sum(-1) > 0).sum())
+
+
+def _local_denominator(mb: MicroBatch, aggregation: str) -> float:
+    """``mb``'s share of the loss denominator: tokens for ``token_mean``, samples otherwise."""
+    return float(mb.mask.sum()) if aggregation == "token_mean" else float(_rows(mb))
 
 
 def _global_denominator(mbs: list[MicroBatch], aggregation: str, dist: DistInfo) -> float:
     """The denominator of the whole step's loss over every rank's batch: tokens for
-    ``token_mean``, samples otherwise."""
-    local_rows = sum(int(_rows(mb)) for mb in mbs)
-    local_tokens = sum(int(mb.mask.sum()) for mb in mbs)
+    ``token_mean``, samples otherwise (``mbs`` still on the CPU: no device sync)."""
+    local_rows = sum(_rows(mb) for mb in mbs)
+    local_tokens = sum(float(mb.mask.sum()) for mb in mbs)
     denom = _all_reduce(torch.tensor([local_tokens, local_rows], dtype=torch.float64), dist)
     return float(denom[0]) if aggregation == "token_mean" else float(denom[1])
 
@@ -160,19 +172,16 @@ def _proximal_logps(
 
 
 def _add_gap(
-    sums: dict[str, float], mbs: list[MicroBatch], prox: list[torch.Tensor], version: int
+    sums: torch.Tensor, mbs: list[MicroBatch], prox: list[torch.Tensor], version: int
 ) -> None:
     """Add the rollout-trainer log-prob gap on the tokens sampled at ``version`` (the weights
-    the model holds) to ``sums``."""
-    from staleness import logprob_gap
+    the model holds) to ``sums`` (on the device)."""
+    from staleness.weights import logprob_gap_sums
 
+    i = _SUMS.index("gap_abs")
     for mb, p in zip(mbs, prox, strict=True):
         cur = ((mb.versions == version) & (mb.mask > 0)).float()
-        gap = logprob_gap(p, mb.behav_logp, cur)
-        n = gap["logp_gap_tokens"]
-        sums["gap_abs"] += gap["logp_abs_diff"] * n
-        sums["gap_k3"] += gap["logp_k3_kl"] * n
-        sums["gap_tokens"] += n
+        sums[i : i + 3] += logprob_gap_sums(p, mb.behav_logp, cur)
 
 
 def _accumulate_gradients(
@@ -182,18 +191,20 @@ def _accumulate_gradients(
     tc: TrainerConfig,
     temperature: float,
     g_denom: float,
-    sums: dict[str, float],
+    denoms: list[float],
+    sums: torch.Tensor,
     device: torch.device,
     dist: DistInfo,
     crash_hook: CrashHook | None,
-) -> float:
-    """Backward every micro-batch's loss, rescaled to its share of the step's global
-    denominator; add its statistics to ``sums``; return the largest behaviour weight seen.
-    A rank without micro-batches backwards an exact zero so it joins the all-reduce."""
+) -> torch.Tensor:
+    """Backward every micro-batch's loss, rescaled to its share (``denoms``) of the step's
+    global denominator; add its statistics to ``sums``; return the largest behaviour weight
+    seen (0-dim, on the device). A rank without micro-batches backwards an exact zero so it
+    joins the all-reduce."""
     from staleness import LossInputs, decoupled_ppo_loss
 
-    w_max = 0.0
-    for i, (mb, p) in enumerate(zip(mbs, prox, strict=True)):
+    w_max = torch.zeros((), dtype=torch.float64, device=device)
+    for i, (mb, p, local_denom) in enumerate(zip(mbs, prox, denoms, strict=True)):
         sync = i == len(mbs) - 1
         ctx = model.no_sync() if (dist.enabled and not sync) else contextlib.nullcontext()
         with ctx:
@@ -202,17 +213,14 @@ def _accumulate_gradients(
             out = decoupled_ppo_loss(
                 LossInputs(logp, p, mb.behav_logp, mb.advantages, mb.mask, settings=tc)
             )
-            local_denom = (
-                float(mb.mask.sum()) if tc.aggregation == "token_mean" else float(_rows(mb))
-            )
             scale = local_denom / g_denom if g_denom > 0 else 0.0
             # DDP averages gradients over ranks; undo it so ranks sum like micro-batches do.
             loss = out.loss * (scale * dist.world_size)
             torch.autograd.backward(loss)
         if crash_hook is not None and i == 0:
             crash_hook("mid_step")
-        _add_micro_batch(sums, mb, out.metrics, float(out.loss.detach()) * scale)
-        w_max = max(w_max, out.metrics["w_max"])
+        _add_micro_batch(sums, mb, out.stats, scale)
+        w_max = torch.maximum(w_max, out.stats["w_max"].double())
     if not mbs:
         # No samples here: join the gradient all-reduce with an exact zero gradient.
         dummy = torch.zeros((1, 2), dtype=torch.long, device=device)
@@ -223,30 +231,47 @@ def _accumulate_gradients(
 
 
 def _add_micro_batch(
-    sums: dict[str, float], mb: MicroBatch, m: dict[str, float], scaled_loss: float
+    sums: torch.Tensor, mb: MicroBatch, m: dict[str, torch.Tensor], scale: float
 ) -> None:
-    """Add one micro-batch's loss metrics (token-weighted) and rewards to ``sums``."""
-    n = m["tokens"]
-    sums["tokens"] += n
-    sums["rows"] += float(_rows(mb))
-    sums["loss"] += scaled_loss
-    sums["clip"] += m["clip_frac"] * n
-    sums["dual_clip"] += m["dual_clip_frac"] * n
-    sums["w_sum"] += m["w_mean"] * n
-    sums["w_masked"] += m["w_frac_masked"] * n
-    sums["w_trunc"] += m["w_frac_truncated"] * n
-    sums["kl"] += m["approx_kl"] * n
-    sums["reward_sum"] += float(mb.rewards.sum())
-    sums["reward_sq"] += float((mb.rewards.double() ** 2).sum())
+    """Add one micro-batch's loss metrics (token-weighted) and rewards to ``sums``, on the
+    device."""
+    n = m["tokens"].double()
+    r = mb.rewards.double()
+    rows = (mb.mask.sum(-1) > 0).sum().double()
+    sums += torch.stack(
+        [
+            n,
+            rows,
+            m["loss"].double() * scale,
+            m["clip_frac"].double() * n,
+            m["dual_clip_frac"].double() * n,
+            m["w_mean"].double() * n,
+            m["w_frac_masked"].double() * n,
+            m["w_frac_truncated"].double() * n,
+            m["approx_kl"].double() * n,
+            torch.zeros_like(n),  # gap_abs, gap_k3, gap_tokens: _add_gap
+            torch.zeros_like(n),
+            torch.zeros_like(n),
+            r.sum(),
+            (r**2).sum(),
+        ]
+    )
 
 
 def _step_stats(
-    sums: dict[str, float], w_max: float, grad_norm: float, lr: float, dist: DistInfo
+    sums: torch.Tensor,
+    w_max: torch.Tensor,
+    grad_norm: torch.Tensor,
+    lr: float,
+    dist: DistInfo,
 ) -> StepStats:
-    """Sum ``sums`` (max ``w_max``) over ranks and turn them into the step's statistics."""
-    vec = _all_reduce(torch.tensor([sums[k] for k in _SUMS], dtype=torch.float64), dist)
+    """Sum ``sums`` (max ``w_max``) over ranks and turn them into the step's statistics: the
+    one point of the step that reads numbers back from the device."""
+    vec = torch.cat([sums, w_max.reshape(1), grad_norm.detach().double().reshape(1)]).cpu()
+    mx = _all_reduce(vec[-2:-1].clone(), dist, op="max")
+    grad = float(vec[-1])
+    vec = _all_reduce(vec[: len(_SUMS)].clone(), dist)
     s = dict(zip(_SUMS, vec.tolist(), strict=True))
-    mx = _all_reduce(torch.tensor([w_max], dtype=torch.float64), dist, op="max")
     tok = max(s["tokens"], 1.0)
     rows = max(s["rows"], 1.0)
     r_mean = s["reward_sum"] / rows
@@ -269,7 +294,7 @@ def _step_stats(
         loss=s["loss"],
         tokens=int(s["tokens"]),
         samples=int(s["rows"]),
-        grad_norm=grad_norm,
+        grad_norm=grad,
         lr=lr,
         metrics=metrics,
     )
