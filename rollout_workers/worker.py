@@ -221,10 +221,10 @@ class RolloutWorker:
     async def _start(self) -> None:
         vs = self.parts.versions
         await vs.heartbeat(self.worker_id, self.rc.heartbeat_ttl_s)
+        self._run_end = await vs.run_finished()  # before housekeeping compares marks with it
         # From here until it stops, the worker heart-beats: one waiting for its servers (or
         # loading weights) is alive and must not be reaped.
         self._spawn("housekeeping", self._housekeeping)
-        self._run_end = await vs.run_finished()
         if self._run_end is not None:
             log.warning(
                 "worker %s: run %s finished at step %d before this worker started: it waits "
