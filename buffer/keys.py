@@ -127,6 +127,12 @@ def worker_prefix(run: str) -> str:
     return key(run, "worker", "")
 
 
+def worker_config(run: str, worker_id: str) -> str:
+    """The resolved run config a worker started with (YAML text, secrets redacted; written by
+    ``sluice rollout``)."""
+    return key(run, "worker", worker_id, "config")
+
+
 def worker_updates(run: str, worker_id: str) -> str:
     """A worker's recent weight-update records: a capped list."""
     return key(run, "worker", worker_id, "updates")
@@ -146,6 +152,17 @@ def eval_lock(run: str, version: int) -> str:
 def trainer_checkpoint(run: str, consumer: str) -> str:
     """A trainer's checkpoint pointer (committed with its acks in one transaction)."""
     return key(run, "trainer", consumer, "ckpt")
+
+
+def trainer_progress(run: str, consumer: str) -> str:
+    """A trainer's latest step summary (JSON: state, step, max_steps, reward, loss, ...),
+    written by rank 0 and read by ``sluice status``."""
+    return key(run, "trainer", consumer, "progress")
+
+
+def trainer_progress_glob(run: str) -> str:
+    """Matches every trainer's progress record."""
+    return key(run, "trainer", "*", "progress")
 
 
 def trainer_steps(run: str, consumer: str, rank: int) -> str:

@@ -39,16 +39,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
 
 from buffer import keys
 from sluice.config import (
     SluiceConfig,
-    dump_config,
     read_config_file,
     validate_config,
 )
 from sluice.live import Progress, View, fmt, plain_line, sample, worker_metrics
+from sluice.runconfig import resolved_config, split_password, write_config_file
 from sluice.supervisor import ChildEvent, ChildSpec, Supervisor, describe_exit
 
 if TYPE_CHECKING:
@@ -129,19 +128,6 @@ def load_demo_config(path: str | Path | None, overrides: list[str] | None = None
     if path is None:
         return validate_config(data, overrides, "demo defaults")
     return validate_config(_merge(data, read_config_file(path)), overrides, str(path))
-
-
-def split_password(url: str) -> tuple[str, str | None]:
-    """``url`` without its password, and the password (None if it had none)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url, None
-    host = parts.netloc.rpartition("@")[2]
-    user = parts.username or ""
-    netloc = f"{user}@{host}" if user else host
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment)), (
-        parts.password
-    )
 
 
 def resolve(opts: DemoOptions) -> SluiceConfig:
@@ -319,14 +305,15 @@ class Demo:
 
             env[PASSWORD_ENV] = password
         resolved = cfg.model_copy(deep=True)
-        resolved.model.path = str(Path(model_path).resolve())
+        resolved.model.path = model_path
         resolved.run.dir = str(self.run_dir)
         resolved.redis.url = clean_url
+        resolved = resolved_config(resolved)  # (sluice.runconfig, as train and rollout record)
         resolved.inference.servers = []
-        config_path = self.run_dir / "config.yaml"
-        config_path.write_text(
-            "# written by sluice demo: the one config every process of this run reads\n"
-            + dump_config(resolved)
+        config_path = write_config_file(
+            self.run_dir / "config.yaml",
+            resolved,
+            "written by sluice demo: the one config every process of this run reads",
         )
         self.cfg = resolved
         return resolved, config_path, env, url

@@ -47,7 +47,8 @@ class Progress:
     _partial: str = ""
 
     def read_metrics(self, path: Path) -> list[dict[str, Any]]:
-        """Rows appended to ``metrics.jsonl`` since the last call (a torn last line waits)."""
+        """Step rows appended to ``metrics.jsonl`` since the last call (a torn last line waits;
+        event lines, such as eval results, are skipped)."""
         try:
             with path.open() as f:
                 f.seek(self._offset)
@@ -64,7 +65,7 @@ class Progress:
                 obj = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(obj, dict):
+            if isinstance(obj, dict) and "event" not in obj:  # steps only, not eval events
                 new.append(obj)
         self.rows.extend(new)
         return new

@@ -8,8 +8,11 @@ object is skipped and counted):
   that arrived), ``staleness_max``, ``staleness_max_trained`` (the max staleness over the groups
   that reached that optimizer step; null when none did), ``dropped``, ``dropped_total``,
   ``groups``, ``samples``, ``tokens``, ``idle_s``, ``step_s``, ``wall_s`` (since that trainer
-  process started), ``time`` (unix), ``replay``.
-- ``config.yaml``: the run config (``staleness.eta``, ``staleness.batch_groups``,
+  process started), ``time`` (unix), ``replay``; and event lines (an ``event`` key, no
+  ``step``): ``{"event": "eval", "version", "greedy_reward", "sampled_reward", "prompts", ...}``,
+  the held-out eval results the trainer copied from Redis, one per evaluated version.
+- ``config.yaml``: the run config, written by ``sluice demo`` or by the trainer
+  (``sluice.runconfig``) (``staleness.eta``, ``staleness.batch_groups``,
   ``trainer.reward_target``, ``task.name``).
 - ``progress.jsonl`` (written by ``sluice demo``): gate counters over time (``time``,
   ``finished``, ...), for the generation side of the throughput plot.
@@ -26,6 +29,8 @@ Invariants (tests/unit/sluice/test_sluice_report.py):
 - ``max_staleness_trained`` comes from the steps' ``staleness_max_trained`` only and is never
   clipped to eta: a group trained over eta shows as such. ``max_staleness_arrived`` comes from
   the arrival histogram (dropped groups included). report.md shows the two apart.
+- Event lines never count as steps. An eval logged more than once (by version) counts once:
+  its last line wins; ``evals`` is sorted by version.
 - The same files give the same ``summary.json`` (nothing depends on when it is built).
 """
 
@@ -38,7 +43,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-PLOTS = ("reward.png", "staleness.png", "throughput.png", "weight_update.png")
+PLOTS = ("reward.png", "eval.png", "staleness.png", "throughput.png", "weight_update.png")
+EVAL_ROWS = 20
+"""report.md lists at most this many evals (the first, the last, and evenly spaced between)."""
 
 
 class ReportError(ValueError):
@@ -75,15 +82,49 @@ def read_jsonl(path: Path) -> tuple[list[dict[str, Any]], int]:
 
 def unique_steps(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per step number (the last logged wins), sorted by step; rows without a numeric
-    ``step`` are numbered after the previous row."""
+    ``step`` are numbered after the previous row; event lines (an ``event`` key) are skipped."""
     by_step: dict[int, dict[str, Any]] = {}
     last = 0
     for r in rows:
+        if "event" in r:
+            continue
         s = _num(r.get("step"))
         n = int(s) if s is not None else last + 1
         last = n
         by_step[n] = r
     return [dict(by_step[k], step=k) for k in sorted(by_step)]
+
+
+def eval_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The eval events of ``metrics.jsonl`` rows, one per version (the last logged wins),
+    sorted by version: ``version``, ``greedy_reward``, ``sampled_reward``, ``prompts``,
+    ``trainer_step`` (None where a line lacks one)."""
+    by_version: dict[int, dict[str, Any]] = {}
+    for r in rows:
+        if r.get("event") != "eval":
+            continue
+        v = _num(r.get("version"))
+        if v is None:
+            continue
+        by_version[int(v)] = {
+            "version": int(v),
+            "greedy_reward": _num(r.get("greedy_reward")),
+            "sampled_reward": _num(r.get("sampled_reward")),
+            "prompts": r.get("prompts") if isinstance(r.get("prompts"), int) else None,
+            "trainer_step": r.get("trainer_step")
+            if isinstance(r.get("trainer_step"), int)
+            else None,
+        }
+    return [by_version[k] for k in sorted(by_version)]
+
+
+def _eval_summary(evals: list[dict[str, Any]]) -> dict[str, Any]:
+    greedy = [e["greedy_reward"] for e in evals if e["greedy_reward"] is not None]
+    return {
+        "evals": evals,
+        "final_eval": evals[-1] if evals else None,
+        "best_eval_greedy": max(greedy) if greedy else None,
+    }
 
 
 def _read_config(run_dir: Path) -> dict[str, Any]:
@@ -270,6 +311,7 @@ def summarize(run_dir: str | Path, *, eta: int | None = None) -> dict[str, Any]:
         "replayed_steps": sum(1 for r in rows if r.get("replay") is True),
         "weight_updates": _weight_updates(run_dir),
         "restarts": _restarts(run_dir),
+        **_eval_summary(eval_rows(rows)),
         "malformed_lines": bad,
     }
 
@@ -310,6 +352,50 @@ def _plot_reward(steps: list[dict[str, Any]], s: dict[str, Any], path: Path) -> 
         title += f" in {s['steps']} steps, {wall:.0f} s"
     ax.set_title(title)
     ax.set_xlabel("trainer step (policy version)")
+    ax.set_ylabel("mean reward")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _plot_eval(steps: list[dict[str, Any]], s: dict[str, Any], path: Path) -> None:
+    """Held-out eval reward (greedy, sampled) by policy version, the training reward beside."""
+    import matplotlib.pyplot as plt
+
+    evals = s["evals"]
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    tx = [_num(r.get("version")) for r in steps]
+    ty = [_num(r.get("reward_mean")) for r in steps]
+    train = [(x, y) for x, y in zip(tx, ty, strict=True) if x is not None and y is not None]
+    if train:
+        ax.plot(
+            [x for x, _ in train],
+            [y for _, y in train],
+            color="tab:blue",
+            alpha=0.35,
+            linewidth=1,
+            label="training reward (mean per step)",
+        )
+    for key, color, label in (
+        ("greedy_reward", "tab:green", "eval, greedy"),
+        ("sampled_reward", "tab:orange", "eval, sampled"),
+    ):
+        pts = [(e["version"], e[key]) for e in evals if e[key] is not None]
+        if pts:
+            ax.plot(
+                [x for x, _ in pts],
+                [y for _, y in pts],
+                color=color,
+                linewidth=2,
+                marker="o",
+                markersize=4,
+                label=label,
+            )
+    ax.set_title(f"held-out eval ({len(evals)} evaluations)")
+    ax.set_xlabel("policy version")
     ax.set_ylabel("mean reward")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
@@ -460,11 +546,40 @@ def _markdown(s: dict[str, Any], plots: list[str]) -> str:
             + ", ".join(f"{k} x{v}" for k, v in sorted(s["restarts"].items()))
             + " |"
         )
+    evals = s.get("evals") or []
+    if evals:
+        lines += ["", *_eval_markdown(evals)]
     lines.append("")
     for p in plots:
         lines += [f"![{p[:-4]}]({p})", ""]
     lines.append("Rebuild with `sluice report RUN_DIR`; numbers in `summary.json`.")
     return "\n".join(lines) + "\n"
+
+
+def _spread(n: int, k: int) -> list[int]:
+    """``k`` indices of ``range(n)`` (all when ``n <= k``): the first, the last, evenly between."""
+    if n <= k:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
+
+
+def _eval_markdown(evals: list[dict[str, Any]]) -> list[str]:
+    shown = _spread(len(evals), EVAL_ROWS)
+    lines = [
+        "## Held-out eval",
+        "",
+        "| version | greedy reward | sampled reward | prompts | trainer step |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for i in shown:
+        e = evals[i]
+        lines.append(
+            f"| {e['version']} | {_fmt(e['greedy_reward'])} | {_fmt(e['sampled_reward'])} | "
+            f"{_fmt(e['prompts'])} | {_fmt(e['trainer_step'])} |"
+        )
+    if len(shown) < len(evals):
+        lines += ["", f"{len(shown)} of {len(evals)} evaluations shown; all in `summary.json`."]
+    return lines
 
 
 def build_report(
@@ -483,6 +598,9 @@ def build_report(
     steps = unique_steps(rows)
     plots = ["reward.png"]
     _plot_reward(steps, s, out / "reward.png")
+    if s["evals"]:
+        _plot_eval(steps, s, out / "eval.png")
+        plots.append("eval.png")
     if s["staleness_hist"]:
         _plot_staleness(s, out / "staleness.png")
         plots.append("staleness.png")

@@ -33,6 +33,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -46,13 +47,16 @@ from trainer.ledger import StepBatch, covered_by
 from trainer.metrics import (
     StepCounts,
     StepRecord,
+    eval_event,
+    progress_record,
     step_row,
     trained_staleness_max,
+    write_event,
     write_step,
 )
 from trainer.parts import TrainerParts, open_parts
 from trainer.step import DistInfo, StepStats, train_step
-from weights.disk import prune
+from weights.disk import model_files, prune
 
 __all__ = ["Trainer", "TrainerError", "open_trainer", "run_trainer"]
 
@@ -99,6 +103,10 @@ class Trainer:
         self.ckpt_dir = args.run_dir / "checkpoints"
         self.metrics_path = args.run_dir / "metrics.jsonl"
         self.pad_id = int(getattr(self.model.config, "pad_token_id", None) or 0)
+        self.records = parts.records if dist.rank == 0 else None
+        self.model_files = model_files(parts.model_dir)
+        """The starting model's non-weight files, copied into every checkpoint's ``model/``."""
+        self.last_row: dict[str, Any] | None = None
 
     async def close(self) -> None:
         await self.buf.close()
@@ -165,6 +173,7 @@ class Trainer:
                 "time": time.time(),
             },
             crash_hook=self._crash_now,
+            model_files=self.model_files,
         )
         self._crash_now("before_commit")
         path = str(dest.resolve())
@@ -179,6 +188,7 @@ class Trainer:
         await self.reader.settle_dead_letters()
         if self.dist.rank == 0:  # a run trained again is not finished (workers go on)
             await self.vm.clear_finished()
+        await self._progress("running")
         if self.tc.threads:
             torch.set_num_threads(self.tc.threads)
         train_model: Any = self.model
@@ -222,7 +232,16 @@ class Trainer:
             await self._checkpoint()
         if self.dist.rank == 0 and (reached or self.st.step >= self.max_steps):
             await self.vm.mark_finished(self.st.step)  # the run's workers exit (or wait)
+        await self._copy_evals()
+        await self._progress("finished" if self._ended() else "stopped")
         return taken
+
+    def _ended(self) -> bool:
+        """Whether this trainer ended the run (``max_steps``, or its last step reached
+        ``reward_target``) rather than stopped (SIGTERM, no more data)."""
+        target, row = self.tc.reward_target, self.last_row
+        reached = target is not None and row is not None and row["reward_mean"] >= target
+        return reached or self.st.step >= self.max_steps
 
     async def _step(self, batch: StepBatch, train_model: Any, t_start: float) -> float | None:
         """Record, judge, train, publish when due and log step ``N``; returns its mean reward,
@@ -263,8 +282,34 @@ class Trainer:
         self.crash_hook("after_publish", n)
         if self.dist.rank == 0:
             await self.clock(self.vm.reap())
-        self._log_step(stats, batch, judged, time.monotonic() - t0, t_start)
+        row = self._log_step(stats, batch, judged, time.monotonic() - t0, t_start)
+        if row is not None:
+            self.last_row = row
+            await self._copy_evals()
+            await self._progress("running")
         return stats.metrics["reward_mean"]
+
+    async def _progress(self, state: str) -> None:
+        """Rank 0: the trainer's summary (``trainer.metrics.progress_record``) into Redis."""
+        if self.records is None:
+            return
+        rec = progress_record(state, self.st.step, self.max_steps, self.st.version, self.last_row)
+        await self.clock(self.records.write_progress(rec))
+
+    async def _copy_evals(self) -> None:
+        """Rank 0: eval results recorded since the last look, appended to ``metrics.jsonl``."""
+        if self.records is None:
+            return
+        for rec in await self.clock(self.records.new_evals()):
+            event = eval_event(rec, self.st.step)
+            write_event(self.metrics_path, event)
+            log.info(
+                "eval v%s: greedy reward %s, sampled reward %s (%s prompts)",
+                event.get("version"),
+                event.get("greedy_reward"),
+                event.get("sampled_reward"),
+                event.get("prompts"),
+            )
 
     def _log_step(
         self,
@@ -273,7 +318,8 @@ class Trainer:
         judged: Judged,
         step_s: float,
         t_start: float,
-    ) -> None:
+    ) -> dict[str, Any] | None:
+        """Rank 0: the step's metrics row, written and logged (None on other ranks)."""
         counts = self._reduce(
             [len(batch.delivered), len(judged.dropped), batch.idle_s, *judged.hist]
         )
@@ -282,7 +328,7 @@ class Trainer:
         trained_max = self._reduce([-1.0 if trained is None else float(trained)], "max")[0]
         buffer_s = self.clock.take()
         if self.dist.rank != 0:
-            return
+            return None
         rec = StepRecord(
             step=self.st.step,
             version=self.st.version,
@@ -292,6 +338,7 @@ class Trainer:
             dropped=judged.dropped,
             step_s=step_s,
             wall_s=time.time() - t_start,
+            max_steps=self.max_steps,
         )
         summed = StepCounts(
             groups=int(counts[0]),
@@ -300,7 +347,9 @@ class Trainer:
             hist=counts[3:],
             staleness_max_trained=int(trained_max) if trained_max >= 0 else None,
         )
-        write_step(self.metrics_path, step_row(rec, stats, summed, buffer_s))
+        row = step_row(rec, stats, summed, buffer_s)
+        write_step(self.metrics_path, row)
+        return row
 
 
 # ---------------------------------------------------------------------- wiring
@@ -337,10 +386,17 @@ def init_distributed() -> DistInfo:
 
 
 async def run_trainer(
-    tc: TrainerConfig, args: TrainerArgs, *, resume: bool = False, max_steps: int | None = None
+    tc: TrainerConfig,
+    args: TrainerArgs,
+    *,
+    resume: bool = False,
+    max_steps: int | None = None,
+    on_started: Callable[[], None] | None = None,
 ) -> int:
     """Join torchrun's group if any, then train; SIGTERM/SIGINT finish the step, checkpoint
-    and return. Returns the steps taken by this run."""
+    and return. Returns the steps taken by this run. ``on_started`` is called on rank 0 once
+    the trainer has started (connected, restored), before the first step (``sluice train``
+    records the run's config then)."""
     dist = init_distributed()
     stop = StopRequest()
     loop = asyncio.get_running_loop()
@@ -351,6 +407,8 @@ async def run_trainer(
             tc, args, resume=resume, max_steps=max_steps, dist=dist, stop=stop
         )
         try:
+            if on_started is not None and dist.rank == 0:
+                on_started()
             return await trainer.run()
         finally:
             await trainer.close()

@@ -1,5 +1,11 @@
-"""Per-step metrics: one JSON object per step in ``RUN_DIR/metrics.jsonl`` and one log line,
-written by rank 0 (``docs/trainer.md`` lists the fields).
+"""Per-step metrics: one JSON object per step in ``RUN_DIR/metrics.jsonl`` and one log line
+(``step 12/200 ...``), written by rank 0 (``docs/trainer.md`` lists the fields); the latest
+step's summary in the run's Redis (``keys.trainer_progress``, read by ``sluice status``); and
+the held-out eval results the workers record (``keys.eval_results``) appended to
+``metrics.jsonl`` as ``{"event": "eval", ...}`` lines once each (``RunRecords``).
+
+A line of ``metrics.jsonl`` is a step row (it has ``step``) or an event (it has ``event`` and
+no ``step``); readers that want steps skip events (``is_step_row``).
 
 Staleness is reported two ways, kept apart:
 
@@ -20,13 +26,18 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import socket
 import time
 from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from buffer import Delivered
+import redis.asyncio as aioredis
+
+from buffer import Delivered, keys
+from buffer.connection import with_retries
 from staleness.gate import group_staleness
 from trainer.ledger import StepBatch
 from trainer.step import StepStats
@@ -114,6 +125,18 @@ class StepRecord:
     """Entry ids dropped on this rank."""
     step_s: float
     wall_s: float
+    max_steps: int | None = None
+    """The step this trainer stops at (None: unbounded)."""
+
+
+def steps_text(step: int, max_steps: int | None) -> str:
+    """``12/200``, or ``12/∞`` when there is no step limit."""
+    return f"{step}/{max_steps if max_steps is not None else '∞'}"
+
+
+def is_step_row(row: dict[str, Any]) -> bool:
+    """A step's row of ``metrics.jsonl`` (not an event line such as an eval result)."""
+    return "event" not in row and "step" in row
 
 
 def step_row(
@@ -125,6 +148,7 @@ def step_row(
     m = stats.metrics
     return {
         "step": rec.step,
+        "max_steps": rec.max_steps,
         "version": rec.version,
         "replay": rec.batch.replay,
         "reward_mean": m["reward_mean"],
@@ -169,9 +193,9 @@ def write_step(path: Path, row: dict[str, Any]) -> None:
     with path.open("a") as f:
         f.write(json.dumps(_clean(row), allow_nan=False) + "\n")
     log.info(
-        "step %d v%d reward %.3f±%.3f loss %.4f stale max %d dropped %d groups %d "
+        "step %s v%d reward %.3f±%.3f loss %.4f stale max %d dropped %d groups %d "
         "tok/s %.0f idle %.2fs step %.2fs%s",
-        row["step"],
+        steps_text(row["step"], row.get("max_steps")),
         row["version"],
         row["reward_mean"],
         row["reward_std"],
@@ -184,3 +208,130 @@ def write_step(path: Path, row: dict[str, Any]) -> None:
         row["step_s"],
         " (replay)" if row["replay"] else "",
     )
+
+
+def write_event(path: Path, event: dict[str, Any]) -> None:
+    """Append one event line (``{"event": ..., ...}``, no ``step`` key) to ``metrics.jsonl``."""
+    if "event" not in event or "step" in event:
+        raise ValueError(f"an event line has an 'event' and no 'step' key: {event}")
+    with path.open("a") as f:
+        f.write(json.dumps(_clean(event), allow_nan=False) + "\n")
+
+
+def logged_eval_versions(path: Path) -> set[int]:
+    """The versions whose eval event ``metrics.jsonl`` already holds (a resumed trainer does
+    not append them again)."""
+    out: set[int] = set()
+    if not path.is_file():
+        return out
+    with path.open(errors="replace") as f:
+        for line in f:
+            if '"event"' not in line:
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(obj, dict) and obj.get("event") == "eval":
+                v = obj.get("version")
+                if isinstance(v, int):
+                    out.add(v)
+    return out
+
+
+PROGRESS_TTL_S = 7 * 24 * 3600
+"""A trainer's progress record outlives its last write by this much (as worker metrics do)."""
+
+
+def progress_record(
+    state: str, step: int, max_steps: int | None, version: int, row: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The trainer's summary for ``sluice status``: ``state`` (``running``, ``finished``,
+    ``stopped``), step, max_steps, version, and from the last step row (None before the first
+    step of this process): reward mean/std, loss, tokens/s, groups, dropped total, step and
+    idle seconds; ``time`` (unix) of the write, ``pid`` and ``host``."""
+    r = row or {}
+    rec: dict[str, Any] = _clean(
+        {
+            "state": state,
+            "step": step,
+            "max_steps": max_steps,
+            "version": version,
+            "reward_mean": r.get("reward_mean"),
+            "reward_std": r.get("reward_std"),
+            "loss": r.get("loss"),
+            "tokens_per_s": r.get("tokens_per_s"),
+            "groups": r.get("groups"),
+            "dropped_total": r.get("dropped_total"),
+            "step_s": r.get("step_s"),
+            "idle_s": r.get("idle_s"),
+            "step_time": r.get("time"),
+            "time": time.time(),
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+        }
+    )
+    return rec
+
+
+class RunRecords:
+    """Rank 0's records in the run's Redis: its progress (``keys.trainer_progress``) and the
+    eval results to copy into ``metrics.jsonl`` (``keys.eval_results``, written by workers)."""
+
+    def __init__(
+        self, client: aioredis.Redis, run: str, consumer: str, logged: Iterable[int] = ()
+    ) -> None:
+        self.redis = client
+        self.k_progress = keys.trainer_progress(run, consumer)
+        self.k_eval = keys.eval_results(run)
+        self.seen: set[int] = set(logged)
+        """Eval versions already in ``metrics.jsonl``."""
+
+    async def write_progress(self, record: dict[str, Any]) -> None:
+        text = json.dumps(record, allow_nan=False)
+        await with_retries(
+            lambda: self.redis.set(self.k_progress, text, ex=PROGRESS_TTL_S),
+            what="write trainer progress",
+        )
+
+    async def new_evals(self) -> list[dict[str, Any]]:
+        """The eval records of versions not seen before, by version (each returned once)."""
+        fields: list[Any] = await with_retries(
+            lambda: self.redis.hkeys(self.k_eval), what="read eval versions"
+        )
+        versions = sorted(
+            v for v in (_int(f) for f in fields) if v is not None and v not in self.seen
+        )
+        if not versions:
+            return []
+        raws: list[Any] = await with_retries(
+            lambda: self.redis.hmget(self.k_eval, [str(v) for v in versions]),
+            what="read eval results",
+        )
+        out = []
+        for v, raw in zip(versions, raws, strict=True):
+            self.seen.add(v)
+            try:
+                rec = json.loads(raw) if raw is not None else None
+            except ValueError:
+                rec = None
+            if not isinstance(rec, dict):
+                log.warning("eval record of v%d is not a JSON object; skipped", v)
+                continue
+            out.append(rec)
+        return out
+
+
+def eval_event(record: dict[str, Any], trainer_step: int) -> dict[str, Any]:
+    """The ``metrics.jsonl`` line of one eval record: ``event: "eval"``, the record's fields
+    (``version``, ``greedy_reward``, ``sampled_reward``, ``prompts``, ``temperature``,
+    ``worker``, ``time``, ...) and ``trainer_step``, the trainer's step when it copied it."""
+    event = {k: v for k, v in record.items() if k not in ("event", "step")}
+    return {"event": "eval", **event, "trainer_step": trainer_step}
+
+
+def _int(x: Any) -> int | None:
+    try:
+        return int(x.decode() if isinstance(x, bytes) else x)
+    except (TypeError, ValueError):
+        return None

@@ -24,7 +24,7 @@ from trainer.config import TrainerArgs, TrainerConfig
 from trainer.crash import CRASH_ENV, crash_if, parse_crash_at
 from trainer.data import GroupReader
 from trainer.ledger import StepLedger
-from trainer.metrics import RedisClock
+from trainer.metrics import RedisClock, RunRecords, logged_eval_versions
 from trainer.model import check_model_dir, choose_device
 from trainer.resume import Restored, restore
 from trainer.step import DistInfo
@@ -46,6 +46,11 @@ class TrainerParts:
     """Counts the seconds of buffer/gate calls (``buffer_s``); the reader and publisher too."""
     crash_at: tuple[str, int] | None
     """``SLUICE_TRAINER_CRASH_AT`` (``trainer.crash``), None when unset."""
+    model_dir: Path | None = None
+    """The version-0 model directory (resolved): its non-weight files (tokenizer, generation
+    config, ...) go into every published weights dir and checkpoint ``model/``."""
+    records: RunRecords | None = None
+    """Rank 0's progress record and eval follower in the run's Redis (None on other ranks)."""
 
 
 async def open_parts(
@@ -80,11 +85,20 @@ async def open_parts(
         buf=buf,
         ledger=ledger,
         reader=reader,
-        publisher=_publisher(tc, vm, args, clock, crash_now),
+        publisher=_publisher(tc, vm, args, clock, crash_now, model_path),
         restored=restored,
         device=device,
         clock=clock,
         crash_at=crash_at,
+        model_dir=model_path,
+        records=RunRecords(
+            buf.redis,
+            args.run_name,
+            tc.consumer,
+            logged_eval_versions(args.run_dir / "metrics.jsonl"),
+        )
+        if dist.rank == 0
+        else None,
     )
 
 
@@ -145,8 +159,10 @@ def _publisher(
     args: TrainerArgs,
     clock: RedisClock,
     crash_hook: CrashHook,
+    model_dir: Path,
 ) -> WeightPublisher:
-    """The transport ``trainer.weight_sync`` names, writing under ``RUN_DIR/weights``."""
+    """The transport ``trainer.weight_sync`` names, writing under ``RUN_DIR/weights`` (each
+    version with ``model_dir``'s non-weight files)."""
     weights_dir = args.run_dir / "weights"
     if tc.weight_sync == "distributed":
         from weights.distributed import DistributedSync
@@ -166,5 +182,13 @@ def _publisher(
             disk_every=tc.disk_every,
             timed=clock,
             crash_hook=crash_hook,
+            model_dir=model_dir,
         )
-    return DiskPublisher(vm, weights_dir, keep=tc.keep_weights, timed=clock, crash_hook=crash_hook)
+    return DiskPublisher(
+        vm,
+        weights_dir,
+        keep=tc.keep_weights,
+        timed=clock,
+        crash_hook=crash_hook,
+        model_dir=model_dir,
+    )

@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-
 WEIGHT_SUFFIXES = (
     ".safetensors",
     ".bin",

@@ -80,12 +80,14 @@ def run(args: argparse.Namespace) -> int:
             f"them with `sluice model init DIR --task {cfg.task.name}` and pass "
             "--set model.path=DIR (or set model.path in the config)"
         )
-    from inference.models import ModelDirError, check_model_dir
+    from inference.models import ModelDirError, check_model_dir, resolve_model_dir
 
     try:
         check_model_dir(cfg.model.path)
     except ModelDirError as e:
         raise InputError(f"model.path: {e}") from None
+    # A checkpoint (RUN_DIR/checkpoints/step-N) stands for its model/ dir: servers load that.
+    cfg.model.path = str(resolve_model_dir(cfg.model.path))
     from rollout_workers.rewards import resolve_reward_fn
     from rollout_workers.tasks import get_task
 
@@ -136,6 +138,20 @@ async def open_worker(
     return await RolloutWorker.open(
         servers, cfg.rollout, task, run, worker_id=worker_id, max_groups=max_groups
     )
+
+
+async def record_config(cfg: SluiceConfig, worker_id: str) -> None:
+    """Record the worker's resolved config in the run's Redis (``sluice.runconfig``:
+    ``keys.worker_config``)."""
+    from buffer.connection import connect
+    from sluice.runconfig import record_worker_config
+
+    client = await connect(cfg.redis.url)
+    try:
+        key = await record_worker_config(client, cfg, worker_id)
+    finally:
+        await client.aclose()
+    log.info("worker %s: config recorded in Redis (%s)", worker_id, key)
 
 
 def _launcher(cfg: SluiceConfig) -> Callable[[int | None, int], ServerHandle]:
@@ -201,6 +217,7 @@ async def _main(cfg: SluiceConfig, args: argparse.Namespace) -> int:
         worker = await open_worker(
             cfg, servers, worker_id=args.worker_id, max_groups=args.max_groups
         )
+        await record_config(cfg, worker.worker_id)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.request_stop)
         if early_stop.is_set():

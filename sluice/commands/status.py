@@ -1,6 +1,8 @@
 """Show a run's policy version, staleness gate, workers and trajectory buffer, and what went
 wrong: rejections by reason, dead-lettered entries by reason, each worker's liveness and last
-metrics (``sluice:{run}:worker:{id}:metrics``) and the eval rewards (``sluice:{run}:eval``).
+metrics (``sluice:{run}:worker:{id}:metrics``), the trainer's last step (step/max_steps,
+reward, loss, tokens/s: ``sluice:{run}:trainer:{consumer}:progress``) and the eval rewards
+(``sluice:{run}:eval``).
 
 The Redis URL comes from --redis-url, else $SLUICE_REDIS_URL, else the config default
 (redis://127.0.0.1:6379/0); it is printed with its password redacted. Without --run, the only
@@ -125,6 +127,7 @@ async def collect(client: aioredis.Redis, run: str, url: str) -> dict[str, Any]:
     snap["dead_letters"] = _dead_letter_summary(await buf.dead_letters(count=DEAD_LETTERS_READ))
     snap["worker_metrics"] = await _worker_metrics(client, run, snap)
     snap["eval"] = await _evals(client, run)
+    snap["trainer"] = await _trainer_progress(client, run)
     return snap
 
 
@@ -362,12 +365,73 @@ def _eval_table(ev: list[dict[str, Any]]) -> Any:
     return t
 
 
+async def _trainer_progress(client: aioredis.Redis, run: str) -> dict[str, dict[str, Any]]:
+    """Each trainer's latest step summary (``keys.trainer_progress``, written by its rank 0
+    after every step: ``trainer.metrics.progress_record``) by consumer name, with ``age_s``:
+    seconds since it was written (Redis clock)."""
+    now_s, now_us = await client.time()
+    now = float(now_s) + float(now_us) / 1e6
+    glob = keys.trainer_progress_glob(run)
+    prefix, suffix = glob.split("*")
+    out: dict[str, dict[str, Any]] = {}
+    async for k in client.scan_iter(match=glob, count=1000):
+        name = k.decode() if isinstance(k, bytes) else str(k)
+        raw = await client.get(k)
+        try:
+            rec = json.loads(raw) if raw is not None else None
+        except ValueError:
+            rec = None
+        if not isinstance(rec, dict):
+            continue
+        if isinstance(rec.get("time"), int | float):
+            rec["age_s"] = round(now - float(rec["time"]), 3)
+        out[name[len(prefix) : -len(suffix)]] = rec
+    return dict(sorted(out.items()))
+
+
+def _num_text(x: Any, fmt: str) -> str:
+    return format(x, fmt) if isinstance(x, int | float) and not isinstance(x, bool) else "-"
+
+
+def trainer_line(rec: dict[str, Any]) -> str:
+    """One trainer's progress in a line: ``step 12/200 v12 reward 0.412±0.1 loss 0.0123 ...``."""
+    ms = rec.get("max_steps")
+    line = f"step {rec.get('step', '?')}/{ms if ms is not None else '∞'} v{rec.get('version', '?')}"
+    line += f" reward {_num_text(rec.get('reward_mean'), '.3f')}"
+    if isinstance(rec.get("reward_std"), int | float):
+        line += f"±{rec['reward_std']:.3f}"
+    line += f" loss {_num_text(rec.get('loss'), '.4f')}"
+    line += f" tok/s {_num_text(rec.get('tokens_per_s'), '.0f')}"
+    line += f" dropped {rec.get('dropped_total') if rec.get('dropped_total') is not None else '-'}"
+    return line
+
+
+def _trainer_table(tr: dict[str, dict[str, Any]]) -> Any:
+    from rich.table import Table
+
+    t = Table(title="trainer (last step)", title_justify="left")
+    for col in ("consumer", "state", "progress", "host/pid", "age"):
+        t.add_column(col)
+    for consumer, rec in tr.items():
+        state = str(rec.get("state", "?"))
+        t.add_row(
+            consumer,
+            state,
+            trainer_line(rec),
+            f"{rec.get('host', '?')}/{rec.get('pid', '?')}",
+            _age(float(rec["age_s"])) + " ago" if "age_s" in rec else "?",
+        )
+    return t
+
+
 def render(d: dict[str, Any]) -> Any:
     """Rich renderables for one status object: the gate, the workers, then (when there are
     any) dead letters, worker metrics and eval results."""
     from rich.console import Group
 
     parts: list[Any] = [_gate_table(d), _workers_table(d)]
+    if d.get("trainer"):
+        parts.insert(1, _trainer_table(d["trainer"]))
     dl = d.get("dead_letters") or {}
     if dl.get("by_reason"):
         parts.append(_dead_letters_table(dl))

@@ -62,7 +62,33 @@ async def run_trainer(
 
     log_task_stacks_on_sigusr2()
 
-    return await train(cfg.trainer, trainer_args(cfg), resume=resume, max_steps=max_steps)
+    return await train(
+        cfg.trainer,
+        trainer_args(cfg),
+        resume=resume,
+        max_steps=max_steps,
+        on_started=lambda: record_config(cfg, max_steps),
+    )
+
+
+def record_config(cfg: SluiceConfig, max_steps: int | None = None) -> None:
+    """Record the config the trainer runs with in ``run.dir`` (``sluice.runconfig``:
+    ``config.yaml``, or ``config.resume-N.yaml`` when it differs), ``--max-steps`` included."""
+    from sluice.runconfig import record_trainer_config
+
+    ran = cfg.model_copy(deep=True)
+    if max_steps is not None:
+        ran.trainer.max_steps = max_steps
+    log = logging.getLogger("sluice.trainer")
+    try:
+        path, written = record_trainer_config(ran)
+    except OSError as e:  # the run goes on; metrics.jsonl in the same directory will tell
+        log.warning("could not record the config in %s: %s", ran.run.dir, e)
+        return
+    if written:
+        log.info("config recorded in %s", path)
+    else:
+        log.info("config already recorded in %s", path)
 
 
 def run(args: argparse.Namespace) -> int:

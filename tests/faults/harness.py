@@ -343,15 +343,18 @@ class FaultRun:
 
     # ------------------------------------------------------------------ progress
     def metrics(self) -> list[dict[str, Any]]:
+        """The trainer's step rows of ``metrics.jsonl``."""
         p = self.run_dir / "metrics.jsonl"
         if not p.exists():
             return []
         rows = []
         for line in p.read_text().splitlines():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except ValueError:  # a row cut short by SIGKILL mid-write
                 continue
+            if "event" not in row:  # step rows only (an eval result is an event line)
+                rows.append(row)
         return rows
 
     def trained_steps(self) -> int:
