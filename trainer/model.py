@@ -59,12 +59,12 @@ def load_model(path: Path, device: torch.device) -> Any:
 def build_optimizer(
     model: Any, tc: TrainerConfig
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over the trainable parameters and a linear warm-up over ``warmup_steps``."""
-    opt = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=tc.lr,
-        weight_decay=tc.weight_decay,
-    )
+    """AdamW over the trainable parameters and a linear warm-up over ``warmup_steps``. On
+    CUDA the fused kernel (one launch for every parameter; the unfused update was ~20% of a
+    167M step's GPU time on an H200); on the CPU torch's default."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    cuda = bool(params) and all(p.is_cuda for p in params)
+    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=cuda or None)
     warm = tc.warmup_steps
 
     def factor(s: int) -> float:

@@ -83,10 +83,13 @@ def write_model_dir(
     dest: str | Path,
     crash_hook: Callable[[str], None] | None = None,
     files: Iterable[Path] = (),
+    dtype: Any = None,
 ) -> Path:
     """Write ``model`` (unwrapped HF causal LM) as an HF directory at ``dest``, atomically,
     with a copy of ``files`` (``model_files`` of the starting model: tokenizer, generation
-    config, ...) that ``save_pretrained`` did not write.
+    config, ...) that ``save_pretrained`` did not write. ``dtype`` (a torch dtype) writes the
+    weights in that dtype and says so in ``config.json`` (the model itself is not changed);
+    None writes them as they are.
 
     If ``dest`` exists it is replaced (only a directory that was never published can be in the
     way: versions only increase). Returns ``dest``.
@@ -97,13 +100,31 @@ def write_model_dir(
     if tmp.exists():
         shutil.rmtree(tmp)
     raw = model.module if hasattr(model, "module") else model
-    raw.save_pretrained(str(tmp), safe_serialization=True)
+    if dtype is None:
+        raw.save_pretrained(str(tmp), safe_serialization=True)
+    else:
+        state = {k: v.detach().to(dtype) for k, v in raw.state_dict().items()}
+        raw.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+        del state
+        _set_config_dtype(tmp / "config.json", str(dtype).removeprefix("torch."))
     copy_model_files(files, tmp)
     fsync_dir(tmp)
     if crash_hook is not None:
         crash_hook("mid_publish")
     replace_dir(tmp, dest)
     return dest
+
+
+def _set_config_dtype(config: Path, name: str) -> None:
+    """Record the dtype of the weights written beside ``config``: the config as saved names
+    the in-memory model's (float32 for an fp32 master copy)."""
+    import json
+
+    cfg = json.loads(config.read_text())
+    for key in ("dtype", "torch_dtype"):
+        if key in cfg:
+            cfg[key] = name
+    config.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def replace_dir(tmp: Path, dest: Path) -> None:

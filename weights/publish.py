@@ -88,6 +88,7 @@ class DiskPublisher:
         timed: CallTimer = untimed,
         crash_hook: CrashHook | None = None,
         model_dir: Path | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         self.records = records
         self.weights_dir = weights_dir
@@ -95,9 +96,13 @@ class DiskPublisher:
         self.timed = timed
         self.crash_hook = crash_hook
         self.files = model_files(model_dir)
+        self.dtype = dtype
+        """The dtype written (None: the model's own)."""
 
     async def publish(self, version: int, model: torch.nn.Module) -> None:
-        dest = write_model_dir(model, self.weights_dir / f"v{version}", self.crash_hook, self.files)
+        dest = write_model_dir(
+            model, self.weights_dir / f"v{version}", self.crash_hook, self.files, self.dtype
+        )
         await self.timed(self.records.publish_weights(version, str(dest.resolve()), "safetensors"))
         prune(self.weights_dir, "v", self.keep)
 
@@ -117,6 +122,7 @@ class DistributedPublisher:
         timed: CallTimer = untimed,
         crash_hook: CrashHook | None = None,
         model_dir: Path | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         self.records = records
         self.sync = sync
@@ -126,9 +132,13 @@ class DistributedPublisher:
         self.timed = timed
         self.crash_hook = crash_hook
         self.files = model_files(model_dir)
+        self.dtype = dtype
+        """The dtype written (None: the model's own)."""
 
     async def _disk_copy(self, version: int, model: torch.nn.Module) -> Path:
-        dest = write_model_dir(model, self.weights_dir / f"v{version}", self.crash_hook, self.files)
+        dest = write_model_dir(
+            model, self.weights_dir / f"v{version}", self.crash_hook, self.files, self.dtype
+        )
         await self.timed(self.records.record_disk_weights(version, str(dest.resolve())))
         prune(self.weights_dir, "v", self.keep)
         return dest
