@@ -35,8 +35,6 @@ SHAPES: dict[str, dict[str, int]] = {
     # Qwen2-0.5B's shape, untied
     "0.5B": {"layers": 24, "hidden": 896, "heads": 14, "kv": 2, "inter": 4864, "vocab": 151936},
 }
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
-"""Dense bf16 peak by device name (the vendors' datasheets)."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -175,36 +173,19 @@ def _io_costs(model: Any, opt: Any, workdir: Path) -> dict[str, float]:
     t0 = time.perf_counter()
     write_model_dir(model, workdir / "v1")
     out["publish_fp32_s"] = time.perf_counter() - t0
-    half = _bf16_copy(model)
     t0 = time.perf_counter()
-    write_model_dir(half, workdir / "v2")
+    write_model_dir(model, workdir / "v2", dtype=torch.bfloat16)  # trainer.publish_dtype
     out["publish_bf16_s"] = time.perf_counter() - t0
-    del half
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
     t0 = time.perf_counter()
     save_checkpoint(workdir / "ckpt", model=model, optimizer=opt, scheduler=None, state={})
     out["checkpoint_s"] = time.perf_counter() - t0
     return out
 
 
-def _bf16_copy(model: Any) -> Any:
-    import copy
-
-    import torch
-
-    return copy.deepcopy(model).to(torch.bfloat16)
-
-
 def _peak(args: argparse.Namespace, device: Any) -> float | None:
-    import torch
+    from trainer.metrics import device_peak_flops
 
-    if args.peak_tflops:
-        return float(args.peak_tflops) * 1e12
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v * 1e12 for k, v in PEAK_TFLOPS.items() if k in name), None)
+    return device_peak_flops(device, args.peak_tflops)
 
 
 def _profile(step: Any, device: Any, out_dir: Path, name: str) -> str:

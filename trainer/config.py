@@ -61,6 +61,19 @@ class TrainerConfig(LossConfig):
         description="How new weights reach the servers: disk (safetensors dir per version) or "
         "distributed (broadcast from the trainer to the servers; docs/weight-sync.md).",
     )
+    publish_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="dtype of the published weights: auto = bfloat16 when training on CUDA (the "
+        "forward runs under bf16 autocast and GPU servers serve bf16; half the bytes of fp32), "
+        "float32 on the CPU (the CPU server computes in fp32, so its log-probs match the "
+        "trainer's exactly). Checkpoints always keep the fp32 master weights.",
+    )
+    peak_tflops: float | None = Field(
+        None,
+        gt=0,
+        description="The device's dense bf16 peak, for the MFU in metrics.jsonl (None: known "
+        "GPUs by name, e.g. H100/H200 989; no MFU on the CPU).",
+    )
     bucket_mb: int = Field(
         256, ge=1, le=65536, description="distributed: MiB of parameters per broadcast bucket."
     )

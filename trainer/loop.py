@@ -45,9 +45,12 @@ from trainer.crash import crash_if
 from trainer.data import Judged
 from trainer.ledger import StepBatch, covered_by
 from trainer.metrics import (
+    Phases,
     StepCounts,
     StepRecord,
+    device_peak_flops,
     eval_event,
+    perf_fields,
     progress_record,
     step_row,
     trained_staleness_max,
@@ -103,6 +106,9 @@ class Trainer:
         self.ckpt_dir = args.run_dir / "checkpoints"
         self.metrics_path = args.run_dir / "metrics.jsonl"
         self.pad_id = int(getattr(self.model.config, "pad_token_id", None) or 0)
+        self.phases = Phases()
+        self.params = sum(p.numel() for p in self.model.parameters())
+        self.peak_flops = device_peak_flops(self.device, tc.peak_tflops)
         self.records = parts.records if dist.rank == 0 else None
         self.model_files = model_files(parts.model_dir)
         """The starting model's non-weight files, copied into every checkpoint's ``model/``."""
@@ -144,6 +150,13 @@ class Trainer:
 
     async def _checkpoint(self) -> None:
         """Write the checkpoint, then commit it in the ledger (ack + pointer, one transaction)."""
+        t0 = time.monotonic()
+        try:
+            await self._checkpoint_now()
+        finally:
+            self.phases.checkpoint_s += time.monotonic() - t0
+
+    async def _checkpoint_now(self) -> None:
         n = self.st.step
         self._barrier()  # every rank has recorded (and trained) step n
         if self.dist.rank == 0:
@@ -261,6 +274,7 @@ class Trainer:
             log.warning("step %d: every group was dropped; no update", n)
             await self.ledger.forget(n)
             return None
+        t_train = time.monotonic()
         stats = train_step(
             train_model,
             self.optimizer,
@@ -274,11 +288,15 @@ class Trainer:
             dist=self.dist,
             crash_hook=self.crash_hook,
         )
+        self.phases.train_s = time.monotonic() - t_train  # the stats read back: synced
+        self.phases.seq_tokens = sum(s.length for s in samples)
         self.st.step = n
         self.st.weights_version = None
         self.crash_hook("after_step", n)
+        t_pub = time.monotonic()
         if n % self.tc.publish_every == 0:
             await self._publish()
+        self.phases.publish_s = time.monotonic() - t_pub
         self.crash_hook("after_publish", n)
         if self.dist.rank == 0:
             await self.clock(self.vm.reap())
@@ -347,7 +365,9 @@ class Trainer:
             hist=counts[3:],
             staleness_max_trained=int(trained_max) if trained_max >= 0 else None,
         )
-        row = step_row(rec, stats, summed, buffer_s)
+        perf = perf_fields(self.phases, stats.tokens, self.params, self.peak_flops)
+        self.phases = Phases()
+        row = step_row(rec, stats, summed, buffer_s, perf)
         write_step(self.metrics_path, row)
         return row
 

@@ -129,6 +129,54 @@ class StepRecord:
     """The step this trainer stops at (None: unbounded)."""
 
 
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+"""Dense bf16 peak TFLOP/s by GPU name (the vendors' datasheets), for the MFU."""
+
+
+def device_peak_flops(device: Any, override_tflops: float | None = None) -> float | None:
+    """The device's dense bf16 peak in FLOP/s: ``override_tflops`` when given, else a known GPU
+    by name, else None (the CPU: no MFU)."""
+    if override_tflops:
+        return float(override_tflops) * 1e12
+    if getattr(device, "type", None) != "cuda":
+        return None
+    import torch
+
+    name = torch.cuda.get_device_name(device)
+    return next((v * 1e12 for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+@dataclass
+class Phases:
+    """Where one step's time went besides waiting for data (``idle_s``) and Redis
+    (``buffer_s``), and what the model computed."""
+
+    train_s: float = 0.0
+    """``train_step``: proximal forward, forward/backward of every micro-batch, optimizer."""
+    publish_s: float = 0.0
+    checkpoint_s: float = 0.0
+    """Checkpoints written since the previous row (a step's checkpoint follows its row)."""
+    seq_tokens: int = 0
+    """Positions the model read (prompt + output of every trained sample)."""
+
+
+def perf_fields(
+    phases: Phases, out_tokens: int, params: int, peak_flops: float | None
+) -> dict[str, Any]:
+    """The row's timing fields: phases, trained tokens/s of the train step alone and its MFU
+    (``6 · params · seq_tokens / train_s`` over the peak; attention FLOPs not counted)."""
+    train_s = max(phases.train_s, 1e-9)
+    mfu = 6 * params * phases.seq_tokens / train_s / peak_flops if peak_flops else None
+    return {
+        "train_s": phases.train_s,
+        "publish_s": phases.publish_s,
+        "checkpoint_s": phases.checkpoint_s,
+        "seq_tokens": phases.seq_tokens,
+        "train_tokens_per_s": out_tokens / train_s,
+        "mfu": mfu,
+    }
+
+
 def steps_text(step: int, max_steps: int | None) -> str:
     """``12/200``, or ``12/∞`` when there is no step limit."""
     return f"{step}/{max_steps if max_steps is not None else '∞'}"
@@ -140,7 +188,11 @@ def is_step_row(row: dict[str, Any]) -> bool:
 
 
 def step_row(
-    rec: StepRecord, stats: StepStats, counts: StepCounts, buffer_s: float
+    rec: StepRecord,
+    stats: StepStats,
+    counts: StepCounts,
+    buffer_s: float,
+    perf: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ``metrics.jsonl`` object of one step."""
     dropped_set = set(rec.dropped)
@@ -184,6 +236,7 @@ def step_row(
         "buffer_s": buffer_s,
         "step_s": rec.step_s,
         "wall_s": rec.wall_s,
+        **(perf or {}),
         "time": time.time(),
     }
 

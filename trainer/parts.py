@@ -85,7 +85,7 @@ async def open_parts(
         buf=buf,
         ledger=ledger,
         reader=reader,
-        publisher=_publisher(tc, vm, args, clock, crash_now, model_path),
+        publisher=_publisher(tc, vm, args, clock, crash_now, model_path, device),
         restored=restored,
         device=device,
         clock=clock,
@@ -160,10 +160,12 @@ def _publisher(
     clock: RedisClock,
     crash_hook: CrashHook,
     model_dir: Path,
+    device: torch.device,
 ) -> WeightPublisher:
     """The transport ``trainer.weight_sync`` names, writing under ``RUN_DIR/weights`` (each
-    version with ``model_dir``'s non-weight files)."""
+    version with ``model_dir``'s non-weight files, in ``publish_dtype``)."""
     weights_dir = args.run_dir / "weights"
+    dtype = publish_dtype(tc.publish_dtype, device)
     if tc.weight_sync == "distributed":
         from weights.distributed import DistributedSync
 
@@ -183,6 +185,7 @@ def _publisher(
             timed=clock,
             crash_hook=crash_hook,
             model_dir=model_dir,
+            dtype=dtype,
         )
     return DiskPublisher(
         vm,
@@ -191,4 +194,13 @@ def _publisher(
         timed=clock,
         crash_hook=crash_hook,
         model_dir=model_dir,
+        dtype=dtype,
     )
+
+
+def publish_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """``trainer.publish_dtype`` as the dtype to write (None: the fp32 master weights as they
+    are)."""
+    if name == "bfloat16" or (name == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None

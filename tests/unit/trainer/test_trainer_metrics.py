@@ -132,3 +132,40 @@ def test_redis_clock_counts_awaited_calls() -> None:
     assert asyncio.run(clock(call())) == 7
     first = clock.take()
     assert first >= 0.01 and clock.take() == 0.0
+
+
+def test_perf_fields_mfu_and_trained_tokens_per_s_by_hand() -> None:
+    from trainer.metrics import Phases, perf_fields
+
+    ph = Phases(train_s=2.0, publish_s=0.5, checkpoint_s=1.0, seq_tokens=100)
+    f = perf_fields(ph, out_tokens=40, params=10, peak_flops=6000.0)
+    # 6 * 10 params * 100 positions / 2 s = 3000 FLOP/s, half of the 6000 peak
+    assert f["mfu"] == 0.5
+    assert f["train_tokens_per_s"] == 20.0
+    assert (f["train_s"], f["publish_s"], f["checkpoint_s"], f["seq_tokens"]) == (
+        2.0,
+        0.5,
+        1.0,
+        100,
+    )
+    assert perf_fields(ph, out_tokens=40, params=10, peak_flops=None)["mfu"] is None
+
+
+def test_device_peak_flops_cpu_none_and_override() -> None:
+    import torch
+
+    from trainer.metrics import device_peak_flops
+
+    assert device_peak_flops(torch.device("cpu")) is None
+    assert device_peak_flops(torch.device("cpu"), 2.0) == 2e12
+
+
+def test_publish_dtype_auto_is_bf16_on_cuda_only() -> None:
+    import torch
+
+    from trainer.parts import publish_dtype
+
+    assert publish_dtype("auto", torch.device("cpu")) is None
+    assert publish_dtype("auto", torch.device("cuda", 0)) is torch.bfloat16
+    assert publish_dtype("bfloat16", torch.device("cpu")) is torch.bfloat16
+    assert publish_dtype("float32", torch.device("cuda", 0)) is None
