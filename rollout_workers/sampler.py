@@ -4,7 +4,11 @@ across weight updates and dead servers, then scored.
 A sample is generated in segments. When the server answers ``abort`` (a weight update
 interrupted it) or dies, the sampler resubmits ``prompt + partial output`` with the remaining
 budget, to a server at least as new as the group's admission version; the sample's tokens,
-log-probs and per-token versions are its segments' concatenated. A sample resubmitted more
+log-probs and per-token versions are its segments' concatenated. A task may fix a sample's
+output length (``Task.output_length``, e.g. ``long-tail`` with ``fixed_lengths``): the sample is
+then generated with ``ignore_eos`` and ``max_new_tokens`` = that length (capped by the rollout's
+``max_new_tokens``), and a resubmission asks for the length minus the tokens already generated,
+so it ends at exactly that length however often it is interrupted. A sample resubmitted more
 than ``MAX_SEGMENTS`` times fails its group. Sampling seeds are ``seed_for(run seed, group id,
 sample, segment, attempt)``: distinct per sample, reproducible per run.
 
@@ -103,6 +107,7 @@ class Sampler:
         eos_token_id: int,
         max_new_tokens: int,
         on_interrupted: Callable[[int], None] = lambda reprefill: None,
+        output_length: Callable[[Prompt, int], int | None] = lambda prompt, sample: None,
     ) -> None:
         self.pool = pool
         self.rc = rc
@@ -113,6 +118,9 @@ class Sampler:
         self.max_new_tokens = max_new_tokens
         self.on_interrupted = on_interrupted
         """Called with the tokens to prefill again each time a sample is interrupted."""
+        self.output_length = output_length
+        """The task's fixed output length of sample ``i`` of a prompt, or None (``Task.
+        output_length``)."""
 
     async def group(
         self, prompt: Prompt, group_id: str, admission_version: int
@@ -127,6 +135,7 @@ class Sampler:
                     (self.seed, group_id, i),
                     self.rc.temperature,
                     min_version=admission_version,
+                    length=self.output_length(prompt, i),
                 )
                 for i in range(self.rc.n_samples)
             ]
@@ -137,14 +146,18 @@ class Sampler:
             raise GroupRejected(e.reason, e.detail) from None
         return outs, rewards
 
-    def _params(self, remaining: int, temperature: float, seed: int) -> SamplingParams:
+    def _params(
+        self, remaining: int, temperature: float, seed: int, *, fixed: bool = False
+    ) -> SamplingParams:
+        """A fixed-length request sends ``ignore_eos`` and no stop ids (the request shape whose
+        answer was recorded from SGLang: exactly ``max_new_tokens`` tokens, tests/fixtures)."""
         return SamplingParams(
             max_new_tokens=remaining,
             temperature=temperature,
             top_p=self.rc.top_p,
             top_k=self.rc.top_k,
-            stop_token_ids=(self.eos_token_id,),
-            ignore_eos=self.rc.ignore_eos,
+            stop_token_ids=() if fixed else (self.eos_token_id,),
+            ignore_eos=fixed or self.rc.ignore_eos,
             sampling_seed=seed,
         )
 
@@ -155,19 +168,29 @@ class Sampler:
         temperature: float,
         *,
         min_version: int = 0,
+        length: int | None = None,
     ) -> SampleOut:
-        """One sample, resubmitted as ``prompt + partial`` after every abort or dead server."""
+        """One sample, resubmitted as ``prompt + partial`` after every abort or dead server;
+        with ``length`` exactly ``min(length, max_new_tokens)`` tokens, EOS ignored."""
+        if length is not None and length < 1:
+            raise ValueError(f"a fixed output length must be >= 1, got {length}")
+        budget = self.max_new_tokens if length is None else min(length, self.max_new_tokens)
         out = SampleOut()
         attempt = 0
         while True:
-            remaining = self.max_new_tokens - len(out.output_ids)
+            remaining = budget - len(out.output_ids)
             if remaining <= 0:
                 out.finish_reason = "length"
                 return out
             if out.segments + attempt >= MAX_SEGMENTS:
                 raise GroupRejected("inference_error", f"sample resubmitted {MAX_SEGMENTS} times")
             s = await self.pool.acquire(min_version)
-            sp = self._params(remaining, temperature, seed_for(*seed_key, out.segments, attempt))
+            sp = self._params(
+                remaining,
+                temperature,
+                seed_for(*seed_key, out.segments, attempt),
+                fixed=length is not None,
+            )
             rid = uuid.uuid4().hex
             s.track(rid)
             try:

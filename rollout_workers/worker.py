@@ -146,6 +146,7 @@ class RolloutWorker:
             eos_token_id=task.eos_token_id,
             max_new_tokens=rc.max_new_tokens or task.max_new_tokens,
             on_interrupted=self.updater.note_interrupted,
+            output_length=task.output_length,
         )
         self.evaluator = Evaluator(
             parts.evals, self.sampler, task, rc, self.counters, worker_id=worker_id

@@ -11,6 +11,10 @@ from benchmarks.pipeline.placement import Placement, Procs
 
 # Sizes picked so that, on one core each, generating a group and training on it take
 # comparable time (see the module docstring of each run's output for the measured ceilings).
+# The long-tail workloads fix every sample's output length (task option fixed_lengths: a
+# seeded lognormal draw per prompt id and sample, generated with ignore_eos), so a group costs
+# the same in the ceiling runs and in every pipeline run, whatever the policy learns; reverse
+# keeps policy-decided lengths (a learning workload).
 WORKLOADS: dict[str, dict[str, Any]] = {
     "reverse": {
         "task": "reverse",
@@ -25,7 +29,13 @@ WORKLOADS: dict[str, dict[str, Any]] = {
     },
     "long-tail": {
         "task": "long-tail",
-        "options": {"median": 16, "sigma": 1.0, "min_len": 4, "max_len": 128},
+        "options": {
+            "median": 16,
+            "sigma": 1.0,
+            "min_len": 4,
+            "max_len": 128,
+            "fixed_lengths": True,
+        },
         "model": {"layers": 3, "hidden": 192},
         "n_samples": 8,
         "batch_groups": 4,
@@ -39,7 +49,13 @@ WORKLOADS: dict[str, dict[str, Any]] = {
     # it both take real GPU time.
     "long-tail-gpu": {
         "task": "long-tail",
-        "options": {"median": 64, "sigma": 1.0, "min_len": 8, "max_len": 512},
+        "options": {
+            "median": 64,
+            "sigma": 1.0,
+            "min_len": 8,
+            "max_len": 512,
+            "fixed_lengths": True,
+        },
         "model": {
             "arch": "qwen2",
             "layers": 9,
@@ -54,9 +70,10 @@ WORKLOADS: dict[str, dict[str, Any]] = {
         "max_inflight_groups": 32,
         "steps": 16,
         "quick_steps": 5,
-        # A random-init 100M model at lr 1e-3 collapses within 3 steps into 512-token outputs
-        # that never stop (groups cost ~15x more than in the ceiling runs); at 1e-5 outputs
-        # still grew 3-4x over 16 steps on the H100 (README, "On a GPU").
+        # Before fixed_lengths: a random-init 100M model at lr 1e-3 collapsed within 3 steps
+        # into 512-token outputs that never stop (groups cost ~15x more than in the ceiling
+        # runs); at 1e-5 outputs still grew 3-4x over 16 steps on the H100 (README, "On a
+        # GPU"). Lengths are fixed now; lr 1e-5 is kept so the runs stay comparable.
         "trainer": {"lr": 1e-5},
     },
 }

@@ -78,6 +78,17 @@ class Task(ABC):
     def reward(self, prompt: Prompt, output_ids: list[int]) -> float:
         """Score ``output_ids`` (the generated tokens, EOS included if any) in [0, 1]."""
 
+    def output_length(self, prompt: Prompt, sample: int) -> int | None:
+        """The fixed output length of sample ``sample`` (0-based) of a group of ``prompt``, or
+        None (the default): the policy decides, the sample ends at EOS or ``max_new_tokens``.
+
+        A task that returns a length makes the sampler generate exactly that many tokens
+        (``ignore_eos`` and ``max_new_tokens`` = the length, capped by the rollout's
+        ``max_new_tokens``), so a group's cost does not drift with the policy: benchmarks.
+        It must depend only on the task's options, the prompt id and ``sample`` (every worker
+        and every run of a benchmark sees the same lengths)."""
+        return None
+
     def describe(self) -> dict[str, Any]:
         """Summary for logs and reports."""
         return {
