@@ -27,6 +27,7 @@ import os
 import random
 import shutil
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +41,14 @@ STATE_FORMAT = 1
 
 # ---------------------------------------------------------------------- optimizer state
 def flatten_optimizer(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """``optimizer.state_dict()`` -> (tensors, JSON-able rest). Inverse: ``unflatten_optimizer``."""
+    """``optimizer.state_dict()`` -> (tensors, JSON-able rest). Inverse: ``unflatten_optimizer``.
+    The tensors are the optimizer's own (detached, not copied)."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for idx, st in sd["state"].items():
         for name, v in st.items():
             if isinstance(v, torch.Tensor):
-                tensors[f"state.{idx}.{name}"] = v.detach().cpu().contiguous()
+                tensors[f"state.{idx}.{name}"] = v.detach()
             else:
                 scalars.setdefault(str(idx), {})[name] = v
     meta = {"param_groups": _jsonable(sd["param_groups"]), "scalars": scalars}
@@ -82,6 +84,90 @@ def _jsonable(x: Any) -> Any:
 
 
 # ---------------------------------------------------------------------- checkpoints
+@dataclass
+class CheckpointSnapshot:
+    """Everything a checkpoint holds, copied to host memory at one instant: the training
+    process may go on changing the model while ``write_checkpoint`` writes it."""
+
+    model: Any
+    """The unwrapped model (its config and class; its weights are not read again)."""
+    model_state: dict[str, torch.Tensor]
+    optimizer: dict[str, torch.Tensor]
+    rng: dict[str, torch.Tensor]
+    state: dict[str, Any]
+    """``state.json``: the caller's part, optimizer metadata, scheduler, python RNG."""
+    model_files: list[Path]
+
+
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", copy=True).contiguous()
+
+
+def snapshot_checkpoint(
+    *,
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: dict[str, Any],
+    model_files: Iterable[Path] = (),
+) -> CheckpointSnapshot:
+    """Copy the model, optimizer, scheduler and RNG states to host memory now (a device ->
+    host copy; no file is written). ``state`` is the JSON part owned by the caller (step,
+    version, group ids, ...)."""
+    raw = model.module if hasattr(model, "module") else model
+    tensors, opt_meta = flatten_optimizer(optimizer.state_dict())
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            rng[f"torch_cuda_{i}"] = s
+    full = {
+        "format": STATE_FORMAT,
+        **state,
+        "optimizer": opt_meta,
+        "scheduler": _jsonable(scheduler.state_dict()) if scheduler is not None else None,
+        "python_random": _jsonable(random.getstate()),
+    }
+    return CheckpointSnapshot(
+        model=raw,
+        model_state={k: _host_copy(v) for k, v in raw.state_dict().items()},
+        optimizer={k: _host_copy(v) for k, v in tensors.items()},
+        rng=rng,
+        state=full,
+        model_files=list(model_files),
+    )
+
+
+def write_checkpoint(
+    snap: CheckpointSnapshot,
+    dest: str | Path,
+    crash_hook: Callable[[str], None] | None = None,
+) -> Path:
+    """Write ``snap`` as a checkpoint directory atomically (layout in the module docstring);
+    ``model/`` also gets a copy of the starting model's non-weight files. Reads only the
+    snapshot, so it may run in a thread while training goes on. The checkpoint is durable
+    (fsynced and renamed) when this returns; it counts only once the caller commits its
+    pointer in Redis."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    snap.model.save_pretrained(
+        str(tmp / "model"), state_dict=snap.model_state, safe_serialization=True
+    )
+    copy_model_files(snap.model_files, tmp / "model")
+    if crash_hook is not None:
+        crash_hook("mid_checkpoint")
+    save_file(snap.optimizer, str(tmp / "optimizer.safetensors"))
+    save_file(snap.rng, str(tmp / "rng.safetensors"))
+    (tmp / "state.json").write_text(json.dumps(snap.state, indent=1, allow_nan=False))
+    fsync_dir(tmp)
+    fsync_dir(tmp / "model")
+    replace_dir(tmp, dest)
+    return dest
+
+
 def save_checkpoint(
     dest: str | Path,
     *,
@@ -92,43 +178,15 @@ def save_checkpoint(
     crash_hook: Callable[[str], None] | None = None,
     model_files: Iterable[Path] = (),
 ) -> Path:
-    """Write a checkpoint directory atomically (layout in the module docstring); ``model/``
-    also gets a copy of ``model_files`` (``weights.disk.model_files`` of the starting model).
-
-    ``state`` is the JSON part owned by the caller (step, version, group ids, ...). The
-    checkpoint is durable (fsynced and renamed) when this returns; it counts only once the
-    caller commits its pointer in Redis.
-    """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    raw = model.module if hasattr(model, "module") else model
-    raw.save_pretrained(str(tmp / "model"), safe_serialization=True)
-    copy_model_files(model_files, tmp / "model")
-    if crash_hook is not None:
-        crash_hook("mid_checkpoint")
-    tensors, opt_meta = flatten_optimizer(optimizer.state_dict())
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    rng = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            rng[f"torch_cuda_{i}"] = s
-    save_file(rng, str(tmp / "rng.safetensors"))
-    full = {
-        "format": STATE_FORMAT,
-        **state,
-        "optimizer": opt_meta,
-        "scheduler": _jsonable(scheduler.state_dict()) if scheduler is not None else None,
-        "python_random": _jsonable(random.getstate()),
-    }
-    (tmp / "state.json").write_text(json.dumps(full, indent=1, allow_nan=False))
-    fsync_dir(tmp)
-    fsync_dir(tmp / "model")
-    replace_dir(tmp, dest)
-    return dest
+    """``snapshot_checkpoint`` then ``write_checkpoint``, in the caller's thread."""
+    snap = snapshot_checkpoint(
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        state=state,
+        model_files=model_files,
+    )
+    return write_checkpoint(snap, dest, crash_hook)
 
 
 def read_checkpoint_state(path: str | Path) -> dict[str, Any]:

@@ -36,6 +36,11 @@ class TrainerConfig(LossConfig):
     checkpoint_every: int = Field(
         10, ge=1, description="Checkpoint every N steps (bounds replay after a crash)."
     )
+    async_checkpoint: bool = Field(
+        True,
+        description="Write checkpoints in the background (one trainer process): the step pays "
+        "only the copy to host memory; its groups are acked once the files are durable.",
+    )
     reclaim_idle_ms: int = Field(
         60_000, ge=1, description="Reclaim groups pending on a consumer idle this long."
     )

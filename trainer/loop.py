@@ -34,16 +34,17 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from trainer.batch import samples_from_groups
-from trainer.checkpoint import save_checkpoint
+from trainer.checkpoint import CheckpointSnapshot, snapshot_checkpoint, write_checkpoint
 from trainer.config import TrainerArgs, TrainerConfig, TrainerError
 from trainer.crash import crash_if
 from trainer.data import Judged
-from trainer.ledger import StepBatch, covered_by
+from trainer.ledger import Covered, StepBatch, covered_by
 from trainer.metrics import (
     Phases,
     StepCounts,
@@ -106,6 +107,7 @@ class Trainer:
         self.ckpt_dir = args.run_dir / "checkpoints"
         self.metrics_path = args.run_dir / "metrics.jsonl"
         self.pad_id = int(getattr(self.model.config, "pad_token_id", None) or 0)
+        self._ckpt_task: asyncio.Task[None] | None = None
         self.phases = Phases()
         self.params = sum(p.numel() for p in self.model.parameters())
         self.peak_flops = device_peak_flops(self.device, tc.peak_tflops)
@@ -121,9 +123,6 @@ class Trainer:
     def crash_hook(self, point: str, step: int | None = None) -> None:
         """SIGKILL this process if ``SLUICE_TRAINER_CRASH_AT`` names ``point`` of this step."""
         crash_if(self.crash_at, point, self.st.step + 1 if step is None else step)
-
-    def _crash_now(self, point: str) -> None:
-        self.crash_hook(point, self.st.step)
 
     def _reduce(self, values: list[float], op: str = "sum") -> list[float]:
         t = torch.tensor(values, dtype=torch.float64)
@@ -165,17 +164,22 @@ class Trainer:
         self._barrier()
 
     async def _commit_checkpoint(self, n: int) -> None:
+        """Snapshot step ``n`` to host memory, then write it and commit it in the ledger: in
+        the background with ``trainer.async_checkpoint`` on one rank (training goes on while
+        the files are written; the groups are acked only once the checkpoint is durable, so a
+        crash before that replays them), else before returning."""
+        await self.wait_checkpoint()  # one write in flight at a time; its failure raises here
         records = [await self.clock(self.ledger.records(r)) for r in range(self.dist.world_size)]
         covered = covered_by(records, n)
         dest = self.ckpt_dir / f"step-{n:08d}"
-        save_checkpoint(
-            dest,
+        version = self.st.version
+        snap = snapshot_checkpoint(
             model=self.model,
             optimizer=self.optimizer,
             scheduler=self.scheduler,
             state={
                 "step": n,
-                "version": self.st.version,
+                "version": version,
                 "weights_version": self.st.weights_version,
                 "dropped_total": self.st.dropped_total,
                 "groups": covered.groups,
@@ -185,15 +189,34 @@ class Trainer:
                 "world_size": self.dist.world_size,
                 "time": time.time(),
             },
-            crash_hook=self._crash_now,
             model_files=self.model_files,
         )
-        self._crash_now("before_commit")
+        write = self._write_and_commit(snap, dest, covered, n, version)
+        if self.tc.async_checkpoint and not self.dist.enabled:
+            self._ckpt_task = asyncio.create_task(write, name=f"checkpoint-{n}")
+        else:
+            await write
+
+    async def _write_and_commit(
+        self, snap: CheckpointSnapshot, dest: Path, covered: Covered, n: int, version: int
+    ) -> None:
+        def crash(point: str) -> None:  # the checkpoint's own step, not the trainer's current
+            crash_if(self.crash_at, point, n)
+
+        await asyncio.to_thread(write_checkpoint, snap, dest, crash)
+        crash("before_commit")
         path = str(dest.resolve())
-        await self.clock(self.ledger.commit(covered, path=path, step=n, version=self.st.version))
+        await self.clock(self.ledger.commit(covered, path=path, step=n, version=version))
         self.st.ckpt_path = path
         prune(self.ckpt_dir, "step-", self.tc.keep_checkpoints, protect=dest)
         log.info("checkpoint step %d committed (%d groups acked)", n, len(covered.groups))
+
+    async def wait_checkpoint(self) -> None:
+        """Wait for the checkpoint being written in the background, if any (and raise its
+        error)."""
+        task, self._ckpt_task = self._ckpt_task, None
+        if task is not None:
+            await task
 
     # ------------------------------------------------------------------ the loop
     async def run(self) -> int:
@@ -243,6 +266,7 @@ class Trainer:
             if self.st.weights_version is None:
                 await self._publish()
             await self._checkpoint()
+        await self.wait_checkpoint()
         if self.dist.rank == 0 and (reached or self.st.step >= self.max_steps):
             await self.vm.mark_finished(self.st.step)  # the run's workers exit (or wait)
         await self._copy_evals()
