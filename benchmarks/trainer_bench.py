@@ -13,7 +13,9 @@ lengths fixed or drawn from a long tail), one after the other:
 Tokens/s counts every sequence position the step reads (prompt + output, padding excluded),
 the same for both; ``trained tok/s`` counts output tokens. MFU = 6 · parameters · tokens/s over
 the device's peak (``--peak-tflops``; attention FLOPs not counted). Then the trainer's per-step
-costs outside the step: publishing a version to disk (fp32 and bf16) and a checkpoint.
+costs outside the step: publishing a version to disk (fp32 and bf16, ``trainer.publish_dtype``),
+a checkpoint written in line, and its copy to host memory (all a step pays with
+``trainer.async_checkpoint``).
 
 ``--profile DIR`` writes a torch.profiler table (and a Chrome trace) of one sluice step.
 """
@@ -166,7 +168,7 @@ def _io_costs(model: Any, opt: Any, workdir: Path) -> dict[str, float]:
     """Seconds to publish one version (fp32 as saved, and bf16) and to write a checkpoint."""
     import torch
 
-    from trainer.checkpoint import save_checkpoint
+    from trainer.checkpoint import save_checkpoint, snapshot_checkpoint
     from weights.disk import write_model_dir
 
     out: dict[str, float] = {}
@@ -179,6 +181,10 @@ def _io_costs(model: Any, opt: Any, workdir: Path) -> dict[str, float]:
     t0 = time.perf_counter()
     save_checkpoint(workdir / "ckpt", model=model, optimizer=opt, scheduler=None, state={})
     out["checkpoint_s"] = time.perf_counter() - t0
+    # What the step pays with trainer.async_checkpoint: the copy to host memory.
+    t0 = time.perf_counter()
+    snapshot_checkpoint(model=model, optimizer=opt, scheduler=None, state={})
+    out["checkpoint_snapshot_s"] = time.perf_counter() - t0
     return out
 
 
@@ -267,6 +273,7 @@ def run(args: argparse.Namespace) -> int:
                 f"{s.get('publish_fp32_s', float('nan')):.3f}",
                 f"{s.get('publish_bf16_s', float('nan')):.3f}",
                 f"{s.get('checkpoint_s', float('nan')):.3f}",
+                f"{s.get('checkpoint_snapshot_s', float('nan')):.3f}",
             ]
         )
     print_table(
@@ -283,6 +290,7 @@ def run(args: argparse.Namespace) -> int:
             "publish fp32 s",
             "publish bf16 s",
             "checkpoint s",
+            "snapshot s",
         ],
         rows,
     )

@@ -64,3 +64,36 @@ def test_weight_sync_bench_every_path_reaches_the_new_version(tmp_path: Path) ->
         assert 0 < r["latency_s"] < 60
         assert r["weight_bytes"] > 0 and r["gb_per_s"] > 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.timeout(180)
+def test_trainer_bench_measures_both_steps_and_the_io(tmp_path: Path) -> None:
+    out = tmp_path / "trainer.json"
+    argv = [
+        "bench",
+        "trainer",
+        "--shapes",
+        "tiny",
+        "--samples",
+        "8",
+        "--output-tokens",
+        "16",
+        "--lengths",
+        "long-tail",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--threads",
+        "1",
+        "--json",
+        str(out),
+    ]
+    assert main(argv) == 0
+    r = json.loads(out.read_text())["results"]["tiny"]
+    assert r["seq_tokens"] == 8 * 64 + r["out_tokens"] and 8 <= r["out_tokens"] <= 8 * 16
+    for variant in ("plain", "sluice"):
+        assert r[variant]["tok_per_s"] > 0 and r[variant]["mfu"] is None  # no peak on a CPU
+    assert r["ratio"] == r["sluice"]["tok_per_s"] / r["plain"]["tok_per_s"]
+    for k in ("publish_fp32_s", "publish_bf16_s", "checkpoint_s", "checkpoint_snapshot_s"):
+        assert r["sluice"][k] > 0, k
