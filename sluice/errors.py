@@ -34,6 +34,7 @@ COMPONENT_ERRORS: tuple[tuple[str, str, int], ...] = (
     ("inference.models", "ModelDirError", BAD_INPUT),
     ("rollout_workers.tasks.base", "TaskError", BAD_INPUT),
     ("staleness.records", "RunSettingsMismatch", BAD_INPUT),
+    ("trainer.config", "TrainerEnvironmentError", ENVIRONMENT),
     ("trainer.config", "TrainerError", BAD_INPUT),
 )
 

@@ -121,3 +121,8 @@ class TrainerArgs:
 
 class TrainerError(RuntimeError):
     """A trainer setting or run state that prevents starting; the message says what to do."""
+
+
+class TrainerEnvironmentError(TrainerError):
+    """The machine lacks what a setting asks for (``trainer.device=cuda`` without CUDA): an
+    environment problem, not a bad input (the command exits 1, not 2)."""

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from trainer.config import TrainerConfig, TrainerError
+from trainer.config import TrainerConfig, TrainerEnvironmentError, TrainerError
 
 
 def choose_device(name: str) -> torch.device:
@@ -17,7 +17,10 @@ def choose_device(name: str) -> torch.device:
     the rank's ``LOCAL_RANK`` GPU."""
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise TrainerError("trainer.device=cuda but CUDA is not available")
+            raise TrainerEnvironmentError(
+                "trainer.device=cuda but CUDA is not available on this machine: use "
+                "--set trainer.device=cpu (or auto), or run the trainer where a GPU is"
+            )
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
 

@@ -26,7 +26,7 @@ def test_exit_codes_of_the_known_errors() -> None:
     from inference.models import ModelDirError
     from rollout_workers.tasks import TaskError
     from staleness import RunSettingsMismatch
-    from trainer.config import TrainerError
+    from trainer.config import TrainerEnvironmentError, TrainerError
 
     assert exit_code(InputError("x")) == BAD_INPUT == 2
     assert exit_code(EnvironmentProblem("x")) == ENVIRONMENT == 1
@@ -38,6 +38,7 @@ def test_exit_codes_of_the_known_errors() -> None:
     assert exit_code(TaskError("x")) == 2
     assert exit_code(RunSettingsMismatch("x")) == 2
     assert exit_code(TrainerError("x")) == 2
+    assert exit_code(TrainerEnvironmentError("x")) == 1  # device=cuda without CUDA
     for bug in (ValueError("x"), RuntimeError("x"), KeyError("x"), OSError("x")):
         assert exit_code(bug) is None
 
