@@ -1,7 +1,8 @@
 """Rebuild a run's report from its files: RUN_DIR/report/{summary.json, report.md, *.png}.
 
-Reads RUN_DIR/metrics.jsonl (the trainer's, one object per step) and, when present,
-RUN_DIR/config.yaml, progress.jsonl, workers.json and events.jsonl (written by sluice demo).
+Reads RUN_DIR/metrics.jsonl (the trainer's: one object per step, plus eval event lines),
+RUN_DIR/config.yaml (written by the trainer, or the demo) and, when present, progress.jsonl,
+workers.json and events.jsonl (written by sluice demo).
 """
 
 from __future__ import annotations
