@@ -128,6 +128,8 @@ async def collect(client: aioredis.Redis, run: str, url: str) -> dict[str, Any]:
     snap["worker_metrics"] = await _worker_metrics(client, run, snap)
     snap["eval"] = await _evals(client, run)
     snap["trainer"] = await _trainer_progress(client, run)
+    ended = await vm.run_finished()
+    snap["run_finished"] = ended.as_dict() if ended is not None else None
     return snap
 
 
@@ -241,6 +243,13 @@ def _gate_table(d: dict[str, Any]) -> Any:
     gate.add_column("what", style="bold")
     gate.add_column("value")
     gate.add_row("version", str(d["version"]))
+    ended = d.get("run_finished")
+    if ended:
+        gate.add_row(
+            "run",
+            f"[green]finished[/green] at step {ended['step']} (v{ended['version']}, "
+            f"{_age(d['time'] - ended['time'])} ago): its workers exit or wait for a new run",
+        )
     gate.add_row("eta (staleness limit)", str(d["eta"]))
     gate.add_row("batch_groups (B)", str(d["batch_groups"]))
     gate.add_row("capacity (may start now)", str(d["capacity"]))

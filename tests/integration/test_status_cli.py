@@ -113,6 +113,16 @@ async def test_status_json_shows_the_live_run(secured: str, run_name: str) -> No
         lines = res.stdout.strip().splitlines()
         assert res.returncode == 0 and len(lines) == 2
         assert json.loads(lines[1])["eta"] == 5
+        assert json.loads(lines[1])["run_finished"] is None
+
+        # the trainer ended the run: status says so (its workers exit or wait)
+        await vm.mark_finished(7)
+        res = sluice("status", "--redis-url", url, "--json")
+        assert res.returncode == 0, res.stderr
+        assert json.loads(res.stdout)["run_finished"]["step"] == 7
+        res = sluice("status", "--redis-url", url)
+        assert res.returncode == 0, res.stderr
+        assert "finished at step 7" in res.stdout
 
 
 async def test_status_needs_run_when_there_are_several(secured: str) -> None:
