@@ -3,7 +3,7 @@
 # Needs the carried folder .sgl/ (see scripts/gpu/README.md): sglang_site312.tar.xz (SGLang
 # 0.5.17 trimmed for H100/H200), *.deb (redis-server), whl/*.whl (sluice's own dependencies).
 # Usage: bash scripts/gpu/run.sh STAGE...
-#   stages: tests weight-sync demo demo-det pipeline pipeline-quick
+#   stages: tests trainer weight-sync demo demo-det pipeline pipeline-quick
 # Results go to $OUT (default /tmp/sluice-gpu-out).
 set -uo pipefail
 OUT=${OUT:-/tmp/sluice-gpu-out}; mkdir -p "$OUT"
@@ -33,6 +33,15 @@ for stage in "$@"; do
     weight-sync)
       python3 -m sluice bench weight-sync --engine sglang --sizes ${SLUICE_WSYNC_SIZES:-tiny 100M 0.5B} --trials 3 \
         --inflight 8 --json "$OUT/weight-sync-sglang.json" --plot "$OUT/weight-sync-sglang.png" 2>&1 | tail -25 || rc=1 ;;
+    trainer)
+      # sluice's train step vs a plain PyTorch step on the GPU shapes; publish/checkpoint costs.
+      mkdir -p "$OUT/trainer"
+      python3 -m sluice bench trainer --shapes 167M 0.5B --samples 128 --output-tokens 256 \
+        --steps 5 --json "$OUT/trainer/trainer-fixed256.json" --profile /tmp/sluice-prof \
+        2>&1 | grep -v "Writing model" | tail -14 || rc=1
+      python3 -m sluice bench trainer --shapes 167M --lengths long-tail --output-tokens 512 \
+        --no-io --steps 5 --json "$OUT/trainer/trainer-longtail512.json" 2>&1 | tail -8 || rc=1
+      cp /tmp/sluice-prof/profile-*.txt "$OUT/trainer/" 2>/dev/null || true ;;
     demo|demo-det)
       # The demo's task and trainer on the GPU; one head of 64 so that SGLang's attention
       # kernels get a head size they support (the CPU demo uses 4 heads of 16).
