@@ -100,6 +100,12 @@ def sync_servers(run: str) -> str:
     return key(run, "weights", "sync_servers")
 
 
+def sync_acks(run: str, version: int) -> str:
+    """Servers whose worker holds their new requests for the ipc transfer of ``version``
+    (``VersionManager.ack_sync``): a list that expires."""
+    return key(run, "weights", "acks", str(version))
+
+
 def request(run: str, request_id: str) -> str:
     """The stored reply of one idempotent version-manager call."""
     return key(run, "req", request_id)

@@ -442,6 +442,37 @@ class SGLangClient:
         }
         return await self._weight_call("/update_weights_from_distributed", payload, timeout)
 
+    async def update_weights_from_tensor(
+        self,
+        serialized_named_tensors: Sequence[str],
+        version: int | None,
+        *,
+        flush_cache: bool = False,
+        abort_all_requests: bool = False,
+        load_format: str | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Load tensors handed over in-process-format (``weights.ipc``): one base64 payload
+        per TP rank, each a ``ForkingPickler`` dump of ``[(name, tensor)]`` (CUDA IPC handles
+        on a GPU, shared-memory names on the CPU). ``version``: the label after this call (None
+        keeps the server's). The server unpickles the payload: send it only to a server this
+        machine's worker launched, with the admin key (docs/weight-sync.md). The caller keeps
+        the tensors alive until this returns."""
+        if version is not None:
+            _check_version(version)
+        if not serialized_named_tensors or not all(
+            isinstance(p, str) and p for p in serialized_named_tensors
+        ):
+            raise ValueError("serialized_named_tensors must be non-empty strings, one per TP rank")
+        payload = {
+            "serialized_named_tensors": list(serialized_named_tensors),
+            "load_format": load_format,
+            "flush_cache": bool(flush_cache),
+            "abort_all_requests": bool(abort_all_requests),
+            "weight_version": None if version is None else str(version),
+        }
+        return await self._weight_call("/update_weights_from_tensor", payload, timeout)
+
     async def flush_cache(self, *, timeout: float | None = None) -> str:
         """``/flush_cache``; 400 (``InferenceError``) while requests are pending."""
         body = await self._call(

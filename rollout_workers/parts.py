@@ -50,6 +50,11 @@ class RunInfo:
     """Groups per train step, used when this worker creates the run."""
     distributed: bool = False
     """Weights arrive by broadcast: offer the servers for it (docs/weight-sync.md)."""
+    ipc: bool = False
+    """Weights arrive in memory from a trainer on this host: offer the servers this worker
+    launched for it (docs/weight-sync.md)."""
+    tp_size: int = 1
+    """Tensor-parallel ranks of each launched server (``ipc``: one payload per rank)."""
 
 
 @dataclass(frozen=True)

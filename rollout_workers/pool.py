@@ -239,6 +239,11 @@ class ServerPool:
     def urls(self) -> list[str]:
         return [s.url for s in self.servers]
 
+    def launched_urls(self) -> list[str]:
+        """The servers this worker launched itself (``--launch``): the only ones it offers
+        for ipc weight sync (docs/weight-sync.md)."""
+        return [s.url for s in self.servers if s.handle is not None]
+
     def inflight_requests(self) -> int:
         return sum(len(s.rids) for s in self.servers)
 

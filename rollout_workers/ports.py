@@ -53,9 +53,19 @@ class VersionSource(Protocol):
 
     async def run_finished(self) -> RunFinished | None: ...
 
-    async def register_sync_servers(self, worker_id: str, urls: list[str]) -> None: ...
+    async def register_sync_servers(
+        self,
+        worker_id: str,
+        urls: list[str],
+        *,
+        kind: str = ...,
+        host: str | None = ...,
+        tp_size: int = ...,
+    ) -> None: ...
 
     async def unregister_sync_servers(self, urls: list[str]) -> None: ...
+
+    async def ack_sync(self, version: int, url: str) -> None: ...
 
 
 @runtime_checkable

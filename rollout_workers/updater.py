@@ -13,6 +13,9 @@ event (``apply``), per live server and with its new requests held (``ServerPool.
   group if the plan opens one and receives the broadcast; a server that cannot (not a member,
   or the transfer failed) is caught up from the latest disk copy (``catch_up_source``;
   docs/weight-sync.md).
+- an ipc announcement (``weights.plan.FMT_IPC_ANNOUNCE``): each target server is held and
+  acknowledged while the trainer fills it in memory (``weights.receive.IpcReceiver``); the
+  others, and a target whose transfer failed, catch up from disk the same way.
 
 Servers that were down or failed are left NEEDS_LOAD or DEAD: the pool's health loop has
 ``bring_up`` load them before they get work. After each update the groups that can no longer
@@ -46,8 +49,8 @@ from rollout_workers.metrics import UPDATES_KEPT, Counters
 from rollout_workers.pool import Server, ServerPool
 from rollout_workers.ports import VersionSource
 from staleness.version_manager import WeightEvent
-from weights.plan import DISTRIBUTED_FMTS, FMT_ANNOUNCE, SyncPlan
-from weights.receive import DiskReceiver, DistributedReceiver, WeightReceiver
+from weights.plan import FMT_ANNOUNCE, FMT_IPC_ANNOUNCE, REMOTE_FMTS, IpcPlan, SyncPlan
+from weights.receive import DiskReceiver, DistributedReceiver, IpcReceiver, WeightReceiver
 
 log = logging.getLogger("sluice.rollout")
 
@@ -184,9 +187,9 @@ class WeightUpdater:
         rec.servers = len(live)
         self.weights = ev
         self.version = ev.version
-        if ev.fmt == FMT_ANNOUNCE:
+        if ev.fmt in (FMT_ANNOUNCE, FMT_IPC_ANNOUNCE):
             ok = await self._receive_all(live, ev)
-        elif ev.fmt in DISTRIBUTED_FMTS:  # a broadcast this worker missed: catch up from disk
+        elif ev.fmt in REMOTE_FMTS:  # a transfer this worker missed: catch up from disk
             await asyncio.gather(*(self.bring_up(s) for s in live))
             ok = [s.version == ev.version for s in live]
         else:
@@ -213,12 +216,15 @@ class WeightUpdater:
         return rec
 
     async def _receive_all(self, live: list[Server], ev: WeightEvent) -> list[bool]:
+        receiver: WeightReceiver
         try:
-            plan = SyncPlan.from_json(ev.location)
+            if ev.fmt == FMT_IPC_ANNOUNCE:
+                receiver = IpcReceiver(IpcPlan.from_json(ev.location), self.versions)
+            else:
+                receiver = DistributedReceiver(SyncPlan.from_json(ev.location))
         except ValueError as e:
             log.error("worker %s: v%d: %s; catching up from disk", self.worker_id, ev.version, e)
             return [False for _ in live]
-        receiver = DistributedReceiver(plan)
         return list(await asyncio.gather(*(self.transfer(s, receiver) for s in live)))
 
     async def _cancel_past_eta(self, version: int) -> None:
@@ -252,14 +258,15 @@ class WeightUpdater:
 
     # ------------------------------------------------------------------ bring-up
     def behind(self, s: Server) -> bool:
-        """Distributed weights: a live server behind the current version (it missed a
-        broadcast) catches up from the newest disk copy once one is recorded."""
-        return self.weights.fmt in DISTRIBUTED_FMTS and s.alive and (s.version or 0) < self.version
+        """Distributed or ipc weights: a live server behind the current version (it missed a
+        transfer) catches up from the newest disk copy once one is recorded."""
+        return self.weights.fmt in REMOTE_FMTS and s.alive and (s.version or 0) < self.version
 
     async def catch_up_source(self) -> WeightEvent:
         """The newest weights a server can load by itself: the current event for disk
-        publications; for distributed ones the latest recorded disk copy (or model.path, v0)."""
-        if self.weights.fmt not in DISTRIBUTED_FMTS:
+        publications; for distributed and ipc ones the latest recorded disk copy (or
+        model.path, v0)."""
+        if self.weights.fmt not in REMOTE_FMTS:
             return self.weights
         rec = await self.versions.latest_disk_weights()
         return rec if rec is not None else WeightEvent(0, self.model_path, "safetensors", 0.0)

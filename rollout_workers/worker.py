@@ -236,6 +236,21 @@ class RolloutWorker:
             )
         if self.run_info.distributed:
             await vs.register_sync_servers(self.worker_id, self.pool.urls())
+        elif self.run_info.ipc:
+            if not self.pool.launched_urls():
+                log.warning(
+                    "worker %s: trainer.weight_sync=ipc, but this worker launched no server "
+                    "(--servers): its servers get each version from the disk copies only "
+                    "(trainer.disk_every); use --launch on the trainer's host",
+                    self.worker_id,
+                )
+            await vs.register_sync_servers(
+                self.worker_id,
+                self.pool.launched_urls(),
+                kind="ipc",
+                host=socket.gethostname(),
+                tp_size=self.run_info.tp_size,
+            )
         await self.updater.start()
         log.info(
             "worker %s: run %s, task %s, %d server(s), loading weights v%d (%s)",
@@ -322,7 +337,7 @@ class RolloutWorker:
             json.dumps(final),
         )
         self.sampler.rewards.close()
-        if self.run_info.distributed:
+        if self.run_info.distributed or self.run_info.ipc:
             with contextlib.suppress(Exception):
                 await self.parts.versions.unregister_sync_servers(self.pool.urls())
         await self.pool.close_clients()

@@ -18,7 +18,9 @@ Keys (all in the run's namespace ``sluice:{run}:...``, one Redis Cluster slot, n
                                         ``distributed`` announcements, docs/weight-sync.md)
 ``weights:disk``            hash        the latest disk copy (distributed mode): version,
                                         location, fmt, time
-``weights:sync_servers``    hash        server URL -> worker id, for distributed weight sync
+``weights:sync_servers``    hash        server URL -> worker id (distributed weight sync), or
+                                        a ``SyncServer`` as JSON (``ipc``, docs/weight-sync.md)
+``weights:acks:{N}``        list        servers held for the ipc transfer of ``N`` (expires)
 ``finished``                hash        the run's clean end: ``step``, ``version``, ``time``
                                         (set by the trainer, deleted when one starts again)
 ==========================  ==========  ====================================================
@@ -67,9 +69,12 @@ tests/integration/test_version_manager.py unless named otherwise):
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -107,6 +112,7 @@ __all__ = [
     "RunFinished",
     "RunNotFound",
     "RunSettingsMismatch",
+    "SyncServer",
     "VersionError",
     "VersionManager",
     "WeightEvent",
@@ -146,6 +152,29 @@ async def list_runs(client: aioredis.Redis) -> list[str]:
         except ValueError:
             continue
     return sorted(runs)
+
+
+@dataclass(frozen=True)
+class SyncServer:
+    """One server registered for weight sync (``register_sync_servers``)."""
+
+    worker: str
+    kind: str = "distributed"
+    host: str | None = None
+    """The host name of the worker that launched it (``ipc``)."""
+    tp: int = 1
+    """Its tensor-parallel ranks (``ipc``: one payload per rank)."""
+
+    @classmethod
+    def parse(cls, value: str) -> SyncServer:
+        """A registration's stored value: a plain worker id (distributed) or JSON."""
+        if not value.startswith("{"):
+            return cls(value)
+        try:
+            d = json.loads(value)
+            return cls(str(d["worker"]), str(d["kind"]), d.get("host"), int(d.get("tp", 1)))
+        except (ValueError, KeyError, TypeError):
+            return cls(value, "unknown")
 
 
 class VersionManager:
@@ -397,11 +426,26 @@ class VersionManager:
         rec = await self._retry(lambda: self.redis.hgetall(self.k_disk), "read disk weights")
         return WeightEvent.from_fields(rec) if rec else None
 
-    async def register_sync_servers(self, worker_id: str, urls: list[str]) -> None:
-        """Offer ``urls`` (servers this worker drives) for distributed weight sync."""
+    async def register_sync_servers(
+        self,
+        worker_id: str,
+        urls: list[str],
+        *,
+        kind: str = "distributed",
+        host: str | None = None,
+        tp_size: int = 1,
+    ) -> None:
+        """Offer ``urls`` (servers this worker drives) for weight sync of ``kind``:
+        ``distributed`` (stored as the worker id) or ``ipc`` (servers this worker launched on
+        ``host``, each with ``tp_size`` ranks; stored as JSON, ``SyncServer``)."""
         check_worker(worker_id)
         if urls:
-            mapping: dict[Any, Any] = {u: worker_id for u in urls}
+            value = (
+                worker_id
+                if kind == "distributed"
+                else json.dumps({"worker": worker_id, "kind": kind, "host": host, "tp": tp_size})
+            )
+            mapping: dict[Any, Any] = {u: value for u in urls}
             await self._retry(
                 lambda: self.redis.hset(self.k_sync_servers, mapping=mapping),
                 "register sync servers",
@@ -413,10 +457,47 @@ class VersionManager:
                 lambda: self.redis.hdel(self.k_sync_servers, *urls), "unregister sync servers"
             )
 
-    async def sync_servers(self) -> dict[str, str]:
-        """Registered servers: URL -> worker id."""
+    async def sync_server_records(self, kind: str = "distributed") -> dict[str, SyncServer]:
+        """Servers registered for weight sync of ``kind``: URL -> ``SyncServer``."""
         raw = await self._retry(lambda: self.redis.hgetall(self.k_sync_servers), "sync servers")
-        return {decode(k): decode(v) for k, v in raw.items()}
+        out = {}
+        for k, v in raw.items():
+            rec = SyncServer.parse(decode(v))
+            if rec.kind == kind:
+                out[decode(k)] = rec
+        return out
+
+    async def sync_servers(self, kind: str = "distributed") -> dict[str, str]:
+        """Registered servers of ``kind``: URL -> worker id."""
+        return {u: r.worker for u, r in (await self.sync_server_records(kind)).items()}
+
+    async def ack_sync(self, version: int, url: str) -> None:
+        """The worker of ``url`` holds its new requests for the transfer of ``version``
+        (ipc weight sync: the trainer sends only once every target acknowledged)."""
+        key = keys.sync_acks(self.run, version)
+
+        async def op() -> Any:
+            async with self.redis.pipeline(transaction=True) as p:
+                p.rpush(key, url)
+                p.expire(key, REQUEST_TTL_S)
+                return await p.execute()
+
+        await self._retry(op, f"ack sync v{version}")
+
+    async def wait_sync_acks(self, version: int, urls: set[str], timeout_s: float) -> set[str]:
+        """The servers of ``urls`` acknowledged (``ack_sync``) for ``version`` within
+        ``timeout_s`` (all of them, or those acknowledged when it ran out)."""
+        key = keys.sync_acks(self.run, version)
+        got: set[str] = set()
+        deadline = time.monotonic() + timeout_s
+        while not urls <= got:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            res = await self.redis.blpop([key], timeout=max(0.01, min(left, 1.0)))
+            if res is not None:
+                got.add(decode(res[1]))
+        return got & urls
 
     def events(
         self, after: int | None = None, *, block_ms: int = MAX_BLOCK_MS

@@ -6,7 +6,7 @@ Importing this module does not import torch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -61,10 +61,12 @@ class TrainerConfig(LossConfig):
     wait_log_s: float = Field(
         30.0, gt=0, description="Log a line every this many seconds while waiting for data."
     )
-    weight_sync: Literal["disk", "distributed"] = Field(
+    weight_sync: Literal["disk", "distributed", "ipc"] = Field(
         "disk",
-        description="How new weights reach the servers: disk (safetensors dir per version) or "
-        "distributed (broadcast from the trainer to the servers; docs/weight-sync.md).",
+        description="How new weights reach the servers: disk (safetensors dir per version), "
+        "distributed (broadcast from the trainer to the servers) or ipc (the trainer hands its "
+        "weights in memory to the servers workers launched on its own host: "
+        "/update_weights_from_tensor, CUDA IPC on a GPU; docs/weight-sync.md).",
     )
     publish_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto",
@@ -80,10 +82,17 @@ class TrainerConfig(LossConfig):
         "GPUs by name, e.g. H100/H200 989; no MFU on the CPU).",
     )
     bucket_mb: int = Field(
-        256, ge=1, le=65536, description="distributed: MiB of parameters per broadcast bucket."
+        256,
+        ge=1,
+        le=65536,
+        description="distributed, ipc: MiB of parameters per transfer bucket (ipc: in the "
+        "published dtype; the trainer's extra memory is one bucket).",
     )
     disk_every: int = Field(
-        10, ge=1, description="distributed: also write the disk copy every N versions."
+        10,
+        ge=1,
+        description="distributed, ipc: also write the disk copy every N versions (the "
+        "catch-up source of restarted servers).",
     )
     sync_master_addr: str = Field(
         "127.0.0.1", min_length=1, description="distributed: address the servers reach rank 0 at."
@@ -92,7 +101,10 @@ class TrainerConfig(LossConfig):
         0, ge=0, le=65535, description="distributed: rendezvous port (0: pick a free one)."
     )
     sync_timeout_s: float = Field(
-        60.0, gt=0, description="distributed: seconds to wait for servers to join or receive."
+        60.0,
+        gt=0,
+        description="distributed, ipc: seconds to wait for servers to join, acknowledge "
+        "or receive.",
     )
 
 
@@ -117,6 +129,9 @@ class TrainerArgs:
     reads when the run's settings hold none; otherwise the run's own (live) value rules."""
     temperature: float
     """The sampling temperature (``rollout.temperature``): log-probs are taken at it."""
+    admin_api_key: str | None = field(default=None, repr=False)
+    """The inference servers' admin key (``inference.admin_api_key``): ``weight_sync=ipc``
+    calls the servers' ``/update_weights_from_tensor`` with it."""
 
 
 class TrainerError(RuntimeError):

@@ -28,7 +28,13 @@ from trainer.metrics import RedisClock, RunRecords, logged_eval_versions
 from trainer.model import check_model_dir, choose_device
 from trainer.resume import Restored, restore
 from trainer.step import DistInfo
-from weights.publish import CrashHook, DiskPublisher, DistributedPublisher, WeightPublisher
+from weights.publish import (
+    CrashHook,
+    DiskPublisher,
+    DistributedPublisher,
+    IpcPublisher,
+    WeightPublisher,
+)
 
 
 @dataclass(frozen=True)
@@ -166,6 +172,27 @@ def _publisher(
     version with ``model_dir``'s non-weight files, in ``publish_dtype``)."""
     weights_dir = args.run_dir / "weights"
     dtype = publish_dtype(tc.publish_dtype, device)
+    if tc.weight_sync == "ipc":
+        from weights.ipc import IpcSync
+
+        ipc = IpcSync(
+            vm,
+            bucket_mb=tc.bucket_mb,
+            timeout_s=tc.sync_timeout_s,
+            admin_api_key=args.admin_api_key,
+            dtype=dtype,
+        )
+        return IpcPublisher(
+            vm,
+            ipc,
+            weights_dir,
+            keep=tc.keep_weights,
+            disk_every=tc.disk_every,
+            timed=clock,
+            crash_hook=crash_hook,
+            model_dir=model_dir,
+            dtype=dtype,
+        )
     if tc.weight_sync == "distributed":
         from weights.distributed import DistributedSync
 

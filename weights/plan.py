@@ -1,10 +1,16 @@
-"""The wire format of a distributed weight sync (docs/weight-sync.md), shared by the trainer
-(which announces it) and the rollout workers (which make their servers receive it).
+"""The wire format of the weight transports that announce a transfer before it (docs/weight-sync.md),
+shared by the trainer (which announces it) and the rollout workers (which make their servers
+receive it, or hold them while the trainer fills them).
 
-An announcement is a weight event with ``fmt == FMT_ANNOUNCE`` whose ``location`` is a
-``SyncPlan`` as JSON; after the broadcast the trainer publishes the same version with
-``fmt == FMT_DONE`` (not loadable: a consumer that missed the broadcast catches up from the
-latest disk copy, ``VersionManager.latest_disk_weights``).
+- distributed: an announcement is a weight event with ``fmt == FMT_ANNOUNCE`` whose
+  ``location`` is a ``SyncPlan`` as JSON; after the broadcast the trainer publishes the same
+  version with ``fmt == FMT_DONE``.
+- ipc: the announcement has ``fmt == FMT_IPC_ANNOUNCE`` and an ``IpcPlan``; the trainer waits
+  until every target's worker acknowledged that it holds the server's new requests, sends the
+  buckets itself (``/update_weights_from_tensor``), then publishes ``FMT_IPC_DONE``.
+
+Neither done publication is loadable: a consumer that missed the transfer catches up from the
+latest disk copy (``VersionManager.latest_disk_weights``); ``REMOTE_FMTS`` names them all.
 """
 
 from __future__ import annotations
@@ -18,6 +24,13 @@ FMT_ANNOUNCE = "distributed"
 FMT_DONE = "distributed-done"
 """Fmt of the publication after a broadcast; its location is not loadable."""
 DISTRIBUTED_FMTS = frozenset({FMT_ANNOUNCE, FMT_DONE})
+FMT_IPC_ANNOUNCE = "ipc"
+"""Event fmt of an ipc announcement: location is an ``IpcPlan``; the trainer's calls follow."""
+FMT_IPC_DONE = "ipc-done"
+"""Fmt of the publication after an ipc transfer; its location is not loadable."""
+IPC_FMTS = frozenset({FMT_IPC_ANNOUNCE, FMT_IPC_DONE})
+REMOTE_FMTS = DISTRIBUTED_FMTS | IPC_FMTS
+"""Weight events whose location is not a directory: the catch-up source is the disk copy."""
 
 
 @dataclass
@@ -57,5 +70,36 @@ class SyncPlan:
             raise ValueError(
                 f"bad distributed weight-sync plan: world_size {plan.world_size} with "
                 f"{len(plan.ranks)} ranks and {len(plan.buckets)} buckets"
+            )
+        return plan
+
+
+@dataclass
+class IpcPlan:
+    """One ipc transfer, as announced to the workers."""
+
+    version: int
+    servers: list[str]
+    """The target servers' URLs (registered ``ipc``, on the trainer's host)."""
+    buckets: list[dict[str, list[Any]]]
+    """As ``SyncPlan.buckets``, in the dtype sent; one ``/update_weights_from_tensor`` call
+    per bucket and server, in this order."""
+    timeout_s: float
+    """How long the trainer waits for the workers' acknowledgements, and for each call."""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> IpcPlan:
+        """Parse an announcement's location; ``ValueError`` naming what is wrong."""
+        try:
+            plan = cls(**json.loads(text))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise ValueError(f"bad ipc weight-sync plan: {e}") from None
+        if not plan.servers or not plan.buckets:
+            raise ValueError(
+                f"bad ipc weight-sync plan: {len(plan.servers)} servers and "
+                f"{len(plan.buckets)} buckets"
             )
         return plan

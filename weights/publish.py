@@ -9,6 +9,9 @@
   Every ``disk_every`` versions, and whenever the broadcast fails, the disk copy is written and
   recorded first (``record_disk_weights``: the catch-up source of a server that missed a
   broadcast); after a failed broadcast ``N`` is published as safetensors from that copy.
+- ``IpcPublisher`` (``trainer.weight_sync=ipc``): the same, with the transfer done by
+  ``weights.ipc.IpcSync`` (``/update_weights_from_tensor`` to the servers launched on this
+  host) and the publication's fmt ``ipc-done``.
 
 Invariant: the run's version moves to ``N`` (``publish_weights``) only once the weights of
 ``N`` can be read: a complete directory on disk, or every server of the group has received
@@ -28,7 +31,7 @@ from typing import Protocol, TypeVar
 import torch
 
 from weights.disk import model_files, prune, write_model_dir
-from weights.plan import FMT_DONE
+from weights.plan import FMT_DONE, FMT_IPC_DONE
 
 R = TypeVar("R")
 
@@ -56,7 +59,8 @@ class WeightRecords(Protocol):
 
 
 class Broadcast(Protocol):
-    """The broadcast to the servers (``weights.distributed.DistributedSync``)."""
+    """The transfer to the servers (``weights.distributed.DistributedSync``,
+    ``weights.ipc.IpcSync``)."""
 
     @property
     def group(self) -> str: ...
@@ -111,6 +115,11 @@ class DistributedPublisher:
     """``weight_sync=distributed``: broadcast, with a disk copy every ``disk_every`` versions
     and whenever the broadcast fails (see the module docstring)."""
 
+    done_fmt = FMT_DONE
+    """The fmt of a version published after a successful transfer."""
+    done_prefix = "group:"
+    """Its location: this prefix and ``sync.group`` (not loadable)."""
+
     def __init__(
         self,
         records: WeightRecords,
@@ -149,9 +158,20 @@ class DistributedPublisher:
             dest = await self._disk_copy(version, model)
         if await self.sync.broadcast(version, model):
             await self.timed(
-                self.records.publish_weights(version, f"group:{self.sync.group}", FMT_DONE)
+                self.records.publish_weights(
+                    version, self.done_prefix + self.sync.group, self.done_fmt
+                )
             )
             return
         if dest is None:
             dest = await self._disk_copy(version, model)
         await self.timed(self.records.publish_weights(version, str(dest.resolve()), "safetensors"))
+
+
+class IpcPublisher(DistributedPublisher):
+    """``weight_sync=ipc``: the trainer fills the servers of its host in memory
+    (``weights.ipc.IpcSync``), with a disk copy every ``disk_every`` versions and whenever the
+    transfer fails; a success is published as ``ipc-done`` (location: the target URLs)."""
+
+    done_fmt = FMT_IPC_DONE
+    done_prefix = "ipc:"

@@ -11,6 +11,11 @@ and decides what a failure means (``ServerDead``: the server is gone; ``Inferenc
   with their partial output labelled with the old version.
 - ``DistributedReceiver``: pause(abort), join the trainer's group when the plan opens one
   (``SyncPlan.init``), receive every bucket, continue (docs/weight-sync.md).
+- ``IpcReceiver``: the trainer itself fills the server (``weights.ipc``); the receiver only
+  holds it: with the server's new requests held by its caller, it acknowledges
+  (``ack_sync``), then waits until the server reports the new version (the trainer's last
+  call landed) or the run publishes the version from disk (the trainer's fallback: the
+  receiver loads that copy).
 
 Invariants (tests/integration/test_weight_sync.py::test_distributed_sync_worker_server_and_catch_up_from_disk):
 
@@ -24,11 +29,18 @@ Invariants (tests/integration/test_weight_sync.py::test_distributed_sync_worker_
 
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
-from inference.protocol import InferenceClient, SGLangClientError
-from weights.plan import SyncPlan
+from inference.protocol import (
+    InferenceClient,
+    InferenceError,
+    InferenceTimeout,
+    SGLangClientError,
+)
+from weights.plan import IPC_FMTS, IpcPlan, SyncPlan
 
 GROUP_BACKEND = "gloo"
 """Backend of the broadcast group the servers join (the trainer broadcasts over gloo)."""
@@ -184,3 +196,90 @@ class DistributedReceiver:
         except SGLangClientError:
             server.group = None
             raise
+
+
+class IpcRun(Protocol):
+    """What an ``IpcReceiver`` reads and writes in the run (``staleness.VersionManager``)."""
+
+    async def ack_sync(self, version: int, url: str) -> None: ...
+
+    async def latest_weights(self) -> Any: ...
+
+
+IPC_POLL_S = (0.002, 0.05)
+"""An ipc receiver checks its server and the run every 2 ms at first, backing off to 50 ms."""
+
+
+@dataclass(frozen=True)
+class IpcReceiver:
+    """Hold one server while the trainer fills it in memory (an ``IpcPlan`` announcement)."""
+
+    plan: IpcPlan
+    run: IpcRun
+
+    @property
+    def version(self) -> int:
+        return self.plan.version
+
+    @property
+    def during(self) -> str:
+        return f"the ipc transfer of v{self.plan.version}"
+
+    @property
+    def action(self) -> str:
+        return f"receiving v{self.plan.version} from the trainer in memory"
+
+    @property
+    def fallback(self) -> str:
+        return "catching up from disk"
+
+    def refusal(self, server: Receiving) -> str | None:
+        """A server the trainer does not send to (not registered for ipc, or its worker was
+        not seen alive when the plan was made) catches up from disk."""
+        if server.url not in self.plan.servers:
+            return f"is not a target of the ipc transfer of v{self.plan.version}: catching up from disk"
+        return None
+
+    async def receive(self, client: InferenceClient, server: Receiving) -> None:
+        """Acknowledge, then wait for the outcome (see the class doc); the caller holds the
+        server's new requests throughout. ``InferenceTimeout`` when neither comes within
+        twice the plan's timeout (the trainer's wait for every acknowledgement, then its
+        calls) plus ``EXTRA_WAIT_S`` (its disk copy)."""
+        plan = self.plan
+        # From the acknowledgement on the trainer may write any bucket.
+        server.mixed = True
+        await self.run.ack_sync(plan.version, server.url)
+        deadline = time.monotonic() + 2 * plan.timeout_s + EXTRA_WAIT_S
+        pause, polls = IPC_POLL_S[0], 0
+        while True:
+            if await client.weight_version(timeout=10.0) == plan.version:
+                return  # the last bucket landed: every tensor of the version is in
+            polls += 1
+            if polls % 5 == 0:  # the run, less often than the server
+                latest = await self.run.latest_weights()
+                if latest is not None and latest.version >= plan.version:
+                    if latest.version == plan.version and latest.fmt not in IPC_FMTS:
+                        # The trainer fell back to disk for this version: load its copy.
+                        await client.update_weights_from_disk(
+                            latest.location, plan.version, abort_all_requests=True
+                        )
+                        return
+                    if latest.version > plan.version or latest.fmt in IPC_FMTS:
+                        # Done, yet this server is not at the version (or superseded): the
+                        # caller reloads it from the latest disk copy.
+                        have = await client.weight_version(timeout=10.0)
+                        if have == plan.version:
+                            return
+                        raise InferenceError(
+                            200,
+                            f"the run is at v{latest.version} ({latest.fmt}) but the server "
+                            f"reports v{have}",
+                            "/model_info",
+                        )
+            if time.monotonic() > deadline:
+                raise InferenceTimeout(
+                    f"{server.url}: neither the ipc transfer of v{plan.version} nor a fallback "
+                    "arrived in time"
+                )
+            await asyncio.sleep(pause)
+            pause = min(pause * 1.5, IPC_POLL_S[1])

@@ -81,6 +81,7 @@ ADMIN_PATHS = frozenset(
         "/update_weights_from_disk",
         "/init_weights_update_group",
         "/update_weights_from_distributed",
+        "/update_weights_from_tensor",
     }
 )
 
@@ -169,6 +170,7 @@ class CPUServer:
             ("POST", "/update_weights_from_disk", c.update_weights_from_disk),
             ("POST", "/init_weights_update_group", c.init_weights_update_group),
             ("POST", "/update_weights_from_distributed", c.update_weights_from_distributed),
+            ("POST", "/update_weights_from_tensor", c.update_weights_from_tensor),
             ("GET", "/model_info", c.model_info),
             ("POST", "/get_weights_by_name", c.get_weights_by_name),
             ("GET", "/get_weights_by_name", c.get_weights_by_name),

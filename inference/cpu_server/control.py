@@ -21,6 +21,9 @@ engine in tests/unit/inference/test_cpu_server_control.py):
   tokens carry the new version (``test_pause_abort_resume_and_update``).
 - Distributed updates join a gloo group once per ``group_name`` and load each broadcast bucket
   into the running model (``test_distributed_update_matches_sender``).
+- ``update_weights_from_tensor`` loads a bucket handed over in shared memory by another
+  process on this host, with the same abort / hold / label rules as the other updates
+  (tests/integration/test_ipc_weight_sync.py).
 """
 
 from __future__ import annotations
@@ -223,6 +226,28 @@ class Control:
                 self.engine.receive_weights, group, names, dtypes, shapes
             )
             return f"{len(names)} tensors from group {name}"
+
+        return await self._update(request, load)
+
+    async def update_weights_from_tensor(self, request: web.Request) -> web.Response:
+        """SGLang's in-process handover: ``serialized_named_tensors`` (one base64 pickle per TP
+        rank; the CPU server has one), ``load_format`` null (a list of ``(name, tensor)``)."""
+
+        async def load(body: dict[str, Any]) -> str:
+            fmt = body.get("load_format")
+            if fmt is not None:
+                raise ValueError(
+                    f"load_format {fmt!r} is not supported by the CPU server; send null "
+                    "(a list of (name, tensor))"
+                )
+            payloads = body.get("serialized_named_tensors")
+            if not (isinstance(payloads, list) and len(payloads) == 1 and payloads[0]):
+                raise ValueError(
+                    "serialized_named_tensors must be a list of one base64 string (the CPU "
+                    "server has one TP rank)"
+                )
+            n = await self.scheduler.in_executor(self.engine.load_tensors, str(payloads[0]))
+            return f"{n} tensors handed over in memory"
 
         return await self._update(request, load)
 

@@ -256,6 +256,44 @@ class Engine:
         """Receive one broadcast bucket from rank 0 of ``group`` and load it (a subset)."""
         self.load_weights(receive_broadcast(group, names, dtypes, shapes), complete=False)
 
+    def load_tensors(self, payload: str) -> int:
+        """Load one ``/update_weights_from_tensor`` payload (a subset); returns its tensor
+        count. The tensors live in the sender's shared memory until it returns."""
+        state = unpickle_named_tensors(payload)
+        self.load_weights(state, complete=False)
+        return len(state)
+
+
+def unpickle_named_tensors(payload: str) -> dict[str, torch.Tensor]:
+    """SGLang's ``MultiprocessingSerializer`` format: base64 of a ``ForkingPickler`` dump of
+    ``[(name, tensor)]``. On the CPU the sender (``weights.ipc.Handover``) puts each tensor in a
+    memory-backed file that unpickling maps (``torch.from_file``); ``load_weights`` copies it
+    into the model before the call returns, while the sender still keeps the file. The payload is a pickle:
+    only admin-key holders may send it (``ADMIN_PATHS``)."""
+    import base64
+    import binascii
+    import pickle
+
+    import torch.multiprocessing.reductions  # the tensor reducers, registered on import
+
+    try:
+        raw = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ValueError(f"serialized_named_tensors is not base64: {e}") from None
+    try:
+        named = pickle.loads(raw)
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as e:
+        raise ValueError(f"serialized_named_tensors does not unpickle: {e}") from None
+    if not isinstance(named, list) or not all(
+        isinstance(x, tuple)
+        and len(x) == 2
+        and isinstance(x[0], str)
+        and isinstance(x[1], torch.Tensor)
+        for x in named
+    ):
+        raise ValueError("serialized_named_tensors must hold a list of (name, tensor)")
+    return dict(named)
+
 
 def join_weight_group(
     name: str,

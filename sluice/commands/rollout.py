@@ -133,6 +133,8 @@ async def open_worker(
         eta=cfg.staleness.eta,
         batch_groups=cfg.staleness.batch_groups,
         distributed=cfg.trainer.weight_sync == "distributed",
+        ipc=cfg.trainer.weight_sync == "ipc",
+        tp_size=cfg.inference.tp_size,
     )
     task = get_task(cfg.task.name, **cfg.task.options)
     return await RolloutWorker.open(

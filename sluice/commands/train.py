@@ -50,6 +50,7 @@ def trainer_args(cfg: SluiceConfig) -> TrainerArgs:
         batch_groups=cfg.staleness.batch_groups,
         eta=cfg.staleness.eta,
         temperature=cfg.rollout.temperature,
+        admin_api_key=cfg.inference.admin_api_key,
     )
 
 

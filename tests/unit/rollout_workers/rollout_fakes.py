@@ -204,6 +204,7 @@ class FakeVersions:
         self.queue: asyncio.Queue[WeightEvent] = asyncio.Queue()
         self.heartbeats = 0
         self.registered: list[str] = []
+        self.acks: list[tuple[int, str]] = []
         self.deregistered: list[str] = []
         self.finished_mark: RunFinished | None = None
         """What ``run_finished`` answers (a test sets it: the trainer ended the run)."""
@@ -252,11 +253,22 @@ class FakeVersions:
     async def run_finished(self) -> RunFinished | None:
         return self.finished_mark
 
-    async def register_sync_servers(self, worker_id: str, urls: list[str]) -> None:
+    async def register_sync_servers(
+        self,
+        worker_id: str,
+        urls: list[str],
+        *,
+        kind: str = "distributed",
+        host: str | None = None,
+        tp_size: int = 1,
+    ) -> None:
         self.registered += urls
 
     async def unregister_sync_servers(self, urls: list[str]) -> None:
         self.registered = [u for u in self.registered if u not in urls]
+
+    async def ack_sync(self, version: int, url: str) -> None:
+        self.acks.append((version, url))
 
 
 class FakeBuffer:
