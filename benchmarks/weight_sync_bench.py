@@ -11,7 +11,12 @@ server:
 * ``pause``: ``pause_generation(abort)`` → ``update_weights_from_disk`` → ``continue_generation``.
 * ``distributed``: gloo broadcast from this process (rank 0) into the server
   (``/init_weights_update_group`` once, then ``/update_weights_from_distributed`` per bucket),
-  in flight requests aborted first; the transfer is memory to memory, no file.
+  in flight requests aborted first; the transfer is memory to memory, no file (CPU only).
+* ``ipc``: this process plays the trainer on the same host: it holds the weights (fp32; on a
+  GPU, CUDA tensors on the server's GPU) and hands them over with
+  ``/update_weights_from_tensor`` bucket by bucket (``weights.ipc.send_buckets``, the
+  trainer's own code: bf16 copies on the GPU, CUDA IPC handles; memory-backed files on the
+  CPU), ``abort_all_requests`` on the first call, the version on the last.
 
 Bytes/s = weight bytes / latency. On a GPU with SGLang the same client calls apply.
 """
@@ -44,6 +49,7 @@ SIZES: dict[str, dict[str, Any]] = {  # name -> init_tiny_model shape
     },
 }
 # Flags for SGLang 0.5.17 on an H100/H200, CUDA graphs on (override with $SLUICE_SGLANG_ARGS).
+PATHS = ("abort_all", "pause", "distributed", "ipc")
 SGLANG_ARGS = (
     "--attention-backend triton --sampling-backend pytorch "
     "--disable-piecewise-cuda-graph --grammar-backend none --dtype bfloat16"
@@ -69,10 +75,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mem-fraction", type=float, default=0.5, help="SGLang --mem-fraction-static")
     p.add_argument("--trials", type=int, default=3, help="updates per path and size (default 3)")
     p.add_argument("--inflight", type=int, default=4, help="long requests running during updates")
-    p.add_argument("--bucket-mb", type=float, default=64.0, help="distributed bucket size (MB)")
+    p.add_argument(
+        "--bucket-mb", type=float, default=64.0, help="distributed and ipc bucket size (MiB)"
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads of the server")
     p.add_argument("--workdir", default=None, help="where models are written (default: a temp dir)")
     p.add_argument("--no-distributed", action="store_true", help="skip the gloo broadcast path")
+    p.add_argument(
+        "--paths",
+        nargs="+",
+        choices=PATHS,
+        default=None,
+        help="update paths to measure (default: all that apply: distributed only on the CPU)",
+    )
 
 
 def _dir_bytes(path: Path) -> int:
@@ -147,6 +162,9 @@ class _Swaps:
         self.version = 0
         self.bcast: Any = None
         self.states: list[list[tuple[str, Any]]] = []
+        self.held: list[dict[str, Any]] = []
+        """ipc: the weights this process holds, as a trainer would (on the GPU for SGLang)."""
+        self.buckets: list[list[dict[str, Any]]] = []
 
     async def join_group(self) -> None:
         """This process becomes rank 0 of a gloo group with the server (distributed path)."""
@@ -161,6 +179,26 @@ class _Swaps:
         )
         th.join(60)
         self.states = [sorted(load_state_dict(d).items()) for d in self.dirs]
+
+    def hold(self, gpu: bool) -> None:
+        """ipc: load both versions into this process (fp32; CUDA tensors when ``gpu``)."""
+        from inference.models import load_state_dict
+        from weights.ipc import plan_buckets
+
+        for d in self.dirs:
+            state = {
+                n: (t.float().cuda() if gpu else t.float().contiguous())
+                for n, t in load_state_dict(d).items()
+            }
+            self.held.append(state)
+            self.buckets.append(plan_buckets(list(state.items()), self.args.bucket_mb, self.dtype))
+
+    @property
+    def dtype(self) -> Any:
+        """What ipc sends: bf16 to SGLang (what it serves), the held fp32 to the CPU server."""
+        import torch
+
+        return torch.bfloat16 if self.args.engine == "sglang" else None
 
     async def first_token_on(self, v: int) -> float:
         while True:
@@ -177,6 +215,18 @@ class _Swaps:
             await client.pause("abort")
             await client.update_weights_from_disk(target, version)
             await client.resume()
+        elif path == "ipc":
+            from weights.ipc import send_buckets
+
+            i = version % 2
+            await send_buckets(
+                [(client, 1)],
+                self.held[i],
+                self.buckets[i],
+                version,
+                dtype=self.dtype,
+                timeout_s=600.0,
+            )
         else:
             await client.abort()  # distributed: stop in-flight work, then stream weights
             await _distributed_update(
@@ -212,10 +262,15 @@ async def _bench_size(name: str, args: argparse.Namespace, work: Path) -> list[d
     try:
         async with server.client(timeout=600, update_timeout=600) as client:
             swaps = _Swaps(client, args, dirs, shape["vocab"])
-            paths = ["abort_all", "pause"]
-            if not args.no_distributed and args.engine == "cpu":
+            paths = list(args.paths or PATHS)
+            if args.no_distributed or (args.engine != "cpu" and args.paths is None):
+                paths = [p for p in paths if p != "distributed"]
+            if "distributed" in paths:
+                if args.engine != "cpu":
+                    raise SystemExit("sluice bench weight-sync: --paths distributed is CPU-only")
                 await swaps.join_group()
-                paths.append("distributed")
+            if "ipc" in paths:
+                swaps.hold(gpu=args.engine == "sglang")
             for path in paths:
                 times = [await swaps.timed(path) for _ in range(args.trials)]
                 med = statistics.median(times)

@@ -182,10 +182,11 @@ class Handover:
 def bucket_copy(
     params: dict[str, torch.Tensor], names: list[str], dtype: torch.dtype | None
 ) -> list[tuple[str, torch.Tensor]]:
-    """A copy of the named parameters in ``dtype`` (the model itself is untouched), ready to
-    be read by another process (the device's work finished)."""
+    """The named parameters in ``dtype``, ready to be read by another process (the device's
+    work finished): a copy on a GPU (the model itself is untouched); on the CPU a tensor of
+    the parameter's own dtype is passed as is, since ``Handover`` copies it into its file."""
     out = [
-        (n, params[n].detach().to(dtype or params[n].dtype, copy=True).contiguous()) for n in names
+        (n, params[n].detach().to(dtype or params[n].dtype, copy=params[n].is_cuda)) for n in names
     ]
     if any(t.is_cuda for _, t in out):
         torch.cuda.synchronize()

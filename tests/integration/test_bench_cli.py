@@ -59,7 +59,7 @@ def test_weight_sync_bench_every_path_reaches_the_new_version(tmp_path: Path) ->
     ]
     assert main(argv) == 0
     doc = json.loads(out.read_text())
-    assert [r["path"] for r in doc["results"]] == ["abort_all", "pause", "distributed"]
+    assert [r["path"] for r in doc["results"]] == ["abort_all", "pause", "distributed", "ipc"]
     for r in doc["results"]:
         assert 0 < r["latency_s"] < 60
         assert r["weight_bytes"] > 0 and r["gb_per_s"] > 0
