@@ -41,9 +41,16 @@ class _TinyLM(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, **_: Any) -> SimpleNamespace:
         return SimpleNamespace(logits=self.out(self.emb(input_ids)))
 
-    def save_pretrained(self, path: str, safe_serialization: bool) -> None:
+    def save_pretrained(
+        self,
+        path: str,
+        safe_serialization: bool,
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        from safetensors.torch import save_file
+
         Path(path).mkdir(parents=True, exist_ok=True)
-        (Path(path) / "model.safetensors").write_bytes(b"")
+        save_file(state_dict or self.state_dict(), str(Path(path) / "model.safetensors"))
 
 
 class _Buffer:
