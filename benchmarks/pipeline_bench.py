@@ -94,6 +94,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="trainer checkpoint (and so ack) interval in steps (default 1); the Redis bound "
         "is (eta + 1 + this) batches",
     )
+    p.add_argument(
+        "--weight-sync",
+        choices=("disk", "ipc"),
+        default="disk",
+        help="trainer.weight_sync of every run (ipc: the trainer hands its weights in memory to "
+        "the run's server, which runs on this host; default disk)",
+    )
     p.add_argument("--quick", action="store_true", help="~1 minute smoke run: etas 0 2, few steps")
     p.add_argument(
         "--ceilings-twice",
@@ -202,6 +209,7 @@ def _setup(
         procs=Procs(),
         engine=args.engine,
         checkpoint_every=args.checkpoint_every,
+        weight_sync=args.weight_sync,
     )
 
 
@@ -259,6 +267,7 @@ def _document(
         "sglang_args": args.sglang_args if args.engine == "sglang" else None,
         "mem_fraction": args.mem_fraction if args.engine == "sglang" else None,
         "checkpoint_every": args.checkpoint_every,
+        "weight_sync": args.weight_sync,
         "task": {"name": s.spec["task"], "options": s.spec["options"]},
         "model": s.spec["model"],
         "steps": s.steps,

@@ -57,6 +57,13 @@ class RolloutConfig(BaseModel):
         "again (`sluice train --resume`). A worker started on an already finished run waits "
         "either way.",
     )
+    ipc_given_servers: bool = Field(
+        False,
+        description="trainer.weight_sync=ipc: also offer the --servers URLs (loopback URLs of "
+        "servers on this host that you started yourself) to the trainer's in-memory weight "
+        "hand-over, as launched servers are. The hand-over maps the trainer's GPU memory "
+        "into the server: only for servers you trust as much as the trainer.",
+    )
     reward_timeout_s: float = Field(
         30.0, gt=0, description="A reward call slower than this rejects the group."
     )

@@ -73,6 +73,20 @@ RUN_END_POLL_S = 2.0
 """How often the worker reads the run's finished mark (``VersionManager.run_finished``)."""
 
 
+def _loopback(url: str) -> bool:
+    """Whether ``url`` names this host by a loopback address."""
+    import ipaddress
+    from urllib.parse import urlparse
+
+    host = urlparse(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
@@ -237,16 +251,20 @@ class RolloutWorker:
         if self.run_info.distributed:
             await vs.register_sync_servers(self.worker_id, self.pool.urls())
         elif self.run_info.ipc:
-            if not self.pool.launched_urls():
+            offered = self.pool.launched_urls()
+            if self.rc.ipc_given_servers:
+                offered += [u for u in self.pool.urls() if u not in offered and _loopback(u)]
+            if not offered:
                 log.warning(
                     "worker %s: trainer.weight_sync=ipc, but this worker launched no server "
                     "(--servers): its servers get each version from the disk copies only "
-                    "(trainer.disk_every); use --launch on the trainer's host",
+                    "(trainer.disk_every); use --launch on the trainer's host, or "
+                    "rollout.ipc_given_servers for servers on this host you started",
                     self.worker_id,
                 )
             await vs.register_sync_servers(
                 self.worker_id,
-                self.pool.launched_urls(),
+                offered,
                 kind="ipc",
                 host=socket.gethostname(),
                 tp_size=self.run_info.tp_size,

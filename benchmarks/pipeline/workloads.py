@@ -98,6 +98,9 @@ class Setup:
     shared_server: str | None = None
     """SGLang: the one server every run uses (started once; a worker loads v0 on start)."""
     checkpoint_every: int = 1
+    weight_sync: str = "disk"
+    """``trainer.weight_sync`` of every run (``ipc``: the worker offers the run's server, on
+    this host, to the trainer's in-memory hand-over)."""
 
     @property
     def warmup(self) -> int:
@@ -115,6 +118,7 @@ def write_config(s: Setup, *, url: str, run: str, run_dir: Path, eta: int) -> Pa
         "log_every": 10_000,
         "metrics_interval_s": 1.0,
         "on_run_finished": "wait",  # the runner stops the worker once it has sampled the run
+        "ipc_given_servers": s.weight_sync == "ipc",  # the bench started the server itself
     }
     if spec["max_new_tokens"] is not None:
         rollout["max_new_tokens"] = spec["max_new_tokens"]
@@ -134,6 +138,7 @@ def write_config(s: Setup, *, url: str, run: str, run_dir: Path, eta: int) -> Pa
             "checkpoint_every": s.checkpoint_every,
             "keep_checkpoints": 1,
             "keep_weights": 3,
+            "weight_sync": s.weight_sync,
             **spec.get("trainer", {}),
         },
     }

@@ -227,3 +227,41 @@ async def test_with_on_run_finished_wait_the_worker_stays_for_the_next_run(
     await until(lambda: r.worker.counters.groups_pushed == 4)
     r.worker.request_stop()
     assert await run == 4
+
+
+@pytest.mark.parametrize("given", [False, True])
+async def test_ipc_offers_given_servers_only_when_asked_and_only_loopback(given: bool) -> None:
+    """weight_sync=ipc: a worker offers the trainer the servers it launched; --servers URLs only
+    with rollout.ipc_given_servers, and then only loopback ones (the hand-over maps the
+    trainer's memory into the server)."""
+    import dataclasses
+
+    task = get_task("reverse")
+    offered: list[str] = []
+
+    class Versions(FakeVersions):
+        async def register_sync_servers(self, worker_id: str, urls: list[str], **kw: Any) -> None:
+            assert kw["kind"] == "ipc"
+            offered.extend(urls)
+            await super().register_sync_servers(worker_id, urls, **kw)
+
+    vs = Versions()
+
+    async def close() -> None:
+        pass
+
+    parts = WorkerParts(vs, FakeBuffer(), FakePrompts(list(task.prompts("train"))[:2]),
+                        FakeRecords(), FakeEvals(), close)  # fmt: skip
+    rc = RolloutConfig(n_samples=2, max_inflight_groups=1, ipc_given_servers=given)
+    servers = [server("http://127.0.0.1:30001"), server("http://10.1.2.3:30002")]
+    run = dataclasses.replace(RUN, ipc=True)
+    worker = RolloutWorker(parts, servers, rc, task, run, worker_id="w", max_groups=1)
+    assert await worker.run() == 1
+    assert offered == (["http://127.0.0.1:30001"] if given else [])
+    assert vs.registered == []  # withdrawn when the worker stopped
+
+
+def test_loopback_urls() -> None:
+    lo = worker_module._loopback
+    assert lo("http://127.0.0.1:1") and lo("http://localhost:2") and lo("http://[::1]:3")
+    assert not lo("http://10.0.0.1:1") and not lo("http://example.com:1")
