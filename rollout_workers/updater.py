@@ -123,6 +123,8 @@ class WeightUpdater:
         self._target_received = 0.0
         self._coalesced = 0
         """Weight events superseded before the worker got to load them."""
+        self._applying = False
+        """An update is being applied (``behind`` answers no meanwhile)."""
         self._wanted = asyncio.Event()
 
     async def start(self) -> None:
@@ -150,7 +152,7 @@ class WeightUpdater:
                 self._coalesced += 1
             self._want(ev)
             self.wake()
-            log.info("worker %s: weight event v%d (%s)", self.worker_id, ev.version, ev.location)
+            log.info("worker %s: weight event v%d (%s)", self.worker_id, ev.version, _where(ev))
 
     async def catch_up_to(self, version: int) -> None:
         """The gate admitted against ``version``: if its event has not reached this worker
@@ -183,6 +185,13 @@ class WeightUpdater:
         )
         self._coalesced = 0
         self.last = rec
+        self._applying = True
+        try:
+            return await self._apply(ev, rec)
+        finally:
+            self._applying = False
+
+    async def _apply(self, ev: WeightEvent, rec: UpdateRecord) -> UpdateRecord:
         live = self.pool.live()
         rec.servers = len(live)
         self.weights = ev
@@ -200,7 +209,7 @@ class WeightUpdater:
         for s in self.pool.servers:
             if s.version != ev.version:
                 self.pool.require_load(s)
-        rec.latency_s = time.monotonic() - received
+        rec.latency_s = time.monotonic() - rec.received_mono
         rec.publish_to_serving_s = time.time() - ev.time if ev.time else None
         c = self.counters
         c.updates += 1
@@ -259,7 +268,11 @@ class WeightUpdater:
     # ------------------------------------------------------------------ bring-up
     def behind(self, s: Server) -> bool:
         """Distributed or ipc weights: a live server behind the current version (it missed a
-        transfer) catches up from the newest disk copy once one is recorded."""
+        transfer) catches up from the newest disk copy once one is recorded. Not while an
+        update is being applied: its transfer brings the server up (a catch-up started then
+        would take the server's lock first and load an older copy)."""
+        if self._applying:
+            return False
         return self.weights.fmt in REMOTE_FMTS and s.alive and (s.version or 0) < self.version
 
     async def catch_up_source(self) -> WeightEvent:
@@ -283,10 +296,19 @@ class WeightUpdater:
             self.pool.mark_up(s, have)
             return
         src = await self.catch_up_source()
-        if have == src.version and not s.mixed:
-            # Already at the newest loadable copy (distributed: behind until the next broadcast
-            # that includes it, or the next disk copy; the health loop checks again).
+        if have is not None and src.version <= have and not s.mixed:
+            # Already at (or past) the newest loadable copy: never load an older one over
+            # complete newer weights (distributed, ipc: behind until the next transfer that
+            # includes it, or the next disk copy; the health loop checks again).
             self.pool.mark_up(s, have)
             return
         if await self.transfer(s, DiskReceiver(src.location, src.version, pause=self.pause)):
             self.pool.mark_up(s)
+
+
+def _where(ev: WeightEvent) -> str:
+    """An event's location for a log line: a transfer plan (JSON of every tensor's name,
+    dtype and shape) is named by its format and size, not printed."""
+    if ev.fmt in (FMT_ANNOUNCE, FMT_IPC_ANNOUNCE):
+        return f"{ev.fmt}: a transfer plan of {len(ev.location)} bytes"
+    return ev.location

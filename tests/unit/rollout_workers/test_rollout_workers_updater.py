@@ -184,11 +184,40 @@ async def test_a_missed_broadcast_is_caught_up_from_the_latest_disk_copy() -> No
     up, vs, *_ = make([s])
     vs.disk = None
     await up.apply(ev(2, FMT_DONE, "group:g1"), received=0.0)
-    assert client_of(s).loads == [("/w/v0", 0)]  # no disk copy yet: model.path (v0)
+    # No disk copy yet: model.path (v0) is older than what the server holds (complete v1
+    # weights): never loaded over them (seen on an H200: a catch-up to v0 left a server
+    # behind a version the gate had admitted against, and the run stalled).
+    assert client_of(s).loads == [] and s.version == 1
     assert up.behind(s)  # the health loop keeps trying while a newer copy is missing
+    await up.bring_up(s)
+    assert client_of(s).loads == [] and s.version == 1
     vs.disk = ev(2)
     await up.bring_up(s)
     assert s.version == 2 and not up.behind(s)
+    assert client_of(s).loads == [("/w/v2", 2)]
+
+
+async def test_a_mixed_server_is_reloaded_even_from_an_older_copy() -> None:
+    """A transfer that failed part-way leaves a mix of two versions: any complete copy is
+    better, an older one included."""
+    s = server(version=1)
+    s.mixed = True
+    up, vs, *_ = make([s])
+    vs.disk = None
+    await up.apply(ev(2, FMT_DONE, "group:g1"), received=0.0)
+    assert client_of(s).loads == [("/w/v0", 0)]
+
+
+async def test_no_catch_up_while_an_update_is_applied() -> None:
+    """While an update is applied its transfer brings the servers up: the health loop's
+    catch-up must not take the server first and load an older copy."""
+    s = server(version=1)
+    up, vs, *_ = make([s])
+    vs.disk = None
+    up.weights, up.version = ev(2, FMT_DONE, "group:g1"), 2
+    assert up.behind(s)
+    up._applying = True
+    assert not up.behind(s)
 
 
 async def test_catch_up_to_loads_a_version_the_gate_admitted_against() -> None:
