@@ -100,7 +100,14 @@ class CheckpointSnapshot:
 
 
 def _host_copy(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to("cpu", copy=True).contiguous()
+    """A host copy of ``t``: for a CUDA tensor an asynchronous copy into pinned memory (torch
+    caches pinned blocks, so the next checkpoint reuses them); the caller synchronizes."""
+    t = t.detach()
+    if t.is_cuda:
+        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        out.copy_(t, non_blocking=True)
+        return out
+    return t.to("cpu", copy=True).contiguous()
 
 
 def snapshot_checkpoint(
@@ -127,10 +134,14 @@ def snapshot_checkpoint(
         "scheduler": _jsonable(scheduler.state_dict()) if scheduler is not None else None,
         "python_random": _jsonable(random.getstate()),
     }
+    model_state = {k: _host_copy(v) for k, v in raw.state_dict().items()}
+    optimizer_state = {k: _host_copy(v) for k, v in tensors.items()}
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # the asynchronous device -> host copies have landed
     return CheckpointSnapshot(
         model=raw,
-        model_state={k: _host_copy(v) for k, v in raw.state_dict().items()},
-        optimizer={k: _host_copy(v) for k, v in tensors.items()},
+        model_state=model_state,
+        optimizer=optimizer_state,
         rng=rng,
         state=full,
         model_files=list(model_files),
