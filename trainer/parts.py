@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -172,6 +173,13 @@ def _publisher(
     version with ``model_dir``'s non-weight files, in ``publish_dtype``)."""
     weights_dir = args.run_dir / "weights"
     dtype = publish_dtype(tc.publish_dtype, device)
+    common: dict[str, Any] = {
+        "keep": tc.keep_weights,
+        "timed": clock,
+        "crash_hook": crash_hook,
+        "model_dir": model_dir,
+        "dtype": dtype,
+    }
     if tc.weight_sync == "ipc":
         from weights.ipc import IpcSync
 
@@ -182,17 +190,7 @@ def _publisher(
             admin_api_key=args.admin_api_key,
             dtype=dtype,
         )
-        return IpcPublisher(
-            vm,
-            ipc,
-            weights_dir,
-            keep=tc.keep_weights,
-            disk_every=tc.disk_every,
-            timed=clock,
-            crash_hook=crash_hook,
-            model_dir=model_dir,
-            dtype=dtype,
-        )
+        return IpcPublisher(vm, ipc, weights_dir, disk_every=tc.disk_every, **common)
     if tc.weight_sync == "distributed":
         from weights.distributed import DistributedSync
 
@@ -203,26 +201,8 @@ def _publisher(
             bucket_mb=tc.bucket_mb,
             timeout_s=tc.sync_timeout_s,
         )
-        return DistributedPublisher(
-            vm,
-            sync,
-            weights_dir,
-            keep=tc.keep_weights,
-            disk_every=tc.disk_every,
-            timed=clock,
-            crash_hook=crash_hook,
-            model_dir=model_dir,
-            dtype=dtype,
-        )
-    return DiskPublisher(
-        vm,
-        weights_dir,
-        keep=tc.keep_weights,
-        timed=clock,
-        crash_hook=crash_hook,
-        model_dir=model_dir,
-        dtype=dtype,
-    )
+        return DistributedPublisher(vm, sync, weights_dir, disk_every=tc.disk_every, **common)
+    return DiskPublisher(vm, weights_dir, **common)
 
 
 def publish_dtype(name: str, device: torch.device) -> torch.dtype | None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from cpu_server_fixture import make_model
+from weight_sync_helpers import server_params_differ, server_version, until
 
 from buffer.redis_buffer import RedisTrajectoryBuffer
 from inference.launch import launch_cpu_server
@@ -34,36 +34,6 @@ from weights.plan import FMT_IPC_DONE
 from weights.publish import IpcPublisher
 
 KEY = "ipc-admin-key"
-
-
-async def until(cond: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not await cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.1)
-
-
-async def server_version(url: str) -> str | None:
-    try:
-        async with aiohttp.ClientSession() as s, s.get(url + "/model_info") as r:
-            return str((await r.json())["weight_version"])
-    except aiohttp.ClientError:
-        return None
-
-
-async def server_params_differ(url: str, model: Any) -> list[str]:
-    """Names of the parameters whose value on the server differs from ``model``'s (exactly)."""
-    bad = []
-    async with aiohttp.ClientSession() as s:
-        for name, p in model.named_parameters():
-            body = {"name": name, "truncate_size": 10**6}
-            async with s.post(url + "/get_weights_by_name", json=body) as r:
-                assert r.status == 200, name
-                value = torch.tensor(await r.json(), dtype=p.dtype)
-            if not torch.equal(value, p.detach()):
-                bad.append(name)
-    return bad
 
 
 async def logprobs_match(client: Any, model: Any, version: int) -> None:

@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
-import aiohttp
 import pytest
 import torch
 from cpu_server_fixture import make_model
+from weight_sync_helpers import server_params_differ, server_version, until
 
 from buffer.redis_buffer import RedisTrajectoryBuffer
 from inference.launch import launch_cpu_server
@@ -27,36 +25,6 @@ from sluice.config import load_config
 from staleness.version_manager import VersionManager
 from weights.distributed import DistributedSync, bucket_plan
 from weights.plan import FMT_DONE, SyncPlan
-
-
-async def until(cond: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not await cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.1)
-
-
-async def server_version(url: str) -> str | None:
-    try:
-        async with aiohttp.ClientSession() as s, s.get(url + "/model_info") as r:
-            return str((await r.json())["weight_version"])
-    except aiohttp.ClientError:
-        return None
-
-
-async def server_params_equal(url: str, model: Any) -> list[str]:
-    """Names of the parameters whose value on the server differs from ``model``'s (exactly)."""
-    bad = []
-    async with aiohttp.ClientSession() as s:
-        for name, p in model.named_parameters():
-            body = {"name": name, "truncate_size": 10**6}
-            async with s.post(url + "/get_weights_by_name", json=body) as r:
-                assert r.status == 200, name
-                value = torch.tensor(await r.json(), dtype=p.dtype)
-            if not torch.equal(value, p.detach()):
-                bad.append(name)
-    return bad
 
 
 def test_bucket_plan_splits_in_order_within_the_limit() -> None:
@@ -128,7 +96,7 @@ async def test_distributed_sync_worker_server_and_catch_up_from_disk(
         await vm.publish_weights(1, f"group:{sync.group}", FMT_DONE)
         await until(lambda: at(1), 30, "the server at v1")
         first_s = time.monotonic() - t0
-        assert await server_params_equal(srv.url, m1) == []
+        assert await server_params_differ(srv.url, m1) == []
         group1 = sync.group
         async with await RedisTrajectoryBuffer.open(redis_url, run_name, "test") as buf:
             seen: set[int] = set()
@@ -145,7 +113,7 @@ async def test_distributed_sync_worker_server_and_catch_up_from_disk(
         assert sync.group == group1
         await vm.publish_weights(2, f"group:{sync.group}", FMT_DONE)
         await until(lambda: at(2), 30, "the server at v2")
-        assert await server_params_equal(srv.url, m2) == []
+        assert await server_params_differ(srv.url, m2) == []
         await vm.record_disk_weights(2, str(models[2]))  # the trainer's disk_every copy
 
         # 3. kill + restart: the worker reloads the latest disk copy (v2) into it
@@ -156,7 +124,7 @@ async def test_distributed_sync_worker_server_and_catch_up_from_disk(
             launch_cpu_server, models[0], port, log_path=tmp_path / "server2.log"
         )
         await until(lambda: at(2), 30, "the restarted server caught up from disk")
-        assert await server_params_equal(srv.url, m2) == []
+        assert await server_params_differ(srv.url, m2) == []
 
         # 4. the old group lost a member: rank 0 fails; fallback to disk
         m3 = load_model(models[3])
@@ -164,7 +132,7 @@ async def test_distributed_sync_worker_server_and_catch_up_from_disk(
         await vm.record_disk_weights(3, str(models[3]))
         await vm.publish_weights(3, str(models[3]), "safetensors")
         await until(lambda: at(3), 30, "the server at v3 from the disk fallback")
-        assert await server_params_equal(srv.url, m3) == []
+        assert await server_params_differ(srv.url, m3) == []
 
         # 5. a fresh group, joined by the restarted server
         m4 = load_model(models[4])
@@ -172,7 +140,7 @@ async def test_distributed_sync_worker_server_and_catch_up_from_disk(
         assert sync.group != group1
         await vm.publish_weights(4, f"group:{sync.group}", FMT_DONE)
         await until(lambda: at(4), 30, "the server at v4 over a new group")
-        assert await server_params_equal(srv.url, m4) == []
+        assert await server_params_differ(srv.url, m4) == []
         print(f"first broadcast (join + {len(list(m1.parameters()))} tensors): {first_s:.3f}s")
     finally:
         worker.request_stop()
@@ -245,7 +213,7 @@ async def test_trainer_process_publishes_over_the_distributed_path(
             return await server_version(srv.url) == "3"
 
         await until(at3, 30, "the server at v3")
-        assert await server_params_equal(srv.url, load_model(disk.location)) == []
+        assert await server_params_differ(srv.url, load_model(disk.location)) == []
     finally:
         worker.request_stop()
         await asyncio.wait_for(task, 30)
