@@ -352,6 +352,13 @@ def _plot_reward(steps: list[dict[str, Any]], s: dict[str, Any], path: Path) -> 
         title += f" in {s['steps']} steps, {wall:.0f} s"
     ax.set_title(title)
     ax.set_xlabel("trainer step (policy version)")
+    _finish_reward_plot(fig, ax, path)
+
+
+def _finish_reward_plot(fig: Any, ax: Any, path: Path) -> None:
+    """The reward axis (0..1), grid and legend of a reward plot, saved to ``path``."""
+    import matplotlib.pyplot as plt
+
     ax.set_ylabel("mean reward")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
@@ -396,13 +403,7 @@ def _plot_eval(steps: list[dict[str, Any]], s: dict[str, Any], path: Path) -> No
             )
     ax.set_title(f"held-out eval ({len(evals)} evaluations)")
     ax.set_xlabel("policy version")
-    ax.set_ylabel("mean reward")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _finish_reward_plot(fig, ax, path)
 
 
 def _plot_staleness(s: dict[str, Any], path: Path) -> None:
