@@ -296,10 +296,13 @@ class WeightUpdater:
             self.pool.mark_up(s, have)
             return
         src = await self.catch_up_source()
-        if have is not None and src.version <= have and not s.mixed:
-            # Already at (or past) the newest loadable copy: never load an older one over
-            # complete newer weights (distributed, ipc: behind until the next transfer that
-            # includes it, or the next disk copy; the health loop checks again).
+        remote = self.weights.fmt in REMOTE_FMTS
+        newer = remote and have is not None and src.version < have < self.version
+        if (have == src.version or newer) and not s.mixed:
+            # Already at (or, for distributed and ipc weights, past) the newest loadable copy:
+            # never load an older copy over complete newer weights of this run; behind until
+            # the next transfer that includes it, or the next disk copy (the health loop
+            # checks again). A label above the run's version is another run's: loaded over.
             self.pool.mark_up(s, have)
             return
         if await self.transfer(s, DiskReceiver(src.location, src.version, pause=self.pause)):

@@ -233,3 +233,20 @@ async def test_catch_up_to_loads_a_version_the_gate_admitted_against() -> None:
         loop.cancel()
         await asyncio.gather(loop, return_exceptions=True)
     assert up.version == 1 and client_of(s).loads == [("/w/v1", 1)]
+
+
+async def test_a_server_labelled_by_another_run_is_loaded_over() -> None:
+    """Version labels are a run's own: a server still labelled v1 by an earlier run, joining a
+    run at v0 (disk weights), loads v0; with distributed/ipc weights a label above the run's
+    version is not 'newer weights of this run' either."""
+    s = server(version=1)
+    up, *_ = make([s])
+    await up.bring_up(s)  # the run is at v0 (model.path)
+    assert client_of(s).loads == [("/w/v0", 0)] and s.version == 0
+
+    s2 = server(version=7)
+    up2, vs2, *_ = make([s2])
+    vs2.disk = ev(2)
+    up2.weights, up2.version = ev(3, FMT_DONE, "group:g1"), 3
+    await up2.bring_up(s2)
+    assert client_of(s2).loads == [("/w/v2", 2)]
