@@ -24,11 +24,15 @@ MEM_FIELDS = (
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The trainer's ``metrics.jsonl`` rows ([] before the first)."""
+    """The trainer's ``metrics.jsonl`` step rows ([] before the first); event lines (evals)
+    are left out."""
+    from trainer.metrics import is_step_row
+
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if is_step_row(r)]
 
 
 def window(rows: list[dict[str, Any]], warmup: int) -> tuple[list[dict[str, Any]], float, float]:
