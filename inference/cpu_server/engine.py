@@ -38,7 +38,9 @@ each tensor of ``names`` in order from rank 0 (``receive_broadcast``;
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import pickle
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
@@ -264,24 +266,62 @@ class Engine:
         return len(state)
 
 
+_HANDOVER_FUNCTIONS = ("as_strided", "from_file")
+"""The torch functions the CPU hand-over payload (``weights.ipc.Handover``) calls."""
+_HANDOVER_GLOBALS = {
+    ("torch", "as_strided"),
+    ("torch", "from_file"),
+    ("torch._C", "_VariableFunctionsClass"),
+    ("functools", "partial"),
+    ("multiprocessing.reduction", "_rebuild_partial"),
+}
+"""What the payload refers to besides torch dtypes and ``getattr`` (which may only fetch
+``_HANDOVER_FUNCTIONS`` from torch's function table): nothing else is resolved while
+unpickling, so a payload cannot reach anything else."""
+
+
+_FUNCTION_TABLE: Any = torch._C._VariableFunctionsClass  # type: ignore[attr-defined]
+"""Where ``torch.as_strided`` and ``torch.from_file`` pickle as being found."""
+
+
+def _handover_getattr(obj: Any, name: str) -> Any:
+    if obj is _FUNCTION_TABLE and name in _HANDOVER_FUNCTIONS:
+        return getattr(obj, name)
+    raise pickle.UnpicklingError(f"getattr(..., {name!r}) is not part of a tensor hand-over")
+
+
+def _handover_global(module: str, name: str) -> Any:
+    if (module, name) == ("builtins", "getattr"):
+        return _handover_getattr
+    if (module, name) in _HANDOVER_GLOBALS or (
+        module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+    ):
+        return getattr(importlib.import_module(module), name)
+    raise pickle.UnpicklingError(f"{module}.{name} is not part of a tensor hand-over")
+
+
+class _HandoverUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        return _handover_global(module, name)
+
+
 def unpickle_named_tensors(payload: str) -> dict[str, torch.Tensor]:
     """SGLang's ``MultiprocessingSerializer`` format: base64 of a ``ForkingPickler`` dump of
     ``[(name, tensor)]``. On the CPU the sender (``weights.ipc.Handover``) puts each tensor in a
     memory-backed file that unpickling maps (``torch.from_file``); ``load_weights`` copies it
     into the model before the call returns, while the sender still keeps the file. The payload is a pickle:
-    only admin-key holders may send it (``ADMIN_PATHS``)."""
+    only admin-key holders may send it (``ADMIN_PATHS``), and it is read by an unpickler that
+    resolves only the hand-over's own functions and torch dtypes (``_HANDOVER_GLOBALS``)."""
     import base64
     import binascii
-    import pickle
-
-    import torch.multiprocessing.reductions  # the tensor reducers, registered on import
+    import io
 
     try:
         raw = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as e:
         raise ValueError(f"serialized_named_tensors is not base64: {e}") from None
     try:
-        named = pickle.loads(raw)
+        named = _HandoverUnpickler(io.BytesIO(raw)).load()
     except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as e:
         raise ValueError(f"serialized_named_tensors does not unpickle: {e}") from None
     if not isinstance(named, list) or not all(

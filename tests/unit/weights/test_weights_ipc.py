@@ -315,3 +315,39 @@ def test_refusal_names_non_targets() -> None:
     assert rec.refusal(_Server()) is None  # type: ignore[arg-type]
     assert "not a target" in (rec.refusal(_Other()) or "")  # type: ignore[arg-type]
     assert FMT_IPC_ANNOUNCE == "ipc"
+
+
+def test_the_cpu_server_resolves_nothing_but_the_handover_while_unpickling() -> None:
+    """The payload is a pickle: the CPU server's unpickler resolves only the hand-over's own
+    functions and torch dtypes, so a payload naming anything else is refused, not run."""
+    import base64
+    import os
+    import pickle
+
+    import pytest
+
+    from inference.cpu_server.engine import unpickle_named_tensors
+
+    class Hostile:
+        def __reduce__(self) -> tuple[object, ...]:
+            return (os.system, ("true",))
+
+    payload = base64.b64encode(pickle.dumps([("x", Hostile())])).decode()
+    with pytest.raises(ValueError, match="not part of a tensor hand-over"):
+        unpickle_named_tensors(payload)
+
+
+def test_the_handover_unpickler_lets_getattr_fetch_only_the_handover_functions() -> None:
+    import pickle
+
+    import pytest
+    import torch
+
+    from inference.cpu_server.engine import _handover_global
+
+    fetch = _handover_global("builtins", "getattr")
+    table = torch._C._VariableFunctionsClass
+    assert fetch(table, "from_file") is table.from_file
+    for obj, name in ((table, "__class__"), (pickle, "loads"), (table, "zeros")):
+        with pytest.raises(pickle.UnpicklingError, match="not part of a tensor hand-over"):
+            fetch(obj, name)
