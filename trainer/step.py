@@ -116,7 +116,7 @@ def train_step(
     ordered = sorted(samples, key=lambda s: s.length)
     cpu_mbs = pack_micro_batches(ordered, tc.micro_batch_tokens, pad_id)
     denoms = [_local_denominator(mb, tc.aggregation) for mb in cpu_mbs]
-    g_denom = _global_denominator(cpu_mbs, tc.aggregation, dist)
+    g_denom = _global_denominator(denoms, dist)
     mbs = [mb.to(device, non_blocking=True) for mb in cpu_mbs]
     # Every statistic is summed on the device and read back once, at the end of the step: no
     # micro-batch waits for the device to report a number.
@@ -147,13 +147,10 @@ def _local_denominator(mb: MicroBatch, aggregation: str) -> float:
     return float(mb.mask.sum()) if aggregation == "token_mean" else float(_rows(mb))
 
 
-def _global_denominator(mbs: list[MicroBatch], aggregation: str, dist: DistInfo) -> float:
-    """The denominator of the whole step's loss over every rank's batch: tokens for
-    ``token_mean``, samples otherwise (``mbs`` still on the CPU: no device sync)."""
-    local_rows = sum(_rows(mb) for mb in mbs)
-    local_tokens = sum(float(mb.mask.sum()) for mb in mbs)
-    denom = _all_reduce(torch.tensor([local_tokens, local_rows], dtype=torch.float64), dist)
-    return float(denom[0]) if aggregation == "token_mean" else float(denom[1])
+def _global_denominator(denoms: list[float], dist: DistInfo) -> float:
+    """The denominator of the whole step's loss over every rank's batch: the sum of every
+    micro-batch's share (``_local_denominator``) on every rank."""
+    return float(_all_reduce(torch.tensor([sum(denoms)], dtype=torch.float64), dist)[0])
 
 
 def _proximal_logps(
