@@ -101,6 +101,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="trainer.weight_sync of every run (ipc: the trainer hands its weights in memory to "
         "the run's server, which runs on this host; default disk)",
     )
+    p.add_argument(
+        "--bare-decode",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="after the generation ceiling, drive its server without sluice at the worker's "
+        "concurrency (same prompts, lengths and request body) for worker_vs_bare (default: on "
+        "with --engine sglang)",
+    )
+    p.add_argument(
+        "--bare-seconds", type=float, default=20.0, help="bare decode's measured window (20)"
+    )
+    p.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=None,
+        help="steps left out of every window (default steps // 10, at least 1)",
+    )
     p.add_argument("--quick", action="store_true", help="~1 minute smoke run: etas 0 2, few steps")
     p.add_argument(
         "--ceilings-twice",
@@ -210,6 +227,9 @@ def _setup(
         engine=args.engine,
         checkpoint_every=args.checkpoint_every,
         weight_sync=args.weight_sync,
+        bare_decode=args.engine == "sglang" if args.bare_decode is None else args.bare_decode,
+        bare_measure_s=args.bare_seconds,
+        warmup_steps=args.warmup_steps,
     )
 
 

@@ -57,6 +57,13 @@ class RolloutConfig(BaseModel):
         "again (`sluice train --resume`). A worker started on an already finished run waits "
         "either way.",
     )
+    after_max_groups: Literal["exit", "follow"] = Field(
+        "exit",
+        description="With `sluice rollout --max-groups N`: exit = the worker exits 0 once it "
+        "has pushed N groups; follow = it stops generating but keeps loading every new "
+        "version into its servers (and answering ipc hand-overs) until it is stopped or the "
+        "run finishes (benchmarks: a training ceiling with weights delivered over ipc).",
+    )
     ipc_given_servers: bool = Field(
         False,
         description="trainer.weight_sync=ipc: also offer the --servers URLs (loopback URLs of "

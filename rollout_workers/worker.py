@@ -227,6 +227,8 @@ class RolloutWorker:
         try:
             await self._start()
             await self._admission_loop()
+            if self._following():
+                await self._follow()
         finally:
             await self._shutdown()
         if self._crash is not None:
@@ -360,6 +362,25 @@ class RolloutWorker:
                 await self.parts.versions.unregister_sync_servers(self.pool.urls())
         await self.pool.close_clients()
         await self.parts.close()
+
+    def _following(self) -> bool:
+        return (
+            self.rc.after_max_groups == "follow"
+            and self.max_groups is not None
+            and not self._stop.is_set()
+            and self._crash is None
+        )
+
+    async def _follow(self) -> None:
+        """``after_max_groups: follow``: generate nothing more, keep the updater loading each
+        new version (its loops run on) until a stop or the run's finished mark."""
+        log.info("worker %s: following weight versions (after_max_groups=follow)", self.worker_id)
+        vs = self.parts.versions
+        while not self._stop.is_set() and self._crash is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), 0.5)
+            if await vs.run_finished() is not None:
+                break
 
     # ------------------------------------------------------------------ admission
     def _room(self) -> int:

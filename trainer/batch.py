@@ -192,9 +192,13 @@ def token_logprobs(model: Any, mb: MicroBatch, temperature: float = 1.0) -> torc
     """
     t = float(temperature) if temperature > 0 else 1.0
     out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False)
-    logits = out.logits[:, :-1, :].float()
+    # Over the whole [B, L, V] logits (the last position's row is computed and not read): a
+    # slice before the softmax would copy the largest tensor of the step. At T = 1 the softmax
+    # upcasts bf16 logits to float32 inside its kernel (dtype=), not through a float32 copy of
+    # them; the result is the same float32 math.
     if t != 1.0:
-        logits = logits / t
-    logp = torch.log_softmax(logits, dim=-1)
-    picked = logp.gather(-1, mb.input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        logp = torch.log_softmax(out.logits.float() / t, dim=-1)
+    else:
+        logp = torch.log_softmax(out.logits, dim=-1, dtype=torch.float32)
+    picked = logp[:, :-1].gather(-1, mb.input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     return torch.where(mb.mask > 0, picked, torch.zeros_like(picked))

@@ -390,6 +390,7 @@ class Trainer:
             staleness_max_trained=int(trained_max) if trained_max >= 0 else None,
         )
         perf = perf_fields(self.phases, stats.tokens, self.params, self.peak_flops)
+        perf["weights_via"] = getattr(self.publisher, "last_via", None)
         self.phases = Phases()
         row = step_row(rec, stats, summed, buffer_s, perf)
         write_step(self.metrics_path, row)

@@ -43,6 +43,9 @@ into place (the trainer's fault-injection hook)."""
 class WeightPublisher(Protocol):
     """Makes the weights of ``version`` reachable by the servers, then the run's version."""
 
+    last_via: str
+    """How the last version reached the servers: ``disk``, ``distributed`` or ``ipc``."""
+
     async def publish(self, version: int, model: torch.nn.Module) -> None: ...
 
 
@@ -103,6 +106,8 @@ class DiskPublisher:
         self.dtype = dtype
         """The dtype written (None: the model's own)."""
 
+    last_via = "disk"
+
     async def publish(self, version: int, model: torch.nn.Module) -> None:
         dest = write_model_dir(
             model, self.weights_dir / f"v{version}", self.crash_hook, self.files, self.dtype
@@ -119,6 +124,8 @@ class DistributedPublisher:
     """The fmt of a version published after a successful transfer."""
     done_prefix = "group:"
     """Its location: this prefix and ``sync.group`` (not loadable)."""
+    via = "distributed"
+    last_via = "disk"
 
     def __init__(
         self,
@@ -162,10 +169,12 @@ class DistributedPublisher:
                     version, self.done_prefix + self.sync.group, self.done_fmt
                 )
             )
+            self.last_via = self.via
             return
         if dest is None:
             dest = await self._disk_copy(version, model)
         await self.timed(self.records.publish_weights(version, str(dest.resolve()), "safetensors"))
+        self.last_via = "disk"
 
 
 class IpcPublisher(DistributedPublisher):
@@ -175,3 +184,4 @@ class IpcPublisher(DistributedPublisher):
 
     done_fmt = FMT_IPC_DONE
     done_prefix = "ipc:"
+    via = "ipc"

@@ -84,6 +84,9 @@ def _table_rows(doc: dict[str, Any]) -> list[list[Any]]:
         + ["-"] * 4
         + [train["dropped"], "-", "-", "-", 100 * share],
     ]
+    bare = gen.get("bare")
+    if bare:  # the server without sluice, at the worker's concurrency
+        rows.insert(1, ["bare decode", "-", bare["tokens_per_s"]] + ["-"] * 9)
     for x in doc["runs"]:
         rows.append(
             [
@@ -122,3 +125,18 @@ def print_results(doc: dict[str, Any]) -> None:
         f"{100 * doc['buffer_gate_share']:.2f}%",
         sep="",
     )
+    gen, train = doc["gen"], doc["train"]
+    if gen.get("bare"):
+        print(
+            f"worker-driven decode / bare decode at concurrency {gen['bare']['concurrency']}: "
+            f"{gen['worker_vs_bare']:.3f} ({gen['tokens_per_s']:.0f} vs "
+            f"{gen['bare']['tokens_per_s']:.0f} output tok/s)"
+        )
+    phases = train.get("phase_s_per_step")
+    if phases:
+        print(
+            "training ceiling per step: "
+            + ", ".join(f"{k} {v:.3f}s" for k, v in phases.items())
+            + f" of {train['wall_s_per_step']:.3f}s; weights via "
+            + (", ".join(train.get("weights_via") or []) or "-")
+        )

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks.pipeline.bare import bare_decode
 from benchmarks.pipeline.measure import (
     MEM_FIELDS,
     interp,
@@ -45,8 +46,12 @@ def run_ceilings(s: Setup) -> dict[str, Any]:
     r = redis_client(redis_srv.url)
     try:
         cfg = write_config(s, url=redis_srv.url, run=run, run_dir=d / run, eta=GATE_OPEN_ETA)
-        gen = _generation_ceiling(s, r, run, cfg, d)
-        train = _training_ceiling(s, cfg, d / run, d)
+        gen, keep = _generation_ceiling(s, r, run, cfg, d)
+        try:
+            train = _training_ceiling(s, cfg, d / run, d)
+        finally:
+            for p in keep:  # the following worker, then its (CPU) server
+                s.procs.stop(p)
         return {"gen": gen, "train": train, "run": run}
     finally:
         r.close()
@@ -56,8 +61,9 @@ def run_ceilings(s: Setup) -> dict[str, Any]:
 def _poll_generation(
     s: Setup, r: Any, run: str, url: str, worker: subprocess.Popen[bytes], target: int
 ) -> tuple[dict[int, float], Samples]:
-    """Until the worker exits: when the gate's ``finished`` counter passed the first batch and
-    ``target`` (wall time per mark), and the server's busy time every 0.5 s."""
+    """Until the worker exits (or, for a worker that follows the weights afterwards, until
+    ``target`` groups are done): when the gate's ``finished`` counter passed the first batch
+    and ``target`` (wall time per mark), and the server's busy time every 0.5 s."""
     k_gate = keys.gate(run)
     marks: dict[int, float] = {}
     srv_samples: Samples = []
@@ -71,6 +77,8 @@ def _poll_generation(
         for m in (s.batch_groups, target):
             if done >= m and m not in marks:
                 marks[m] = now
+        if s.weight_sync == "ipc" and done >= target:
+            break
         if now - last_srv > 0.5:
             sample_busy(s, r, run, url, srv_samples)
             last_srv = now
@@ -78,24 +86,41 @@ def _poll_generation(
     return marks, srv_samples
 
 
-def _generation_ceiling(s: Setup, r: Any, run: str, cfg: Path, d: Path) -> dict[str, Any]:
+def _generation_ceiling(
+    s: Setup, r: Any, run: str, cfg: Path, d: Path
+) -> tuple[dict[str, Any], list[subprocess.Popen[bytes]]]:
     """One worker, the gate open, no trainer: groups/s between the first batch and
-    ``steps * batch_groups`` groups."""
+    ``steps * batch_groups`` groups. With ``weight_sync: ipc`` the worker then stays, generating
+    nothing and loading each version the training ceiling publishes (``--follow-weights``), so
+    that the trainer hands its weights to the server in memory as in a pipeline run; it is
+    returned, for the caller to stop. On SGLang, the same server then runs a bare closed loop of
+    the worker's requests (``--bare-decode``)."""
     server, url = start_server(s, d)
     target = s.steps * s.batch_groups
     args = ["rollout", "--config", str(cfg), "--servers", url, "--worker-id", "w0"]
+    args += ["--max-groups", str(target)]
+    follow = s.weight_sync == "ipc"
     worker = s.procs.spawn(
-        [*args, "--max-groups", str(target)], s.placement.inference, d / "worker.log"
+        [*args, *(["--follow-weights"] if follow else [])],
+        s.placement.inference,
+        d / "worker.log",
     )
     marks, srv_samples = _poll_generation(s, r, run, url, worker, target)
-    if worker.returncode != 0:
+    if worker.poll() is not None and worker.returncode != 0:
         raise RuntimeError(f"worker exited {worker.returncode}:\n{tail(d / 'worker.log')}")
     done = int(r.hget(keys.gate(run), "finished") or 0)
     marks.setdefault(target, time.time())
     marks.setdefault(s.batch_groups, marks[target])
     sample_busy(s, r, run, url, srv_samples)
+    bare = None
+    if s.bare_decode:  # the worker has pushed all its groups: nothing of it is in flight
+        bare = bare_decode(url, s.bare_spec())
+    keep = [worker] if follow else []
     if server is not None:
-        s.procs.stop(server)
+        if follow:
+            keep.append(server)
+        else:
+            s.procs.stop(server)
     wm = worker_metrics(r, run)
     tokens_per_group = int(wm["tokens_out"]) / max(1, int(wm["groups_pushed"]))
     t0, t1 = marks[s.batch_groups], marks[target]
@@ -109,7 +134,12 @@ def _generation_ceiling(s: Setup, r: Any, run: str, cfg: Path, d: Path) -> dict[
         "tokens_per_group": tokens_per_group,
         "server_idle": server_idle(srv_samples, t0, t1),
         "bytes_per_group": bytes_per_group,
-    }
+        **(
+            {"bare": bare, "worker_vs_bare": gen_gps * tokens_per_group / bare["tokens_per_s"]}
+            if bare
+            else {}
+        ),
+    }, keep
 
 
 def _training_ceiling(s: Setup, cfg: Path, run_dir: Path, d: Path) -> dict[str, Any]:
@@ -141,6 +171,11 @@ def _training_ceiling(s: Setup, cfg: Path, run_dir: Path, d: Path) -> dict[str, 
         "buffer_s_per_step": buf_s / len(rows),
         "wall_s_per_step": span / len(rows),
         "buffer_gate_share": (read_s + buf_s) / span,
+        "phase_s_per_step": {
+            k: sum(float(x.get(k) or 0.0) for x in rows) / len(rows)
+            for k in ("train_s", "publish_s", "checkpoint_s")
+        },
+        "weights_via": sorted({str(x["weights_via"]) for x in rows if x.get("weights_via")}),
     }
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.pipeline.bare import BareSpec
 from benchmarks.pipeline.placement import Placement, Procs
 
 # Sizes picked so that, on one core each, generating a group and training on it take
@@ -102,9 +103,28 @@ class Setup:
     """``trainer.weight_sync`` of every run (``ipc``: the worker offers the run's server, on
     this host, to the trainer's in-memory hand-over)."""
 
+    bare_decode: bool = False
+    """After the generation ceiling, drive its server bare at the worker's concurrency
+    (``benchmarks.pipeline.bare``) for the ``worker_vs_bare`` ratio."""
+    bare_measure_s: float = 20.0
+    warmup_steps: int | None = None
+    """Steps (and first batches) left out of every window; default ``max(1, steps // 10)``."""
+
     @property
     def warmup(self) -> int:
-        return max(1, self.steps // 10)
+        return self.warmup_steps if self.warmup_steps is not None else max(1, self.steps // 10)
+
+    def bare_spec(self) -> BareSpec:
+        from rollout_workers.tasks import get_task
+
+        task = get_task(self.spec["task"], **self.spec["options"])
+        return BareSpec(
+            task=task,
+            n_samples=self.n_samples,
+            concurrency=self.spec["max_inflight_groups"] * self.n_samples,
+            max_new_tokens=self.spec["max_new_tokens"] or task.max_new_tokens,
+            measure_s=self.bare_measure_s,
+        )
 
 
 def write_config(s: Setup, *, url: str, run: str, run_dir: Path, eta: int) -> Path:

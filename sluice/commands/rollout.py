@@ -45,6 +45,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="exit 0 after pushing this many groups (tests, benchmarks)",
     )
+    p.add_argument(
+        "--follow-weights",
+        action="store_true",
+        help="with --max-groups: after the last group keep loading new weight versions until "
+        "stopped or the run finishes (rollout.after_max_groups=follow)",
+    )
 
 
 def _stop_while_starting(signum: int, frame: object) -> None:
@@ -73,6 +79,10 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"inference.engine={args.engine}")
     if args.max_groups is not None and args.max_groups < 1:
         raise InputError(f"--max-groups must be >= 1, got {args.max_groups}")
+    if args.follow_weights:
+        if args.max_groups is None:
+            raise InputError("--follow-weights needs --max-groups N")
+        overrides.append("rollout.after_max_groups=follow")
     cfg = load_config(args.config, overrides)  # errors: one line and exit 2 (sluice.errors)
     if not cfg.model.path:
         raise InputError(

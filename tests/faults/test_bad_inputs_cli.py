@@ -158,3 +158,16 @@ def test_config_typo_says_did_you_mean(tmp_path: Path) -> None:
     f.write_text(yaml.safe_dump({"rollot": {"n_samples": 4}}))
     res = sluice("rollout", "--config", str(f), "--servers", "http://127.0.0.1:1")
     one_line_error(res, "rollout", 2, "rollot: unknown section; did you mean rollout?")
+
+
+@pytest.mark.timeout(60)
+def test_follow_weights_needs_max_groups(model: Path) -> None:
+    res = sluice(
+        "rollout",
+        "--set",
+        f"model.path={model}",
+        "--servers",
+        "http://127.0.0.1:1",
+        "--follow-weights",
+    )
+    one_line_error(res, "rollout", 2, "--follow-weights needs --max-groups")

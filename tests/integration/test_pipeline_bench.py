@@ -42,13 +42,21 @@ def _gone(pid: int) -> bool:
         return True
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(400)
 def test_quick_pipeline_bench(tmp_path: Path) -> None:
     out, png = tmp_path / "p.json", tmp_path / "p.png"
     argv = ["bench", "pipeline", "--quick", "--etas", "0", "2", "--steps", "4"]
     argv += ["--json", str(out), "--plot", str(png), "--workdir", str(tmp_path / "w")]
+    # ipc weights (disk is every other test's path): the ceiling's worker follows the versions
+    # of the training ceiling; and the server driven bare after the generation ceiling.
+    argv += ["--weight-sync", "ipc", "--bare-decode", "--bare-seconds", "1"]
     assert main(argv) == 0
     doc = json.loads(out.read_text())
+    assert doc["train"]["weights_via"] == ["ipc"]
+    bare = doc["gen"]["bare"]
+    assert bare["requests"] > 0 and bare["tokens"] > 0 and bare["length_mismatches"] == 0
+    assert bare["concurrency"] == 2 * 8  # the quick reverse workload: 2 groups of 8 in flight
+    assert math.isfinite(doc["gen"]["worker_vs_bare"]) and doc["gen"]["worker_vs_bare"] > 0
     for k in ("gen_ceiling", "train_ceiling", "runs", "efficiency", "speedup_vs_sync"):
         assert k in doc, k
     assert doc["gen_ceiling"] > 0 and doc["train_ceiling"] > 0
