@@ -49,6 +49,8 @@ from typing import Any
 DEFAULT_WORKERS = (50, 100, 200, 400, 700, 1000)
 RUN_END_POLL_S = 2.0  # rollout_workers.worker.RUN_END_POLL_S
 LATENCY_KINDS = ("admit", "put")
+RAMP_BURST = 25  # workers a generator connects at once
+RAMP_LIMIT_S = 60.0  # a step whose workers take longer to connect ends the bench
 # Kinds the generators count; the trainer's are read, ack, publish.
 KINDS = (
     "admit",
@@ -63,6 +65,7 @@ KINDS = (
     "renew",
     "metrics",
     "event",
+    "reaped",
 )
 
 
@@ -335,7 +338,7 @@ class _SimWorker:
             now = time.monotonic()
             if now - last_hb >= hb_every:
                 await rec.timed("heartbeat", vs.heartbeat(self.wid, rc.heartbeat_ttl_s))
-                await rec.timed("reap", vs.reap())
+                rec.count("reaped", len(await rec.timed("reap", vs.reap())))
                 last_hb = now
             if now - last_end >= RUN_END_POLL_S:
                 await rec.timed("run_finished", vs.run_finished())
@@ -387,16 +390,20 @@ async def _generator(idx: int, cfg: dict[str, Any], conn: Any) -> None:
                 break
             n_local = msg
             t_ramp = time.time()
-            while len(workers) < n_local:
-                w = _SimWorker(f"sim-{idx}-{len(workers)}", cfg, rec, prompts)
-                await w.start()
-                workers.append(w)
-                if len(workers) % 20 == 0:  # let the running ones breathe while connecting
-                    await asyncio.sleep(0)
+            while len(workers) < n_local:  # connect in bursts, not one at a time
+                new = [
+                    _SimWorker(f"sim-{idx}-{len(workers) + i}", cfg, rec, prompts)
+                    for i in range(min(RAMP_BURST, n_local - len(workers)))
+                ]
+                await asyncio.gather(*(w.start() for w in new))
+                workers.extend(new)
             conn.send({"ramp_s": time.time() - t_ramp})
             while not conn.poll():  # the driver's window, once every generator has ramped
                 await asyncio.sleep(0.01)
-            measure_from, end_at = conn.recv()
+            window = conn.recv()
+            if window is None:  # the driver stopped (its ramp limit passed)
+                break
+            measure_from, end_at = window
             await asyncio.sleep(max(0.0, measure_from - time.time()))
             rec.take()
             rec.on = True
@@ -414,6 +421,10 @@ async def _generator(idx: int, cfg: dict[str, Any], conn: Any) -> None:
 
 
 def _generator_main(idx: int, cfg: dict[str, Any], conn: Any) -> None:
+    import logging
+
+    # A reaped worker is counted (ops "reaped"), not logged: the table shows it.
+    logging.getLogger("sluice").setLevel(logging.ERROR)
     try:
         import uvloop
 
@@ -579,7 +590,12 @@ def _run(url: str, args: argparse.Namespace) -> dict[str, Any]:
             share = [n // args.procs + (1 if i < n % args.procs else 0) for i in range(args.procs)]
             for conn, k in zip(pipes, share, strict=True):
                 conn.send(k)
-            ramp = max(conn.recv()["ramp_s"] for conn in pipes)
+            ramp = 0.0
+            for conn in pipes:
+                ramp = max(ramp, conn.recv()["ramp_s"] if conn.poll(RAMP_LIMIT_S) else 1e9)
+            if ramp > RAMP_LIMIT_S:
+                print(f"N={n}: workers not connected within {RAMP_LIMIT_S:.0f}s: stopping")
+                break
             start = time.time()
             measure_from = start + args.warmup_s
             end = start + args.step_s
@@ -662,6 +678,12 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("control-plane: --procs, --inflight, --groups-per-s, --step-s must be > 0")
     if args.warmup_s >= args.step_s:
         raise SystemExit("control-plane: --warmup-s must be below --step-s")
+    import signal
+
+    def _term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # stop the generators, trainer and Redis on the way out
+
+    signal.signal(signal.SIGTERM, _term)
     load_before = os.getloadavg()
     server = RedisServer().start()
     try:

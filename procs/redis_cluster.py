@@ -110,6 +110,14 @@ class RedisCluster:
         raise TimeoutError(f"cluster node {port} did not answer within {timeout}s")
 
     def start(self, timeout: float = 30.0) -> RedisCluster:
+        """Start every node and join them; on any failure stop what was started (by pid)."""
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, timeout: float) -> RedisCluster:
         for port in self.ports:
             self._start_node(port)
         for port in self.ports:
