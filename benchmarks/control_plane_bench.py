@@ -151,6 +151,17 @@ def workers_per_redis_core(rows: list[dict[str, Any]], groups_per_s: float) -> f
     return 100.0 * r["workers"] / r["redis_cpu_pct"]
 
 
+def groups_per_redis_core(rows: list[dict[str, Any]]) -> float | None:
+    """An estimate: groups a second one Redis core (100 % CPU) would carry, from the measured
+    Redis CPU per pushed group (everything the workers and the trainer send, housekeeping
+    included) of the step with the most groups. None before any group was pushed."""
+    ok = [r for r in rows if r["ops_per_s"]["put"] > 0 and r["redis_cpu_us_per_group"] > 0]
+    if not ok:
+        return None
+    r = max(ok, key=lambda r: r["ops_per_s"]["put"])
+    return 1e6 / r["redis_cpu_us_per_group"]
+
+
 def _commandstats(info: dict[str, Any]) -> dict[str, tuple[int, float]]:
     """INFO commandstats -> {command: (calls, usec)}."""
     out = {}
@@ -525,6 +536,7 @@ def _summarize_step(
         "admit_ms": ms("admit"),
         "put_ms": ms("put"),
         "redis_cpu_pct": 100 * (r1["cpu_s"] - r0["cpu_s"]) / window,
+        "redis_cpu_us_per_group": 1e6 * (r1["cpu_s"] - r0["cpu_s"]) / max(1, counts.get("put", 0)),
         "redis_cpu_us_per_command": 1e6
         * (r1["cpu_s"] - r0["cpu_s"])
         / max(1, r1["commands"] - r0["commands"]),
@@ -742,6 +754,7 @@ def run(args: argparse.Namespace) -> int:
         "first_n_past_threshold": past,
         "max_n_held": max(held, default=None),
         "workers_per_redis_core_estimate": workers_per_redis_core(rows, args.groups_per_s),
+        "groups_per_s_per_redis_core_estimate": groups_per_redis_core(rows),
         "books": res["books"],
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),

@@ -38,3 +38,14 @@ def test_kept_up_and_workers_per_core() -> None:
     # The largest step that kept up is N=200 at 25 % of a core: 800 workers per core.
     assert workers_per_redis_core(rows, 5.0) == 800.0
     assert workers_per_redis_core([_row(400, 1.0, 100.0, 30)], 5.0) is None
+
+
+def test_groups_per_redis_core_uses_the_busiest_step() -> None:
+    from benchmarks.control_plane_bench import groups_per_redis_core
+
+    rows = [
+        {"ops_per_s": {"put": 100.0}, "redis_cpu_us_per_group": 500.0},
+        {"ops_per_s": {"put": 300.0}, "redis_cpu_us_per_group": 250.0},
+    ]
+    assert groups_per_redis_core(rows) == 4000.0
+    assert groups_per_redis_core([{"ops_per_s": {"put": 0.0}, "redis_cpu_us_per_group": 0}]) is None
