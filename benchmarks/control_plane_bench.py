@@ -793,7 +793,14 @@ def plot(rows: list[dict[str, Any]], path: str | Path, threshold_ms: float, m: d
     kinds = ("admit", "lease", "put", "finish", "release", "version", "heartbeat", "event")
     for k in kinds:
         b.plot(ns, [r["ops_per_s"][k] for r in rows], marker=".", label=k)
-    b.plot(ns, [r["redis_commands_per_s"] for r in rows], "k-", lw=2, label="redis commands")
+    b.plot(
+        ns,
+        [r["redis_commands_per_s"] for r in rows],
+        "k-",
+        lw=2,
+        label="redis commands (scripts' inner calls too)",
+    )
+    b.set_yscale("log")
     b.set_xlabel("simulated workers")
     b.set_ylabel("per second")
     b.set_title("operations by kind")
@@ -801,7 +808,7 @@ def plot(rows: list[dict[str, Any]], path: str | Path, threshold_ms: float, m: d
     b2.plot(ns, [r["redis_cpu_pct"] for r in rows], "k:", label="redis CPU %")
     b2.set_ylabel("redis CPU % of one core")
     b2.set_ylim(0, 110)
-    b.legend(fontsize=7, loc="upper left")
+    b.legend(fontsize=6, loc="center right")
     fig.suptitle(
         f"control plane on one Redis ({m.get('cpus')} CPUs, {m.get('cpu', '')})", fontsize=9
     )
