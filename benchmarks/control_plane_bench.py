@@ -137,7 +137,7 @@ def first_past(rows: list[dict[str, Any]], threshold_ms: float) -> int | None:
 def kept_up(row: dict[str, Any], groups_per_s: float, within: float = 0.9) -> bool:
     """The generators made at least ``within`` of the offered admissions + puts (one admission
     and one put per group): the step measured N workers at their rate, not a slowed-down N."""
-    return row["admit_plus_put_per_s"] >= within * 2 * groups_per_s * row["workers"]
+    return bool(row["admit_plus_put_per_s"] >= within * 2 * groups_per_s * row["workers"])
 
 
 def workers_per_redis_core(rows: list[dict[str, Any]], groups_per_s: float) -> float | None:
@@ -148,7 +148,7 @@ def workers_per_redis_core(rows: list[dict[str, Any]], groups_per_s: float) -> f
     if not ok:
         return None
     r = max(ok, key=lambda r: r["workers"])
-    return 100.0 * r["workers"] / r["redis_cpu_pct"]
+    return 100.0 * float(r["workers"]) / float(r["redis_cpu_pct"])
 
 
 def groups_per_redis_core(rows: list[dict[str, Any]]) -> float | None:
@@ -159,7 +159,7 @@ def groups_per_redis_core(rows: list[dict[str, Any]]) -> float | None:
     if not ok:
         return None
     r = max(ok, key=lambda r: r["ops_per_s"]["put"])
-    return 1e6 / r["redis_cpu_us_per_group"]
+    return 1e6 / float(r["redis_cpu_us_per_group"])
 
 
 def _commandstats(info: dict[str, Any]) -> dict[str, tuple[int, float]]:
@@ -766,7 +766,9 @@ def run(args: argparse.Namespace) -> int:
     return 0 if res["books"].get("balanced") else 1
 
 
-def plot(rows: list[dict[str, Any]], path: str | Path, threshold_ms: float, m: dict) -> None:
+def plot(
+    rows: list[dict[str, Any]], path: str | Path, threshold_ms: float, m: dict[str, Any]
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

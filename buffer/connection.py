@@ -190,6 +190,7 @@ async def connect(
     client = make_client(url, socket_timeout=socket_timeout)
     deadline = time.monotonic() + wait_s
     delay = 0.05
+    last: Exception
     while True:
         try:
             await client.ping()
@@ -201,12 +202,10 @@ async def connect(
             if "NOAUTH" in str(e) or "WRONGPASS" in str(e):
                 await client.aclose()
                 raise _auth_error(url, e) from None
-            if isinstance(e, TRANSIENT):  # a cluster failing over
-                last = e
-            elif not str(e).startswith("LOADING"):
+            if not isinstance(e, TRANSIENT) and not str(e).startswith("LOADING"):
                 await client.aclose()
                 raise
-            last: Exception = e
+            last = e  # loading its AOF, or a cluster failing over
         except TRANSIENT as e:
             last = e
         except RedisClusterException as e:  # no startup node answers (yet)
