@@ -34,7 +34,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
-from redis.exceptions import ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException, ResponseError
 
 from buffer import keys
 from buffer.codec import CodecError, decode_group, encode_group
@@ -201,10 +202,16 @@ class RedisTrajectoryBuffer:
             self.unreplicated_puts += 1
             return await self.redis.xadd(self.stream_key, fields)
         node = self.redis.get_node_from_key(self.stream_key)  # type: ignore[attr-defined]
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.xadd(self.stream_key, fields)
-            pipe.execute_command("WAIT", 1, _REPLICA_WAIT_MS, target_nodes=node)
-            entry, acked = await pipe.execute()
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.xadd(self.stream_key, fields)
+                pipe.execute_command("WAIT", 1, _REPLICA_WAIT_MS, target_nodes=node)
+                entry, acked = await pipe.execute()
+        except RedisClusterException as e:
+            # redis-py's own retry of this pipeline after a lost connection routes the WAIT
+            # anew (its node was taken by the first try) and refuses it before sending
+            # anything: a lost reply, which ``put_encoded`` retries after its look-up.
+            raise RedisConnectionError(f"put of group {group_id}: {e}") from e
         if not acked:
             self.unreplicated_puts += 1
             self._no_replica_until = time.monotonic() + _REPLICA_RETRY_S
