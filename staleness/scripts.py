@@ -247,6 +247,10 @@ redis.call('HSET', KEYS[1], 'version', ARGV[1], 'location', ARGV[2], 'fmt', ARGV
 return 1
 """
 
+# Redis's clock, read inside a transaction of the run's keys (a snapshot). KEYS: any key of the
+# run (it only routes the call to the run's node on a cluster). Returns {seconds, microseconds}.
+TIME_LUA = "return redis.call('TIME')"
+
 # Changes the run's eta (the only setting that may change), only on a run that exists.
 # KEYS: settings. ARGV: eta. Returns the previous eta.
 SET_ETA_LUA = """

@@ -701,7 +701,9 @@ class VersionManager:
                 pipe.zrange(self.k_expiry, 0, -1, withscores=True)
                 pipe.hgetall(self.k_seen)
                 pipe.hgetall(self.k_weights)
-                pipe.time()
+                # TIME through a script on a key of the run: it runs on the run's node (a
+                # keyless TIME cannot join a transaction on a Redis Cluster).
+                pipe.execute_command("EVAL", scripts.TIME_LUA, 1, self.k_gate)
                 return list(await pipe.execute())
 
         return gate_snapshot(self.run, await self._retry(op, "snapshot"))
