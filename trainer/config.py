@@ -45,6 +45,12 @@ class TrainerConfig(LossConfig):
         60_000, ge=1, description="Reclaim groups pending on a consumer idle this long."
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Training device.")
+    cudnn_attention: bool = Field(
+        False,
+        description="Let torch's attention use cuDNN on CUDA. Off by default: cuDNN builds a plan "
+        "for every new sequence shape, and RL batches change shape every step (167M on an H200: "
+        "0.61 s per step with it, 0.20 s without, on lengths drawn anew each step).",
+    )
     threads: int | None = Field(
         None, ge=1, description="Torch threads for training (None: torch default)."
     )
