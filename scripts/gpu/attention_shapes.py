@@ -17,11 +17,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, ".")
-from benchmarks.trainer_bench import SHAPES, _model  # noqa: E402
-from trainer.batch import TrainSample  # noqa: E402
-from trainer.config import TrainerConfig  # noqa: E402
-from trainer.model import build_optimizer  # noqa: E402
-from trainer.step import train_step  # noqa: E402
+from benchmarks.trainer_bench import SHAPES, _model
+from trainer.batch import TrainSample
+from trainer.config import TrainerConfig
+from trainer.model import build_optimizer
+from trainer.step import train_step
 
 DEV = torch.device("cuda")
 SHAPE = SHAPES["167M"]
