@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from buffer import Delivered, Sample, TrajectoryGroup
+from staleness.version_manager import Waste
 from trainer.config import TrainerArgs, TrainerConfig
 from trainer.data import GroupReader, drop_reason
-from staleness.version_manager import Waste
 from trainer.ledger import Covered, StepBatch
 from trainer.loop import StopRequest, Trainer
 from trainer.metrics import RedisClock
