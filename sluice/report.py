@@ -243,7 +243,9 @@ def _waste(steps: list[dict[str, Any]], rows: list[dict[str, Any]]) -> dict[str,
     by the trainer), the groups wasted as a share of the groups generated (received by the
     trainer plus cancelled before they reached it), the seconds the trainer held for groups
     that would have expired, and every change ``eta: auto`` made."""
-    last = next((r for r in reversed(steps) if r.get("generated_tokens") is not None), {})
+    last: dict[str, Any] = next(
+        (r for r in reversed(steps) if r.get("generated_tokens") is not None), {}
+    )
     received = int(sum(_num(r.get("groups")) or 0 for r in steps))
     cancelled = int(_num(last.get("cancelled_total")) or 0)
     dropped = _dropped(steps)

@@ -756,12 +756,15 @@ class VersionManager:
         rows = await self._retry(
             lambda: self.redis.xrevrange(self.k_eta_changes, count=count), "read eta changes"
         )
-        out = []
+        out: list[dict[str, Any]] = []
         for _id, fields in reversed(rows or []):
+            raw = (fields or {}).get(b"d") or (fields or {}).get("d")
             try:
-                out.append(json.loads(decode(fields.get(b"d") or fields.get("d") or b"{}")))
+                entry = json.loads(decode(raw)) if raw else None
             except ValueError:
                 continue
+            if isinstance(entry, dict):
+                out.append(entry)
         return out
 
     # ------------------------------------------------------------------ worker liveness
