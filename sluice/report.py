@@ -603,7 +603,7 @@ def _markdown(s: dict[str, Any], plots: list[str]) -> str:
                 else f"{c.get('from')} -> {c.get('to')}"
             )
             lines.append(
-                f"- step {c.get('step')}: {what} ({c.get('rule')}; idle share "
+                f"- step {c.get('trainer_step')}: {what} ({c.get('rule')}; idle share "
                 f"{c.get('idle_share')}, hold share {c.get('hold_share')}, waste share "
                 f"{c.get('waste_share')}, gate refusals {c.get('gate_refusals')})"
             )

@@ -145,7 +145,7 @@ class EtaController:
             return None
         why = {
             "rule": rule,
-            "step": sample.step,
+            "trainer_step": sample.step,
             **m,
             "idle_target": s.idle_target,
             "waste_target": s.waste_target,

@@ -162,7 +162,7 @@ def eta_text(d: dict[str, Any]) -> str:
 def eta_change_text(c: dict[str, Any]) -> str:
     """One change of ``eta: auto`` with the measurements behind it."""
     what = f"admission -> {c['admit']}" if "admit" in c else f"{c.get('from')} -> {c.get('to')}"
-    parts = [f"step {c.get('step', '?')}: {what}", str(c.get("rule", ""))]
+    parts = [f"step {c.get('trainer_step', '?')}: {what}", str(c.get("rule", ""))]
     for k in ("idle_share", "hold_share", "waste_share", "gate_refusals"):
         if k in c:
             parts.append(f"{k} {c[k]}")

@@ -115,12 +115,16 @@ def test_gate_table_shows_eta_auto_trained_staleness_waste_and_eta_changes() -> 
             {
                 "from": 2,
                 "to": 3,
-                "step": 24,
+                "trainer_step": 24,
                 "rule": "up: waste over target",
                 "idle_share": 0.01,
                 "waste_share": 0.02,
             },
-            {"admit": 2, "step": 40, "rule": "down: idle and waste under half their targets"},
+            {
+                "admit": 2,
+                "trainer_step": 40,
+                "rule": "down: idle and waste under half their targets",
+            },
         ],
     }
     rows = rows_of(_gate_table(d))

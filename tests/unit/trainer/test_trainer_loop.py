@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from buffer import Delivered, Sample, TrajectoryGroup
+from staleness.auto_eta import AutoEtaSettings
 from staleness.version_manager import Waste
 from trainer.config import TrainerArgs, TrainerConfig
 from trainer.data import GroupReader, drop_reason
@@ -82,6 +83,9 @@ class _VM:
     def __init__(self) -> None:
         self.drops: list[tuple[int, str]] = []
         self.dropped_tokens = 0
+        self.eta_calls: list[tuple[int, dict[str, Any] | None]] = []
+        self.auto_settings: dict[str, Any] | None = None
+        self.ledger: Any = None
         self.finished: list[int | None] = []
         """The run's finished mark, in order: the step marked, None for a clear."""
 
@@ -98,6 +102,18 @@ class _VM:
 
     async def inflight_by_version(self) -> dict[int, int]:
         return {}
+
+    async def set_eta(self, eta: int, *, why: dict[str, Any] | None = None) -> int:
+        self.eta_calls.append((eta, why))
+        if self.ledger is not None:
+            self.ledger._eta = eta
+        return 0
+
+    async def set_eta_auto(self, settings: dict[str, Any] | None) -> None:
+        self.auto_settings = settings
+
+    async def narrow_admission(self, eta: int, *, why: dict[str, Any] | None = None) -> None:
+        self.eta_calls.append((-eta, why))
 
     async def waste(self) -> Waste:
         return Waste(tokens={"pushed": 100, "dropped:stale": self.dropped_tokens}, groups={})
@@ -246,3 +262,60 @@ def test_loop_drops_trains_commits_and_reports_trained_staleness(tmp_path: Path)
     assert rows[1]["wasted_tokens"] == dropped_tokens
     assert rows[1]["waste_share"] == dropped_tokens / 100
     assert rows[1]["staleness_hist"] == {"-1": 1, "0": 2}
+
+
+def test_eta_auto_raises_eta_live_and_logs_why(tmp_path: Path) -> None:
+    # eta auto deciding every step; the run's books say 1 token in 2 was wasted (over the
+    # 1% target): eta goes 1 -> 2 after the second step and 2 -> 3 after the third, through
+    # set_eta with the measurements,
+    # and the change is an event line of metrics.jsonl (no "step" key: it is not a step row)
+    batches = [[_group(g, [3])] for g in "abc"]
+    stop = StopRequest()
+    buf, vm, ledger, pub = _Buffer(batches, stop), _VM(), _Ledger(eta=1), _Publisher()
+    vm.ledger = ledger
+    calls = iter(range(1, 100))
+
+    async def waste() -> Waste:  # per step: 100 tokens generated, 50 of them wasted
+        n = next(calls)
+        return Waste(tokens={"pushed": 100 * n, "dropped:stale": 50 * n}, groups={})
+
+    vm.waste = waste  # type: ignore[method-assign]
+    tc = TrainerConfig(max_steps=3, checkpoint_every=10, micro_batch_tokens=64, device="cpu")
+    auto = AutoEtaSettings(eta_max=4, window=1)
+    args = TrainerArgs("u", tmp_path, 0, "redis://unused", "", 1, 1, 1.0, eta_auto=auto)
+    model = _TinyLM()
+    optimizer, scheduler = build_optimizer(model, tc)
+    state = TrainState(version=3, weights_version=3)
+    clock = RedisClock()
+    reader = GroupReader(
+        cast(Any, buf),
+        cast(Any, vm),
+        clock,
+        state,
+        share=1,
+        wait_log_s=30.0,
+        stopped=lambda: stop.requested,
+    )
+    parts = TrainerParts(
+        vm=cast(Any, vm),
+        buf=cast(Any, buf),
+        ledger=cast(Any, ledger),
+        reader=reader,
+        publisher=pub,
+        restored=Restored(model, optimizer, scheduler, state),
+        device=torch.device("cpu"),
+        clock=clock,
+        crash_at=None,
+    )
+    trainer = Trainer(tc, args, parts, max_steps=None, dist=DistInfo(), stop=stop)
+    assert asyncio.run(trainer.run()) == 3
+    assert vm.auto_settings == auto.as_dict()
+    assert [e for e, _ in vm.eta_calls] == [2, 3]
+    why = vm.eta_calls[0][1]
+    assert why is not None and why["rule"] == "up: waste over target"
+    assert why["waste_share"] > 0.01 and why["trainer_step"] == 2
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    events = [x for x in lines if x.get("event") == "eta"]
+    assert [(e["from"], e["to"]) for e in events] == [(1, 2), (2, 3)]
+    assert all("step" not in e for e in events)
+    assert [x["eta"] for x in lines if "step" in x] == [1, 1, 2]  # judged at the eta of its start
