@@ -108,6 +108,8 @@ class GroupReader:
         last ``take_arrivals``."""
         self.dead_lettered_step = 0
         """Entries dead-lettered since the last ``take_arrivals``."""
+        self.early: list[Delivered] = []
+        """Pooled groups dropped past eta since the last batch (already dropped and acked)."""
 
     @property
     def pool(self) -> list[Delivered]:
@@ -159,6 +161,11 @@ class GroupReader:
                 inflight_share=1.0 / self.world_size,
                 narrowed=narrowed,
             )
+            if plan.expired:
+                # Dropped at once, not when a step takes them: their slots go back to the
+                # gate now (holding them could keep the gate shut with nothing to train).
+                await self._drop_early([self.pool[i] for i in plan.expired], eta)
+                continue
             if plan.ready:
                 break
             now = time.monotonic()
@@ -187,12 +194,34 @@ class GroupReader:
                 await asyncio.sleep(HOLD_POLL_MS / 1000)
         if plan is None or (self.stopped() and not plan.ready):
             return None
-        chosen = [self.pool[i] for i in plan.take + plan.expired]
+        chosen = [self.pool[i] for i in plan.take]
         ids = {id(d) for d in chosen}
         self.st.fresh = [d for d in self.pool if id(d) not in ids]
         idle = time.monotonic() - t0
         held = 0.0 if full_since is None else time.monotonic() - full_since
-        return StepBatch(chosen, self.st.version, replay=False, idle_s=idle, hold_s=held)
+        early, self.early = self.early, []
+        return StepBatch(
+            chosen, self.st.version, replay=False, idle_s=idle, hold_s=held, early=early
+        )
+
+    async def _drop_early(self, groups: list[Delivered], eta: int) -> None:
+        """Drop pooled groups past ``eta`` (``VersionManager.drop`` then ack, as ``judge``
+        does); the next step's metrics count them."""
+        ids = {id(d) for d in groups}
+        self.st.fresh = [d for d in self.pool if id(d) not in ids]
+        for d in groups:
+            s = group_staleness(self.st.version, d.group)
+            log.warning(
+                "dropping group %s: staleness %d (version %d, oldest token v%d) > eta %d",
+                d.group.group_id,
+                s,
+                self.st.version,
+                self.st.version - s,
+                eta,
+            )
+            await self.clock(self.vm.drop(1, "stale", tokens=d.group.num_output_tokens))
+            await self.clock(self.buf.ack([d.entry_id]))
+            self.early.append(d)
 
     async def settle_dead_letters(self) -> None:
         """Hand back the admission slots of entries the buffer dead-lettered (undecodable: a
@@ -214,6 +243,10 @@ class GroupReader:
         dropped: list[str] = []
         dropped_tokens = future = 0
         hist = [0.0] * HIST
+        for d in batch.early:  # dropped and acked by next_batch already: counted here
+            hist[hist_bucket(group_staleness(batch.version, d.group))] += 1
+            dropped.append(d.entry_id)
+            dropped_tokens += d.group.num_output_tokens
         for d in batch.delivered:
             s = group_staleness(batch.version, d.group)
             hist[hist_bucket(s)] += 1

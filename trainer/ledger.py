@@ -43,6 +43,9 @@ class StepBatch:
     hold_s: float = 0.0
     """Of ``idle_s``, the seconds it waited with a full batch, for groups that would otherwise
     expire (``trainer.data``)."""
+    early: list[Delivered] = field(default_factory=list)
+    """Pooled groups past eta that the reader dropped (and acked) while it gathered this
+    batch: not in the step's record, counted in its metrics."""
 
 
 @dataclass(frozen=True)

@@ -470,7 +470,7 @@ class Trainer:
             trained_hist[hist_bucket(group_staleness(batch.version, d.group))] += 1
         counts = self._reduce(
             [
-                len(batch.delivered),
+                len(batch.delivered) + len(batch.early),
                 len(judged.dropped),
                 batch.idle_s,
                 *judged.hist,

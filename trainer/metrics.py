@@ -229,7 +229,9 @@ def step_row(
         # the same ids; across step numbers a group id appears once (tests/faults).
         "group_ids": [d.group.group_id for d in rec.kept],
         "dropped_group_ids": [
-            d.group.group_id for d in rec.batch.delivered if d.entry_id in dropped_set
+            d.group.group_id
+            for d in [*rec.batch.early, *rec.batch.delivered]
+            if d.entry_id in dropped_set
         ],
         "samples": stats.samples,
         "tokens": stats.tokens,
