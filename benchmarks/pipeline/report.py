@@ -73,10 +73,10 @@ def plot(path: str, doc: dict[str, Any]) -> None:
 
 
 def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
-    """``benchmarks.common.print_table``, wide enough for 12 columns when piped."""
+    """``benchmarks.common.print_table``, wide enough for 17 columns when piped."""
     from benchmarks.common import print_table as common_table
 
-    common_table(title, columns, rows, width=160)
+    common_table(title, columns, rows, width=240)
 
 
 COLUMNS = ["eta", "groups/s", "tok/s", "trainer idle", "server idle", "stale mean", "stale max"]
@@ -97,7 +97,7 @@ def _table_rows(doc: dict[str, Any]) -> list[list[Any]]:
     gen, train = doc["gen"], doc["train"]
     rows: list[list[Any]] = [
         ["gen ceiling", g, g * gen["tokens_per_group"], "-", gen["server_idle"] or 0.0]
-        + ["-"] * 13,
+        + ["-"] * 12,
         ["train ceiling", t, t * train["tokens_per_s"] / train["groups_per_s"]]
         + ["-"] * 5
         + [train["dropped"]]
