@@ -128,6 +128,8 @@ class Trainer:
         self.lowering: tuple[int, int, dict[str, Any], int] | None = None
         """A lowering of eta in progress: (new eta, the version from which it is the bound,
         the measurements behind it, the version admission narrowed at)."""
+        self._lowering_bound = args.eta
+        """The bound when the lowering began (another value later: someone ran set-eta)."""
 
     async def close(self) -> None:
         await self.buf.close()
@@ -310,6 +312,8 @@ class Trainer:
         so lowering eta expires no group that was admitted under the higher one."""
         if self.auto is None or waste is None:
             return
+        if self.lowering is not None and self.eta != self._lowering_bound:
+            self.lowering = None  # `sluice run set-eta` during a lowering: the user's eta wins
         if self.lowering is None and self.auto.eta != self.eta:  # `sluice run set-eta`
             self.auto.eta = min(self.eta, self.auto.settings.eta_max)
         if self.lowering is not None and self.st.version >= self.lowering[1]:
@@ -340,6 +344,7 @@ class Trainer:
         # the version after that, every group left was admitted under the narrower gate.
         until = self.st.version + self.eta + 1
         self.lowering = (decision.new, until, decision.why, self.st.version)
+        self._lowering_bound = self.eta
         await self.clock(self.vm.narrow_admission(decision.new, why=decision.why))
         write_event(
             self.metrics_path,
