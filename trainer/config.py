@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import ConfigDict, Field
 
+from staleness.auto_eta import AutoEtaSettings
 from staleness.config import LossConfig
 
 
@@ -64,6 +65,13 @@ class TrainerConfig(LossConfig):
         "trainer finds its own pending groups and checkpoint under it.",
     )
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk.")
+    hold_max_s: float = Field(
+        10.0,
+        ge=0,
+        description="Longest a step waits for groups that would otherwise expire (pass eta "
+        "before a later step could take them), when it has a full batch of others: the wait "
+        "that makes over-stale drops vanish (docs/staleness.md). 0: never wait for them.",
+    )
     wait_log_s: float = Field(
         30.0, gt=0, description="Log a line every this many seconds while waiting for data."
     )
@@ -138,6 +146,9 @@ class TrainerArgs:
     admin_api_key: str | None = field(default=None, repr=False)
     """The inference servers' admin key (``inference.admin_api_key``): ``weight_sync=ipc``
     calls the servers' ``/update_weights_from_tensor`` with it."""
+    eta_auto: AutoEtaSettings | None = None
+    """``staleness.eta: auto``'s settings: rank 0 picks the run's eta live
+    (``staleness.auto_eta``); None: eta stays what the run says."""
 
 
 class TrainerError(RuntimeError):

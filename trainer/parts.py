@@ -82,7 +82,16 @@ async def open_parts(
     b, w = args.batch_groups, dist.world_size
     share = b // w + (1 if dist.rank < b % w else 0)
     reader = GroupReader(
-        buf, vm, clock, state, share=share, wait_log_s=tc.wait_log_s, stopped=stopped
+        buf,
+        vm,
+        clock,
+        state,
+        share=share,
+        wait_log_s=tc.wait_log_s,
+        stopped=stopped,
+        hold_max_s=tc.hold_max_s,
+        publish_every=tc.publish_every,
+        world_size=w,
     )
 
     def crash_now(point: str) -> None:
