@@ -86,14 +86,14 @@ def math_verify_reward(prompt: Prompt, output_ids: list[int], text: str) -> floa
     from math_verify import parse, verify
 
     t = 5 if threading.current_thread() is threading.main_thread() else None
-    pred = parse(text, parsing_timeout=t)  # type: ignore[arg-type]
+    pred = parse(text, parsing_timeout=t)
     if not pred:
         return 0.0
     for g in _golds(prompt.answer):
         if g is None:
             continue
         gs = str(g)
-        gold = parse(gs if "$" in gs or "\\" in gs else f"${gs}$", parsing_timeout=t)  # type: ignore[arg-type]
+        gold = parse(gs if "$" in gs or "\\" in gs else f"${gs}$", parsing_timeout=t)
         if gold and verify(gold, pred, timeout_seconds=t):
             return 1.0
     return 0.0

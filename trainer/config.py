@@ -14,6 +14,12 @@ from pydantic import ConfigDict, Field
 
 from staleness.config import LossConfig
 
+Tracker = Literal["jsonl", "tensorboard", "wandb"]
+
+
+def _jsonl_only() -> list[Tracker]:
+    return ["jsonl"]
+
 
 class TrainerConfig(LossConfig):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -100,8 +106,8 @@ class TrainerConfig(LossConfig):
     sync_port: int = Field(
         0, ge=0, le=65535, description="distributed: rendezvous port (0: pick a free one)."
     )
-    trackers: list[Literal["jsonl", "tensorboard", "wandb"]] = Field(
-        default_factory=lambda: ["jsonl"],
+    trackers: list[Tracker] = Field(
+        default_factory=_jsonl_only,
         description="Metrics sinks, all named after run.name: jsonl (RUN_DIR/metrics.jsonl, "
         "always written: the report reads it), tensorboard (RUN_DIR/tensorboard), wandb "
         "(RUN_DIR/wandb; needs `pip install 'sluice[tracking]'`). The trainer writes its step "
