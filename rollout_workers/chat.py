@@ -11,7 +11,9 @@ and multi-turn episodes use it the same way:
   ``chat_template=False`` (or a tokenizer without one) the last message's content is encoded
   as is, with the tokenizer's own special tokens (e.g. BOS).
 - ``decode(output_ids)`` is the text of the answer: the ids before the first stop id, special
-  tokens skipped. The ids themselves are never re-derived from text: what the server sampled
+  tokens skipped (as verl and AReaL decode for rewards) unless ``skip_special_tokens`` is false:
+  then a special token the policy emits mid-answer shows in the text (a tiny model learned to
+  pad "73" as "7<s>3<s>" to dodge a length penalty it could not see). The ids themselves are never re-derived from text: what the server sampled
   is what is trained.
 - ``stop_ids`` are the tokenizer's EOS and the model directory's generation-config EOS ids
   (``inference.tokenizer.stop_token_ids``); the sampler sends them as ``stop_token_ids``.
@@ -32,10 +34,16 @@ class ChatFormat:
     stop_ids: list[int]
     system_prompt: str | None = None
     chat_template: bool = True
+    skip_special_tokens: bool = True
 
     @classmethod
     def from_dir(
-        cls, directory: str, *, system_prompt: str | None = None, chat_template: bool = True
+        cls,
+        directory: str,
+        *,
+        system_prompt: str | None = None,
+        chat_template: bool = True,
+        skip_special_tokens: bool = True,
     ) -> ChatFormat:
         """The tokenizer of ``directory`` (a model directory, or a trainer checkpoint's) and
         its stop ids; ``TaskError`` naming the directory when it has no tokenizer."""
@@ -58,7 +66,7 @@ class ChatFormat:
                 f"the tokenizer of {d} has no chat template: set task.options.chat_template="
                 "false to send the prompt text as is"
             )
-        return cls(tok, stops, system_prompt, chat_template)
+        return cls(tok, stops, system_prompt, chat_template, skip_special_tokens)
 
     @property
     def vocab_size(self) -> int:
@@ -109,4 +117,8 @@ class ChatFormat:
 
     def decode(self, output_ids: Sequence[int]) -> str:
         """The answer's text (see the module docstring)."""
-        return str(self.tokenizer.decode(self.answer_ids(output_ids), skip_special_tokens=True))
+        return str(
+            self.tokenizer.decode(
+                self.answer_ids(output_ids), skip_special_tokens=self.skip_special_tokens
+            )
+        )

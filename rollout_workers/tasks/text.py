@@ -66,6 +66,8 @@ class TextTask(Task):
         "id_field": "the row's unique id (default: <split>-<row>)",
         "system_prompt": "a system message put first when the row has none",
         "chat_template": "apply the tokenizer's chat template (false: the prompt text as is)",
+        "skip_special_tokens": "decode the answer without special tokens (false: a special "
+        "token the model emits before its stop token shows in the reward's text)",
         "tokenizer": "a directory with the tokenizer (default: model.path)",
         "eval_path": "a separate eval dataset (same fields)",
         "eval_size": "without eval_path or an eval split: rows held out from train for eval "
@@ -85,6 +87,7 @@ class TextTask(Task):
         id_field: str | None = None,
         system_prompt: str | None = None,
         chat_template: bool = True,
+        skip_special_tokens: bool = True,
         tokenizer: str = "",
         eval_path: str | None = None,
         eval_size: int = 0,
@@ -110,7 +113,10 @@ class TextTask(Task):
         self.answer_field, self.id_field = answer_field, id_field
         self.metadata_fields = list(metadata_fields or [])
         self.fmt = ChatFormat.from_dir(
-            tokenizer, system_prompt=system_prompt, chat_template=chat_template
+            tokenizer,
+            system_prompt=system_prompt,
+            chat_template=chat_template,
+            skip_special_tokens=skip_special_tokens,
         )
         self.vocab_size = self.fmt.vocab_size
         self.eos_token_id = self.fmt.stop_ids[0]

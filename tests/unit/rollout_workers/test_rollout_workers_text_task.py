@@ -170,3 +170,14 @@ def test_eval_size_holds_out_a_seeded_disjoint_split(tmp_path: Path, tok_dir: Pa
     assert ev != {p.id for p in c.prompts("eval")}
     with pytest.raises(TaskError, match="leaves no train rows"):
         text_task(path, tok_dir, eval_size=20)
+
+
+def test_special_tokens_in_the_answer_show_unless_skipped(tmp_path: Path, tok_dir: Path) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    tok = load_tokenizer(tok_dir)
+    seven, three = (tok(c, add_special_tokens=False)["input_ids"][0] for c in "73")
+    start = tok.convert_tokens_to_ids("<|im_start|>")  # special, not a stop id
+    out = [seven, start, three, start, EOS_ID]
+    assert text_task(path, tok_dir).decode(out) == "73"
+    want = "7<|im_start|>3<|im_start|>"
+    assert text_task(path, tok_dir, skip_special_tokens=False).decode(out) == want

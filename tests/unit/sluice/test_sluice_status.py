@@ -80,3 +80,11 @@ def test_a_stopped_worker_and_a_killed_one_in_both_tables() -> None:
     assert f"lost (no heartbeat since {clock})" in rows["killed"]
     assert "running" not in rows["killed"]
     assert "stopped" in rows["clean"] and "running" in rows["live"]
+
+
+def test_filtered_summary_counts_zero_variance_drops_and_reward_failures() -> None:
+    from sluice.commands.status import filtered_summary
+
+    by = {"zero_variance": 3, "reward_error": 2, "reward_timeout": 1, "shutdown": 4}
+    assert filtered_summary(by) == {"zero_variance": 3, "reward_errors": 3}
+    assert filtered_summary({}) == {"zero_variance": 0, "reward_errors": 0}
