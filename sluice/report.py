@@ -311,7 +311,9 @@ def _weight_updates(run_dir: Path) -> dict[str, Any] | None:
 
 
 def _rewards(steps: list[dict[str, Any]], target: Any) -> dict[str, Any]:
-    rewards = [_num(r.get("reward_mean")) for r in steps]
+    # With dynamic sampling the trained mean leaves out the filtered (all-equal) groups:
+    # reward_mean_all counts them too (trainer.metrics.filtered_fields).
+    rewards = [_num(r.get("reward_mean_all", r.get("reward_mean"))) for r in steps]
     known = [x for x in rewards if x is not None]
     final = rewards[-1]
     return {

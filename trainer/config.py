@@ -15,6 +15,12 @@ from pydantic import ConfigDict, Field
 from staleness.auto_eta import AutoEtaSettings
 from staleness.config import LossConfig
 
+Tracker = Literal["jsonl", "tensorboard", "wandb"]
+
+
+def _jsonl_only() -> list[Tracker]:
+    return ["jsonl"]
+
 
 class TrainerConfig(LossConfig):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -113,6 +119,20 @@ class TrainerConfig(LossConfig):
     )
     sync_port: int = Field(
         0, ge=0, le=65535, description="distributed: rendezvous port (0: pick a free one)."
+    )
+    trackers: list[Tracker] = Field(
+        default_factory=_jsonl_only,
+        description="Metrics sinks, all named after run.name: jsonl (RUN_DIR/metrics.jsonl, "
+        "always written: the report reads it), tensorboard (RUN_DIR/tensorboard), wandb "
+        "(RUN_DIR/wandb; needs `pip install 'sluice[tracking]'`). The trainer writes its step "
+        "rows, the workers' summed counters and the evals (trainer/, rollout/, eval/).",
+    )
+    wandb_project: str = Field("sluice", min_length=1, description="W&B project.")
+    wandb_entity: str | None = Field(None, description="W&B entity (None: your default).")
+    wandb_mode: Literal["offline", "online"] = Field(
+        "offline",
+        description="W&B mode: offline (no network; `wandb sync RUN_DIR/wandb/offline-run-*` "
+        "uploads later) or online.",
     )
     sync_timeout_s: float = Field(
         60.0,

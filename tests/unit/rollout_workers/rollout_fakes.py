@@ -179,6 +179,11 @@ def reward_failing_on_p0(prompt: Prompt, output_ids: list[int]) -> float:
     return 1.0
 
 
+def reward_by_length(prompt: Prompt, output_ids: list[int]) -> float:
+    """A ``rollout.reward_fn`` that scores a sample by its length (tenths of a token)."""
+    return len(output_ids) / 10
+
+
 def server(
     url: str = "http://a", *, state: ServerState = ServerState.UP, version: int | None = 0
 ) -> Server:
@@ -320,12 +325,16 @@ class FakePrompts:
 class FakeRecords:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     updates: list[dict[str, Any]] = field(default_factory=list)
+    filtered: list[tuple[int, float]] = field(default_factory=list)
 
     async def write_metrics(self, m: dict[str, Any]) -> None:
         self.metrics.append(m)
 
     async def store_update(self, record: dict[str, Any]) -> None:
         self.updates.append(record)
+
+    async def count_filtered(self, samples: int, reward_sum: float) -> None:
+        self.filtered.append((samples, reward_sum))
 
 
 @dataclass
