@@ -490,7 +490,10 @@ class SGLangClient:
         self, path: str, payload: dict[str, Any], timeout: float | None
     ) -> dict[str, Any]:
         body = await self._call(
-            "POST", path, payload, timeout=self.update_timeout if timeout is None else timeout,
+            "POST",
+            path,
+            payload,
+            timeout=self.update_timeout if timeout is None else timeout,
             admin=True,
         )
         if not isinstance(body, dict) or "success" not in body:

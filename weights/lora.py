@@ -61,7 +61,8 @@ def adapter_config(model: Any) -> dict[str, Any]:
 def tensor_bytes(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> int:
     """Bytes of ``tensors`` stored in ``dtype`` (None: their own)."""
     return sum(
-        t.numel() * (t.element_size() if dtype is None else torch.empty((), dtype=dtype).element_size())
+        t.numel()
+        * (t.element_size() if dtype is None else torch.empty((), dtype=dtype).element_size())
         for t in tensors.values()
     )
 
@@ -125,7 +126,9 @@ class LoraPublisher:
         self.dtype = dtype
 
     async def publish(self, version: int, model: torch.nn.Module) -> int:
-        dest = write_adapter_dir(model, self.weights_dir / f"v{version}", self.crash_hook, self.dtype)
+        dest = write_adapter_dir(
+            model, self.weights_dir / f"v{version}", self.crash_hook, self.dtype
+        )
         await self.timed(self.records.publish_weights(version, str(dest.resolve()), FMT_LORA))
         prune(self.weights_dir, "v", self.keep)
         return (dest / ADAPTER_WEIGHTS).stat().st_size

@@ -274,14 +274,19 @@ class Control:
         return web.json_response(body, status=200 if error is None else 400)
 
     async def _load_lora(
-        self, request: web.Request, read: Callable[[dict[str, Any]], Any], path: Callable[[dict[str, Any]], str]
+        self,
+        request: web.Request,
+        read: Callable[[dict[str, Any]], Any],
+        path: Callable[[dict[str, Any]], str],
     ) -> web.Response:
         from inference.cpu_server.lora import LoraRefused
 
         body = await json_body(request, allow_empty=False)
         lora = self.engine.lora
         if lora is None:
-            return self._lora_answer("LoRA is not enabled on this server: start it with --enable-lora")
+            return self._lora_answer(
+                "LoRA is not enabled on this server: start it with --enable-lora"
+            )
         name = body.get("lora_name")
         if not isinstance(name, str) or not name:
             return self._lora_answer(f"lora_name must be a non-empty string, got {name!r}")
@@ -339,7 +344,9 @@ class Control:
         body = await json_body(request, allow_empty=False)
         lora = self.engine.lora
         if lora is None:
-            return self._lora_answer("LoRA is not enabled on this server: start it with --enable-lora")
+            return self._lora_answer(
+                "LoRA is not enabled on this server: start it with --enable-lora"
+            )
         name = body.get("lora_name")
         if not isinstance(name, str) or name not in lora.adapters or name in self.unloading:
             return self._lora_answer(f"LoRA adapter {name!r} is not loaded")

@@ -12,27 +12,14 @@ from typing import Any
 import pytest
 import torch
 from cpu_server_fixture import cpu_server_factory, tiny_model  # noqa: F401
+from lora_helpers import make_adapter
 
 from inference.client import SGLangClient
 from inference.lora import adapter_name
 from inference.models import load_model
 from inference.protocol import InferenceError, SamplingParams
-from trainer.config import LoraConfig
-from trainer.lora import apply_lora
 from weights.ipc import Handover
 from weights.lora import adapter_config, adapter_tensors, write_adapter_dir
-
-
-def make_adapter(base: Path, rank: int, seed: int, targets: list[str] | None = None) -> Any:
-    """A peft model on ``base`` whose adapter is random (B != 0: it changes the outputs)."""
-    torch.manual_seed(seed)
-    cfg = LoraConfig(rank=rank, target_modules=targets or ["all-linear"])
-    m = apply_lora(load_model(base), cfg)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if ".lora_B." in n:
-                p.normal_(0, 0.3)
-    return m
 
 
 def reference(model: Any, prompt: list[int], out: list[int], temp: float) -> torch.Tensor:
@@ -68,8 +55,10 @@ async def test_adapters_load_switch_unload_and_match_the_trainer(
         assert ok["loaded_adapters"][adapter_name(2)] == "__tensor__"
 
         # Concurrent, staggered requests on base, v1 and v2 share the running batch.
-        cases = [(list(range(3, 3 + n)), lora, 12 + n) for n, lora in
-                 [(2, 1), (5, None), (3, 2), (7, 1), (4, 2), (6, None)]]
+        cases = [
+            (list(range(3, 3 + n)), lora, 12 + n)
+            for n, lora in [(2, 1), (5, None), (3, 2), (7, 1), (4, 2), (6, None)]
+        ]
 
         async def one(i: int, ids: list[int], lora: int | None, n: int) -> Any:
             await asyncio.sleep(0.02 * i)
@@ -123,6 +112,8 @@ async def test_server_without_lora_refuses_adapters(
         with pytest.raises(InferenceError, match="--enable-lora"):
             await client.load_lora_adapter(adapter_name(1), str(d))
         with pytest.raises(InferenceError, match="--enable-lora"):
-            await client.generate([3, 4], SamplingParams(max_new_tokens=2), lora_path=adapter_name(1))
+            await client.generate(
+                [3, 4], SamplingParams(max_new_tokens=2), lora_path=adapter_name(1)
+            )
     finally:
         await client.close()

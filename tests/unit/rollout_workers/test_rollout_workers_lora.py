@@ -12,7 +12,7 @@ from rollout_fakes import client_of, server
 from test_rollout_workers_updater import ev, make, until
 
 from inference.lora import adapter_name
-from inference.protocol import InferenceError, SamplingParams
+from inference.protocol import InferenceError
 from rollout_workers.pool import ServerState
 from weights.plan import FMT_LORA
 

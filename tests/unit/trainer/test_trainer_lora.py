@@ -67,7 +67,10 @@ def test_adapter_round_trips_and_alpha_scales(base_dir: Path) -> None:
     with torch.no_grad():
         assert torch.allclose(layer(x), want, atol=1e-6)
     with pytest.raises(TrainerError, match="another rank"):
-        c = apply_lora(load_model(base_dir, torch.device("cpu")), LoraConfig(rank=2, alpha=8, target_modules=["q_proj", "v_proj"]))
+        c = apply_lora(
+            load_model(base_dir, torch.device("cpu")),
+            LoraConfig(rank=2, alpha=8, target_modules=["q_proj", "v_proj"]),
+        )
         load_adapter_state(c, state)
 
 
@@ -88,7 +91,10 @@ def test_dropout_only_inside_the_gradient_pass(base_dir: Path) -> None:
 
 def test_unknown_target_module_is_a_clear_error(base_dir: Path) -> None:
     with pytest.raises(TrainerError, match="target_modules"):
-        apply_lora(load_model(base_dir, torch.device("cpu")), LoraConfig(rank=4, target_modules=["nope_proj"]))
+        apply_lora(
+            load_model(base_dir, torch.device("cpu")),
+            LoraConfig(rank=4, target_modules=["nope_proj"]),
+        )
 
 
 def test_checkpoint_holds_the_adapter_only(base_dir: Path, tmp_path: Path) -> None:
@@ -97,7 +103,13 @@ def test_checkpoint_holds_the_adapter_only(base_dir: Path, tmp_path: Path) -> No
     opt, sched = build_optimizer(m, tc)
     m(input_ids=torch.tensor([[1, 2, 3]])).logits.sum().backward()
     opt.step()
-    dest = save_checkpoint(tmp_path / "step-1", model=m, optimizer=opt, scheduler=sched, state={"step": 1, "version": 1})
+    dest = save_checkpoint(
+        tmp_path / "step-1",
+        model=m,
+        optimizer=opt,
+        scheduler=sched,
+        state={"step": 1, "version": 1},
+    )
     assert not (dest / "model").exists()
     files = {p.name for p in (dest / "adapter").iterdir()}
     assert files == {"adapter_model.safetensors", "adapter_config.json"}
