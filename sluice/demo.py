@@ -162,6 +162,8 @@ def server_spec(cfg: SluiceConfig, engine: str, config_path: Path, port: int) ->
         deterministic=inf.deterministic,
         admin_api_key=inf.admin_api_key,
         extra_args=inf.extra_args,
+        lora_rank=cfg.trainer.lora.rank,
+        lora_target_modules=cfg.trainer.lora.target_modules,
     )
     env = {"PYTHONUNBUFFERED": "1"}
     if "CUDA_VISIBLE_DEVICES" not in os.environ:
