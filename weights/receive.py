@@ -210,13 +210,13 @@ class DistributedReceiver:
 class LoraReceiver:
     """Load the adapter of a LoRA publication (``weights.lora``) and switch to it.
 
-    ``/load_lora_adapter(adapter_name(version), location)`` while the server keeps generating
-    with the previous adapter; then the worker's requests name the new one (``server.adapter``)
-    and ``/abort_request`` (all) interrupts the in-flight ones: they come back with their
-    partial output labelled with their adapter's (older) version and are resubmitted on the
-    new adapter, as a full-weight update interrupts them. The previous adapter is unloaded by
-    the caller once no request names it. A failed load leaves ``server.adapter`` as it was:
-    the caller marks the server NEEDS_LOAD, so it gets no request of this version.
+    ``/abort_request`` (all) interrupts the in-flight requests: they come back with their
+    partial output labelled with their adapter's (older) version and are resubmitted, as a
+    full-weight update interrupts them; then ``/load_lora_adapter(adapter_name(version),
+    location)``, and the worker's requests name the new adapter (``server.adapter``). The
+    previous adapter is unloaded by the caller once no request names it. A failed load leaves
+    ``server.adapter`` as it was: the caller marks the server NEEDS_LOAD, so it gets no
+    request of this version.
     """
 
     location: str
@@ -250,10 +250,12 @@ class LoraReceiver:
             with contextlib.suppress(InferenceError):  # not loaded there: nothing to replace
                 await client.unload_lora_adapter(name)
             server.adapters.discard(name)
+        # As a full-weight update with abort_all_requests: interrupt, then load (the load then
+        # waits for no engine step); the caller holds the worker's new requests throughout.
+        await client.abort()
         await client.load_lora_adapter(name, self.location)
         server.adapters.add(name)
         server.adapter = name
-        await client.abort()
 
 
 class IpcRun(Protocol):

@@ -26,8 +26,8 @@ async def test_lora_update_switches_requests_and_unloads_the_old_adapter_when_un
     c = client_of(s)
     up, _, _, _, _, _ = make([s])
     await up.apply(ev(1, FMT_LORA, "/w/v1"), 0.0)
-    # load while serving, then switch and interrupt the in-flight requests (abort all)
-    assert c.calls == [f"load_lora:{V1}", "abort:None"]
+    # interrupt the in-flight requests (abort all), then load and switch
+    assert c.calls == ["abort:None", f"load_lora:{V1}"]
     assert s.adapter == V1 and s.version == 1 and s.state is ServerState.UP
     assert c.loras == {V1: "/w/v1"} and c.version == 0  # the base is never reloaded
 
@@ -62,7 +62,7 @@ async def test_a_server_that_failed_to_load_gets_no_request_of_that_version() ->
     # the health loop's bring-up loads it (unload-then-load: a restart may have lost it)
     await up.bring_up(bad)
     assert bad.state is ServerState.UP and bad.version == 1 and bad.adapter == V1
-    assert client_of(bad).calls[-3:] == [f"unload_lora:{V1}", f"load_lora:{V1}", "abort:None"]
+    assert client_of(bad).calls[-3:] == [f"unload_lora:{V1}", "abort:None", f"load_lora:{V1}"]
 
 
 async def test_sampler_names_the_current_adapter_and_counts_its_use() -> None:
