@@ -30,11 +30,20 @@ def adapter_version(name: str) -> int:
     return int(m.group(1))
 
 
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""The linear layers of a llama/qwen2 decoder layer: ``all-linear`` beside other names."""
+
+
 def lora_server_args(max_rank: int, target_modules: list[str]) -> list[str]:
     """The server flags that enable adapters of rank <= ``max_rank`` on ``target_modules``
     (SGLang's and the CPU server's): ``--enable-lora --max-lora-rank R
-    --lora-target-modules M...``; ``all-linear`` is SGLang's ``all``."""
-    mods = ["all" if m == "all-linear" else m for m in target_modules]
+    --lora-target-modules M...``; ``all-linear`` alone is SGLang's ``all``, beside other names
+    (``lm_head``) it is spelled out as ``ALL_LINEAR``."""
+    mods = list(target_modules)
+    if mods == ["all-linear"]:
+        mods = ["all"]
+    elif "all-linear" in mods:  # SGLang's "all" stands alone: name the projections
+        mods = [*ALL_LINEAR, *(m for m in mods if m != "all-linear" and m not in ALL_LINEAR)]
     return [
         "--enable-lora",
         "--max-lora-rank",

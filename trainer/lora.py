@@ -36,6 +36,8 @@ def apply_lora(model: Any, cfg: LoraConfig) -> Any:
     targets: str | list[str] = cfg.target_modules
     if targets == ["all-linear"]:
         targets = "all-linear"
+    elif "all-linear" in targets:  # all-linear plus others (e.g. the output head, lm_head)
+        targets = sorted(set(linear_names(model)) | (set(targets) - {"all-linear"}))
     pcfg = PeftLoraConfig(
         r=cfg.rank,
         lora_alpha=cfg.scale_alpha,
@@ -50,6 +52,19 @@ def apply_lora(model: Any, cfg: LoraConfig) -> Any:
         raise TrainerError(f"trainer.lora.target_modules={cfg.target_modules}: {e}") from None
     wrapped.eval()
     return wrapped
+
+
+def linear_names(model: Any) -> list[str]:
+    """The names (last component) of ``model``'s linear layers but the output head: what
+    ``all-linear`` selects."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and m is not head
+        }
+    )
 
 
 def is_lora(model: Any) -> bool:

@@ -41,7 +41,10 @@ def adapter_tensors(model: Any) -> dict[str, torch.Tensor]:
     (``base_model.model.<module>.lora_A.weight`` ...), detached, not copied."""
     from peft import get_peft_model_state_dict
 
-    return {k: v.detach() for k, v in get_peft_model_state_dict(_raw(model)).items()}
+    # Never the base's embedding or output matrices (peft adds them for an adapter on lm_head
+    # unless told not to): the adapter file holds adapter tensors only.
+    state = get_peft_model_state_dict(_raw(model), save_embedding_layers=False)
+    return {k: v.detach() for k, v in state.items()}
 
 
 def adapter_config(model: Any) -> dict[str, Any]:

@@ -99,9 +99,10 @@ def _from_config(args: argparse.Namespace) -> None:
             if args.max_lora_rank is None:
                 args.max_lora_rank = lora.rank
             if args.lora_target_modules is None:
-                args.lora_target_modules = [
-                    "all" if m == "all-linear" else m for m in lora.target_modules
-                ]
+                from inference.lora import lora_server_args
+
+                flags = lora_server_args(lora.rank, list(lora.target_modules))
+                args.lora_target_modules = flags[flags.index("--lora-target-modules") + 1 :]
     if args.model is None:
         raise InputError("give --model DIR or --config RUN.yaml (with model.path)")
     args.threads = 1 if args.threads is None else args.threads

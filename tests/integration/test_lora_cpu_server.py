@@ -34,7 +34,10 @@ async def test_adapters_load_switch_unload_and_match_the_trainer(
     cpu_server_factory: Any, tiny_model: Path, tmp_path: Path
 ) -> None:
     srv = cpu_server_factory(tiny_model, "--enable-lora", "--max-lora-rank", "8")
-    a1, a2 = make_adapter(tiny_model, 4, 1), make_adapter(tiny_model, 8, 2, ["q_proj", "down_proj"])
+    a1, a2 = (
+        make_adapter(tiny_model, 4, 1),
+        make_adapter(tiny_model, 8, 2, ["q_proj", "down_proj", "lm_head"]),
+    )
     d1 = write_adapter_dir(a1, tmp_path / "v1")
     base = load_model(tiny_model)
     client = SGLangClient(srv.url)

@@ -89,6 +89,26 @@ def test_dropout_only_inside_the_gradient_pass(base_dir: Path) -> None:
     assert torch.equal(_logits(m), a)  # back to eval
 
 
+def test_all_linear_beside_the_output_head(base_dir: Path) -> None:
+    m = apply_lora(
+        load_model(base_dir, torch.device("cpu")),
+        LoraConfig(rank=4, target_modules=["all-linear", "lm_head"]),
+    )
+    mods = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in adapter_state(m)}
+    assert mods == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+        "lm_head",
+    }
+    plain = apply_lora(load_model(base_dir, torch.device("cpu")), LoraConfig(rank=4))
+    assert "lm_head" not in {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in adapter_state(plain)}
+
+
 def test_unknown_target_module_is_a_clear_error(base_dir: Path) -> None:
     with pytest.raises(TrainerError, match="target_modules"):
         apply_lora(
