@@ -28,10 +28,11 @@ class LoraConfig(BaseModel):
         description="LoRA rank r (0: off, full fine-tuning). With r > 0 only the adapter is "
         "trained, checkpointed and published (docs/weight-sync.md, LoRA).",
     )
-    alpha: float | None = Field(
+    alpha: int | None = Field(
         None,
         gt=0,
-        description="LoRA alpha: the update is scaled by alpha / rank (None: 2 * rank).",
+        description="LoRA alpha (an int, as PEFT's lora_alpha): the update is scaled by "
+        "alpha / rank (None: 2 * rank).",
     )
     dropout: float = Field(
         0.0,
@@ -52,9 +53,9 @@ class LoraConfig(BaseModel):
         return self.rank > 0
 
     @property
-    def scale_alpha(self) -> float:
+    def scale_alpha(self) -> int:
         """The alpha used: ``alpha``, or ``2 * rank`` when unset."""
-        return float(self.alpha) if self.alpha is not None else 2.0 * self.rank
+        return self.alpha if self.alpha is not None else 2 * self.rank
 
 
 class TrainerConfig(LossConfig):
