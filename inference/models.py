@@ -247,6 +247,11 @@ def check_model_dir(directory: str | Path) -> list[Path]:
     if not d.is_dir():
         raise ModelDirError(f"model directory {d} does not exist")
     if not (d / "config.json").is_file():
+        if (d / "adapter_config.json").is_file() or (d / "adapter").is_dir():
+            raise ModelDirError(
+                f"{d} holds a LoRA adapter, not a model: give the base model as model.path "
+                "(a LoRA run's weights/vN and checkpoint adapter/ load over it)"
+            )
         raise ModelDirError(f"model directory {d} has no config.json")
     shards = sorted(d.glob("*.safetensors"))
     if not shards:

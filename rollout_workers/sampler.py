@@ -206,8 +206,14 @@ class Sampler:
             )
             rid = uuid.uuid4().hex
             s.track(rid)
+            lora = s.use_adapter()
             try:
-                res = await s.client.generate(prompt_ids + out.output_ids, sp, rid)
+                if lora is None:
+                    res = await s.client.generate(prompt_ids + out.output_ids, sp, rid)
+                else:  # every token is labelled with the adapter's version (inference.lora)
+                    res = await s.client.generate(
+                        prompt_ids + out.output_ids, sp, rid, lora_path=lora
+                    )
             except ServerDead as e:
                 attempt += 1
                 self.counters.resubmitted_dead += 1
@@ -223,6 +229,7 @@ class Sampler:
                 raise
             finally:
                 s.untrack(rid)
+                s.release_adapter(lora)
             if res.num_tokens and res.token_versions is None:
                 raise GroupRejected(
                     "no_token_versions",

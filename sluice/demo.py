@@ -83,6 +83,11 @@ DEMO_DEFAULTS: dict[str, Any] = {
         "checkpoint_every": 10,
         "reclaim_idle_ms": 10_000,
         "device": "auto",
+        # With --set trainer.lora.rank=R: the output head gets an adapter too. Measured on
+        # this task (GRPO in-process, lr 3e-3, 250-300 steps): adapters on the linear layers
+        # alone stay at reward ~0.25 at rank 8, 16 and 32 (the random-init head and embeddings
+        # are frozen); with lm_head too, rank 8 reaches 0.9 in ~110 steps, as full weights do.
+        "lora": {"target_modules": ["all-linear", "lm_head"]},
     },
 }
 
@@ -164,6 +169,8 @@ def server_spec(cfg: SluiceConfig, engine: str, config_path: Path, port: int) ->
         deterministic=inf.deterministic,
         admin_api_key=inf.admin_api_key,
         extra_args=inf.extra_args,
+        lora_rank=cfg.trainer.lora.rank,
+        lora_target_modules=cfg.trainer.lora.target_modules,
     )
     env = {"PYTHONUNBUFFERED": "1"}
     if "CUDA_VISIBLE_DEVICES" not in os.environ:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from staleness.auto_eta import AutoEtaSettings
 from staleness.config import LossConfig
@@ -22,8 +22,55 @@ def _jsonl_only() -> list[Tracker]:
     return ["jsonl"]
 
 
+class LoraConfig(BaseModel):
+    """``trainer.lora``: train a LoRA adapter on the frozen base model (``peft``) instead of
+    every weight. ``rank: 0`` (the default) is full fine-tuning."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    rank: int = Field(
+        0,
+        ge=0,
+        le=1024,
+        description="LoRA rank r (0: off, full fine-tuning). With r > 0 only the adapter is "
+        "trained, checkpointed and published (docs/weight-sync.md, LoRA).",
+    )
+    alpha: int | None = Field(
+        None,
+        gt=0,
+        description="LoRA alpha (an int, as PEFT's lora_alpha): the update is scaled by "
+        "alpha / rank (None: 2 * rank).",
+    )
+    dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Dropout on the adapter's input, in the gradient pass only (the proximal "
+        "recompute and the servers see none).",
+    )
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["all-linear"],
+        min_length=1,
+        description="Module names (suffixes) that get an adapter, e.g. [q_proj, v_proj]; "
+        "all-linear: every linear layer but the output head.",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def scale_alpha(self) -> int:
+        """The alpha used: ``alpha``, or ``2 * rank`` when unset."""
+        return self.alpha if self.alpha is not None else 2 * self.rank
+
+
 class TrainerConfig(LossConfig):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    lora: LoraConfig = Field(
+        default_factory=LoraConfig, description="LoRA adapter training (rank 0: off)."
+    )
 
     lr: float = Field(1e-3, gt=0, le=1, description="AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")

@@ -64,10 +64,11 @@ from trainer.metrics import (
     write_event,
     write_step,
 )
-from trainer.parts import TrainerParts, open_parts
+from trainer.parts import TrainerParts, open_parts, publish_dtype
 from trainer.step import DistInfo, StepStats, train_step
 from trainer.tracking import Trackers
 from weights.disk import model_files, prune
+from weights.publish import model_bytes
 
 __all__ = ["Trainer", "TrainerError", "open_trainer", "run_trainer"]
 
@@ -117,6 +118,8 @@ class Trainer:
         self._ckpt_task: asyncio.Task[None] | None = None
         self.phases = Phases()
         self.params = sum(p.numel() for p in self.model.parameters())
+        self.model_bytes = model_bytes(self.model, publish_dtype(tc.publish_dtype, self.device))
+        """One full-weight update's bytes (base weights, in the published dtype)."""
         self.peak_flops = device_peak_flops(self.device, tc.peak_tflops)
         self.records = parts.records if dist.rank == 0 else None
         self._filtered_base: tuple[float, float, float] | None = None
@@ -186,7 +189,8 @@ class Trainer:
         """Rank 0 publishes ``V+1``; every rank bumps its version."""
         v = self.st.version + 1
         if self.dist.rank == 0:
-            await self.publisher.publish(v, self.model)
+            sent = await self.publisher.publish(v, self.model)
+            self.phases.publish_bytes = sent if isinstance(sent, int) else None
         self.st.version = v
         self.st.weights_version = v
 
@@ -569,6 +573,7 @@ class Trainer:
         )
         perf = perf_fields(self.phases, stats.tokens, self.params, self.peak_flops)
         perf["weights_via"] = getattr(self.publisher, "last_via", None)
+        perf["model_bytes"] = self.model_bytes
         self.phases = Phases()
         row = step_row(rec, stats, summed, buffer_s, {**perf, **(extra or {})})
         write_step(self.metrics_path, row)

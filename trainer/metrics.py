@@ -167,6 +167,8 @@ class Phases:
     train_s: float = 0.0
     """``train_step``: proximal forward, forward/backward of every micro-batch, optimizer."""
     publish_s: float = 0.0
+    publish_bytes: int | None = None
+    """Bytes the step's weight update moved (None: no publication in the step)."""
     checkpoint_s: float = 0.0
     """Checkpoints written since the previous row (a step's checkpoint follows its row)."""
     seq_tokens: int = 0
@@ -183,6 +185,7 @@ def perf_fields(
     return {
         "train_s": phases.train_s,
         "publish_s": phases.publish_s,
+        "weight_update_bytes": phases.publish_bytes,
         "checkpoint_s": phases.checkpoint_s,
         "seq_tokens": phases.seq_tokens,
         "train_tokens_per_s": out_tokens / train_s,

@@ -155,7 +155,7 @@ def _load(
     st = TrainState()
     if ptr:
         path = Path(ptr["path"])
-        model = load_model(path / "model", device)
+        model = _load_checkpoint_model(tc, path, model_path, device)
         optimizer, scheduler = build_optimizer(model, tc)
         state = restore_training_state(path, optimizer, scheduler)
         st.step = st.ckpt_step = int(state["step"])
@@ -167,8 +167,40 @@ def _load(
     else:
         torch.manual_seed(args.seed)
         model = load_model(model_path, device)
+        if tc.lora.enabled:
+            from trainer.lora import apply_lora
+
+            model = apply_lora(model, tc.lora)
         optimizer, scheduler = build_optimizer(model, tc)
         st.weights_version = 0
         if resume:
             log.info("no checkpoint for run %s: starting from %s", args.run_name, model_path)
     return Restored(model, optimizer, scheduler, st)
+
+
+def _load_checkpoint_model(
+    tc: TrainerConfig, path: Path, model_path: Path, device: torch.device
+) -> Any:
+    """The model of checkpoint ``path``: its ``model/``, or with ``trainer.lora`` the base at
+    ``model_path`` wrapped with the checkpoint's ``adapter/``. A checkpoint of the other kind
+    is refused (``TrainerError`` naming both)."""
+    from trainer.config import TrainerError
+
+    has_adapter = (path / "adapter").is_dir()
+    if tc.lora.enabled != has_adapter:
+        kind = "a LoRA adapter" if has_adapter else "full weights"
+        want = f"trainer.lora.rank={tc.lora.rank}"
+        raise TrainerError(
+            f"checkpoint {path} holds {kind} but the run has {want}: resume with the "
+            "settings it was written with"
+        )
+    if not has_adapter:
+        return load_model(path / "model", device)
+    from safetensors.torch import load_file
+
+    from trainer.lora import apply_lora, load_adapter_state
+
+    model = apply_lora(load_model(model_path, device), tc.lora)
+    tensors = load_file(str(path / "adapter" / "adapter_model.safetensors"), device=str(device))
+    load_adapter_state(model, tensors)
+    return model

@@ -173,6 +173,9 @@ def _launcher(cfg: SluiceConfig) -> Callable[[int | None, int], ServerHandle]:
     inf = cfg.inference
     engine = choose_engine(inf.engine)
     kw: dict[str, Any] = {"admin_api_key": inf.admin_api_key}
+    lora = cfg.trainer.lora
+    if lora.enabled:  # the trainer publishes adapters: the servers must serve them
+        kw.update(lora_rank=lora.rank, lora_target_modules=list(lora.target_modules))
     if engine == "cpu":
         kw["threads"] = inf.threads
         kw["extra_args"] = list(inf.extra_args)
