@@ -453,7 +453,7 @@ class RolloutWorker:
                 lease.prompt, group_id, admission_version, tally=tally
             )
             if self.filter_zero_variance and zero_variance(rewards):
-                await self._filtered(lease, rewards, admission_version, tally[0])
+                await self._filtered(lease, rewards, admission_version)
                 return
             group = trajectory_group(
                 run=self.run_info.name,
@@ -505,13 +505,12 @@ class RolloutWorker:
             sys.stderr.write(json.dumps({"event": "rollout_metrics", **self.metrics()}) + "\n")
             sys.stderr.flush()
 
-    async def _filtered(
-        self, lease: Lease, rewards: list[float], admission_version: int, tokens: int
-    ) -> None:
+    async def _filtered(self, lease: Lease, rewards: list[float], admission_version: int) -> None:
         """Dynamic sampling: a zero-variance group is not pushed; its slot is handed back
-        (``zero_variance``, with its admission version and its tokens, which the gate counts
-        under that cause), its prompt is done for this epoch, and it is counted here and in
-        the run's totals (``RedisRecords.count_filtered``, read by the trainer per step)."""
+        (``zero_variance``, with its admission version for the gate's in-flight book), its
+        prompt is done for this epoch, and it is counted here and in the run's totals
+        (``RedisRecords.count_filtered``, read by the trainer per step). Its tokens are not
+        counted as waste: filtering is chosen, and ``staleness.eta: auto`` raises eta on waste."""
         self.counters.filtered_groups += 1
         await self.parts.records.count_filtered(len(rewards), float(sum(rewards)))
         await self._hand_back(
@@ -520,7 +519,6 @@ class RolloutWorker:
             lease,
             requeue=False,
             version=admission_version,
-            tokens=tokens,
         )
 
     async def _hand_back(
