@@ -219,9 +219,11 @@ class SGLangClient:
             admin=True,
         )
         if not isinstance(body, dict) or "success" not in body:
-            raise ProtocolError(f"{path}: expected {{'success': ...}}, got {body!r}")
+            raise ProtocolError(f"{path}: expected {{'success': ...}}, got {body!r:.200}")
         if body["success"] is not True:
-            raise InferenceError(200, str(body.get("message", body)), path)
+            # weight updates say why in "message", the adapter endpoints in "error_message"
+            why = body.get("message") or body.get("error_message") or body
+            raise InferenceError(200, str(why), path)
         return body
 
     # ---------------------------------------------------------------- generation
@@ -489,18 +491,7 @@ class SGLangClient:
     async def _lora_call(
         self, path: str, payload: dict[str, Any], timeout: float | None
     ) -> dict[str, Any]:
-        body = await self._call(
-            "POST",
-            path,
-            payload,
-            timeout=self.update_timeout if timeout is None else timeout,
-            admin=True,
-        )
-        if not isinstance(body, dict) or "success" not in body:
-            raise ProtocolError(f"{path}: expected {{'success': ...}}, got {body!r:.200}")
-        if body["success"] is not True:
-            raise InferenceError(200, str(body.get("error_message") or body), path)
-        return body
+        return await self._weight_call(path, payload, timeout)
 
     async def load_lora_adapter(
         self, name: str, path: str, *, pinned: bool = False, timeout: float | None = None
