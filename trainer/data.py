@@ -8,7 +8,9 @@ pooled groups that expire first (``staleness.gate.plan_batch``: earliest oldest 
 not stream order, and when a group still being generated would otherwise expire before a later
 step could take it (the gate's in-flight book, ``VersionManager.inflight_by_version``), it
 waits for it, up to ``trainer.hold_max_s``: a group overtaken in the stream is trained in time
-instead of being dropped (docs/staleness.md, "No waste at steady state").
+instead of being dropped (docs/staleness.md, "No waste at steady state"). Under torchrun each
+rank reads only its share, in stream order, and does not hold: a rank pooling ahead could starve
+its sibling.
 
 ``judge`` applies the staleness rule (``staleness.gate``): a group past eta ("stale")
 or newer than the trainer ("future_version") is dropped (``VersionManager.drop``) and acked at
@@ -102,6 +104,12 @@ class GroupReader:
         self.hold_max_s = hold_max_s
         self.publish_every = publish_every
         self.world_size = world_size
+        if world_size > 1:
+            # Under torchrun every rank reads from the stream for itself: a rank that pooled
+            # ahead could hold the groups its sibling needs while the gate admits no more until
+            # the step both must take together (a deadlock at the end of a run or of a finite
+            # supply). Each rank reads just its share, in stream order, and does not hold.
+            self.hold_max_s = 0.0
         self._dead_settled = 0
         self.arrived: list[int] = []
         """Staleness at arrival (the trainer's version when read) of each group read since the
@@ -142,7 +150,7 @@ class GroupReader:
             return self.st.replay.pop(0)
         t0 = time.monotonic()
         last_log = t0
-        cap = self.share * (min(eta, POOL_VERSIONS) + 2)
+        cap = self.share * (min(eta, POOL_VERSIONS) + 2) if self.world_size == 1 else self.share
         full_since: float | None = None
         plan = None
         while not self.stopped():
