@@ -45,6 +45,12 @@ class TrainerConfig(LossConfig):
         60_000, ge=1, description="Reclaim groups pending on a consumer idle this long."
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Training device.")
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="Data parallelism under torchrun: ddp (every rank holds the full weights, "
+        "gradients and AdamW state) or fsdp (FSDP2: each rank holds 1/N of them; bf16 compute "
+        "on CUDA; trainer/fsdp.py). fsdp also runs as one process, on a one-rank group.",
+    )
     threads: int | None = Field(
         None, ge=1, description="Torch threads for training (None: torch default)."
     )

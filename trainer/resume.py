@@ -155,9 +155,9 @@ def _load(
     st = TrainState()
     if ptr:
         path = Path(ptr["path"])
-        model = load_model(path / "model", device)
+        model = _model(tc, path / "model", device)
         optimizer, scheduler = build_optimizer(model, tc)
-        state = restore_training_state(path, optimizer, scheduler)
+        state = restore_training_state(path, optimizer, scheduler, _place(tc))
         st.step = st.ckpt_step = int(state["step"])
         st.version = int(state["version"])
         st.weights_version = state.get("weights_version")
@@ -166,9 +166,28 @@ def _load(
         log.info("resumed from %s (step %d, version %d)", path, st.step, st.version)
     else:
         torch.manual_seed(args.seed)
-        model = load_model(model_path, device)
+        model = _model(tc, model_path, device)
         optimizer, scheduler = build_optimizer(model, tc)
         st.weights_version = 0
         if resume:
             log.info("no checkpoint for run %s: starting from %s", args.run_name, model_path)
     return Restored(model, optimizer, scheduler, st)
+
+
+def _model(tc: TrainerConfig, path: Path, device: torch.device) -> Any:
+    """The model at ``path`` on ``device``; with ``trainer.parallel=fsdp`` loaded on the CPU
+    and sharded (``trainer.fsdp``): a device never holds the whole fp32 model."""
+    if tc.parallel != "fsdp":
+        return load_model(path, device)
+    from trainer.fsdp import shard_model
+
+    return shard_model(load_model(path, torch.device("cpu")), device)
+
+
+def _place(tc: TrainerConfig) -> Any:
+    """How a checkpoint's full optimizer state reaches the optimizer (None: as it is)."""
+    if tc.parallel != "fsdp":
+        return None
+    from trainer.fsdp import place_optimizer_state
+
+    return place_optimizer_state
