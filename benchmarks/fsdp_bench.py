@@ -135,7 +135,7 @@ def _rank(rank: int, variant: str, args: argparse.Namespace, work: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import start_processes
 
     from benchmarks.common import machine_info, print_table, write_json
 
@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="sluice-fsdp-bench-") as work:
         for variant in VARIANTS:
-            mp.start_processes(
+            start_processes(  # type: ignore[no-untyped-call]
                 _rank, args=(variant, args, work), nprocs=args.world, start_method="spawn"
             )
             ranks = [

@@ -41,7 +41,9 @@ def ensure_process_group(device: torch.device) -> None:
     if td.is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
-    td.init_process_group(backend, store=td.HashStore(), rank=0, world_size=1)
+    from torch._C._distributed_c10d import HashStore
+
+    td.init_process_group(backend, store=HashStore(), rank=0, world_size=1)
 
 
 def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
