@@ -59,7 +59,7 @@ def _rank(rank: int, variant: str, args: argparse.Namespace, work: str) -> None:
     from benchmarks.trainer_bench import SHAPES, _model, _samples
     from trainer.config import TrainerConfig
     from trainer.fsdp import local_bytes, shard_model
-    from trainer.model import build_optimizer
+    from trainer.model import build_optimizer, set_attention_backends
     from trainer.step import DistInfo, train_step
 
     torch.set_num_threads(args.threads)
@@ -67,6 +67,7 @@ def _rank(rank: int, variant: str, args: argparse.Namespace, work: str) -> None:
     if cuda:
         torch.cuda.set_device(rank)
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    set_attention_backends(device, cudnn=False)  # trainer.cudnn_attention's default
     td.init_process_group(
         "nccl" if cuda else "gloo",
         init_method=f"file://{work}/init-{variant}",

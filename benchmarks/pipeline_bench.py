@@ -66,7 +66,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="task mix and model (default: reverse on cpu, long-tail-gpu on sglang)",
     )
     p.add_argument(
-        "--etas", type=int, nargs="+", default=None, help="staleness limits (default 0 1 2 4 8)"
+        "--etas",
+        nargs="+",
+        default=None,
+        help="staleness limits, each an int or 'auto' (staleness.eta: auto within [0, the "
+        "largest int given]; default 0 1 2 4 8 auto)",
     )
     p.add_argument("--steps", type=int, default=None, help="train steps per run (workload default)")
     p.add_argument("--batch-groups", type=int, default=None, help="groups per train step")
@@ -158,12 +162,24 @@ def _workload(args: argparse.Namespace) -> dict[str, Any]:
     return spec
 
 
-def _etas(args: argparse.Namespace) -> list[int]:
-    etas: list[int] = (
-        args.etas if args.etas is not None else ([0, 2] if args.quick else [0, 1, 2, 4, 8])
+def _etas(args: argparse.Namespace) -> list[int | str]:
+    raw = (
+        args.etas
+        if args.etas is not None
+        else (["0", "2"] if args.quick else ["0", "1", "2", "4", "8", "auto"])
     )
-    if any(e < 0 or e > GATE_OPEN_ETA - 1 for e in etas):
-        raise _fail(f"--etas must be in [0, {GATE_OPEN_ETA - 1}], got {etas}")
+    etas: list[int | str] = []
+    for e in raw:
+        if str(e) == "auto":
+            etas.append("auto")
+            continue
+        try:
+            etas.append(int(e))
+        except ValueError:
+            raise _fail(f"--etas: {e!r} is neither an int nor 'auto'") from None
+    ints = [e for e in etas if isinstance(e, int)]
+    if any(e < 0 or e > GATE_OPEN_ETA - 1 for e in ints):
+        raise _fail(f"--etas must be in [0, {GATE_OPEN_ETA - 1}] or 'auto', got {etas}")
     if len(set(etas)) != len(etas):
         raise _fail(f"--etas has duplicates: {etas}")
     return etas
@@ -196,7 +212,11 @@ def _sizes(args: argparse.Namespace, spec: dict[str, Any]) -> tuple[int, int, in
 
 
 def _setup(
-    args: argparse.Namespace, spec: dict[str, Any], sizes: tuple[int, int, int], workdir: Path
+    args: argparse.Namespace,
+    spec: dict[str, Any],
+    sizes: tuple[int, int, int],
+    workdir: Path,
+    etas: list[int | str],
 ) -> Setup:
     """The invocation's settings, with a tiny random-init model for the workload's task."""
     from inference.models import init_tiny_model
@@ -226,6 +246,7 @@ def _setup(
         procs=Procs(),
         engine=args.engine,
         checkpoint_every=args.checkpoint_every,
+        eta_max=max([e for e in etas if isinstance(e, int)], default=8),
         weight_sync=args.weight_sync,
         bare_decode=args.engine == "sglang" if args.bare_decode is None else args.bare_decode,
         bare_measure_s=args.bare_seconds,
@@ -234,7 +255,7 @@ def _setup(
 
 
 def _measure(
-    s: Setup, args: argparse.Namespace, etas: list[int]
+    s: Setup, args: argparse.Namespace, etas: list[int | str]
 ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any] | None]:
     """The ceilings, one pipeline run per eta, the ceilings again (``--ceilings-twice``);
     every process started is stopped on the way out."""
@@ -253,7 +274,9 @@ def _measure(
             runs.append(res)
             print(
                 f"eta {eta}: {res['groups_per_s']:.2f} groups/s, trainer idle "
-                f"{res['trainer_idle']:.2f}, max staleness {res['max_staleness']}",
+                f"{res['trainer_idle']:.2f}, max staleness {res['max_staleness']} (trained "
+                f"{res['max_staleness_trained']}), dropped {res['dropped']}, cancelled "
+                f"{res['cancelled']}, eta used mean {res['eta_mean']} max {res['eta_max_used']}",
                 flush=True,
             )
         # Measured again after the runs: on a shared machine the load moves; the ceilings used
@@ -321,7 +344,7 @@ def run(args: argparse.Namespace) -> int:
     own_dir = args.workdir is None
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="sluice-pipeline-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    s = _setup(args, spec, sizes, workdir)
+    s = _setup(args, spec, sizes, workdir, etas)
     print(
         f"pipeline bench: {args.workload} on {args.engine}, {s.steps} steps x {s.batch_groups} "
         f"groups x {s.n_samples} samples, etas {etas}; inference cpus "

@@ -216,11 +216,12 @@ def run(args: argparse.Namespace) -> int:
 
     from benchmarks.common import machine_info, print_table, write_json
     from trainer.config import TrainerConfig
-    from trainer.model import choose_device
+    from trainer.model import choose_device, set_attention_backends
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = choose_device(args.device)
+    set_attention_backends(device, cudnn=False)  # trainer.cudnn_attention's default, both steps
     peak = _peak(args, device)
     tc = TrainerConfig(micro_batch_tokens=args.micro_batch_tokens, lr=1e-5)
     results: dict[str, Any] = {}

@@ -10,7 +10,8 @@ class RedisConfig(BaseModel):
 
     url: str = Field(
         "redis://127.0.0.1:6379/0",
-        description="Redis URL: redis:// or rediss:// (TLS), optional user:password@, db. "
+        description="Redis URL: redis:// or rediss:// (TLS), optional user:password@, db; or a "
+        "Redis Cluster: redis+cluster://host:port[,host:port...] (docs/scale.md). "
         "The password may instead come from $SLUICE_REDIS_PASSWORD.",
     )
 

@@ -64,6 +64,22 @@ def gate_inflight(run: str) -> str:
     return key(run, "gate", "inflight")
 
 
+def gate_inflight_at(run: str) -> str:
+    """Admitted, unfinished slots per worker and admission version (``worker|version``): a hash."""
+    return key(run, "gate", "inflight_at")
+
+
+def gate_tokens(run: str) -> str:
+    """Generated tokens: ``pushed`` (in groups that reached the buffer) and, per reason, in
+    groups that were thrown away (``cancelled_stale``, ``stale``, ...): a hash."""
+    return key(run, "gate", "tokens")
+
+
+def eta_changes(run: str) -> str:
+    """``staleness.eta: auto``: every change of eta with the measurements behind it: a stream."""
+    return key(run, "eta", "changes")
+
+
 def worker_expiry(run: str) -> str:
     """Heartbeat deadlines per worker: a sorted set."""
     return key(run, "workers", "expiry")

@@ -13,6 +13,11 @@ Guarantees (each proved by a test in ``tests/integration/test_buffer.py``):
   ``ack``; ``reclaim`` hands entries that sat unacknowledged on a dead consumer to a live one.
 * ``ack`` removes the entry (XACK + XDEL in one transaction): Redis memory is bounded by what is
   in flight, not by history.
+* On a Redis Cluster (``redis+cluster://``) a put returns once a replica of the stream's
+  master has the entry too (``WAIT 1``, pipelined on the XADD's connection), so a failover
+  to that replica loses no put that returned (tests/integration/test_redis_cluster.py). While
+  the master has no replica answering (after a failover, until the old master rejoins), puts
+  go on at the master's durability alone, logged, and wait again ``_REPLICA_RETRY_S`` later.
 * An entry that fails to decode is moved to the dead-letter stream with its reason and raw bytes
   and acknowledged; consumers never see it and never crash on it.
 """
@@ -29,11 +34,12 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
-from redis.exceptions import ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException, ResponseError
 
 from buffer import keys
 from buffer.codec import CodecError, decode_group, encode_group
-from buffer.connection import connect, with_retries
+from buffer.connection import connect, is_cluster, with_retries
 from buffer.schema import TrajectoryGroup
 
 log = logging.getLogger("sluice.buffer")
@@ -49,6 +55,10 @@ _CLOCK_MARGIN_S = 5.0
 DEAD_LETTER_MAXLEN = 10_000
 # A blocking read longer than this is split so the socket timeout never fires mid-block.
 _MAX_BLOCK_MS = 5_000
+# On a cluster: how long a put waits for one replica to acknowledge its entry, and how long
+# puts go without waiting after a wait found no replica (the master has none now).
+_REPLICA_WAIT_MS = 500
+_REPLICA_RETRY_S = 5.0
 
 
 # KEYS[1] stream, KEYS[2] seen hash; ARGV: group, ttl, n, entry ids (n), group ids (n; '' when
@@ -130,6 +140,10 @@ class RedisTrajectoryBuffer:
         self._group_of: dict[str, str] = {}  # delivered, not yet acked: entry id -> group id
         self._seen_bucket = -1  # the hour bucket whose seen-mark key is cached below
         self._seen_bucket_key = ""
+        self._cluster = is_cluster(client)
+        self._no_replica_until = 0.0
+        self.unreplicated_puts = 0
+        """Puts (on a cluster) that returned without a replica's acknowledgement."""
         self.dead_lettered = 0
         """Entries this instance moved to the dead-letter stream (the trainer hands their
         admission slots back: each was a finished group that will never be trained)."""
@@ -173,10 +187,43 @@ class RedisTrajectoryBuffer:
                     )
                     return existing
             attempts += 1
+            if self._cluster:
+                return await self._xadd_replicated(payload, group_id)
             return await self.redis.xadd(self.stream_key, {"d": payload, "g": group_id})
 
         entry = await with_retries(op, what=f"put group {group_id}")
         return entry.decode() if isinstance(entry, bytes) else str(entry)
+
+    async def _xadd_replicated(self, payload: bytes, group_id: str) -> Any:
+        """XADD, then ``WAIT 1`` on the same connection (one pipeline to the stream's master):
+        returns once a replica has the entry, or after ``_REPLICA_WAIT_MS`` without one."""
+        fields: Any = {"d": payload, "g": group_id}
+        if time.monotonic() < self._no_replica_until:
+            self.unreplicated_puts += 1
+            return await self.redis.xadd(self.stream_key, fields)
+        node = self.redis.get_node_from_key(self.stream_key)  # type: ignore[attr-defined]
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.xadd(self.stream_key, fields)
+                pipe.execute_command("WAIT", 1, _REPLICA_WAIT_MS, target_nodes=node)
+                entry, acked = await pipe.execute()
+        except RedisClusterException as e:
+            # redis-py's own retry of this pipeline after a lost connection routes the WAIT
+            # anew (its node was taken by the first try) and refuses it before sending
+            # anything: a lost reply, which ``put_encoded`` retries after its look-up.
+            raise RedisConnectionError(f"put of group {group_id}: {e}") from e
+        if not acked:
+            self.unreplicated_puts += 1
+            self._no_replica_until = time.monotonic() + _REPLICA_RETRY_S
+            log.warning(
+                "run %s: no replica acknowledged put %s within %d ms: puts go on at the "
+                "master's durability alone (retrying in %.0f s)",
+                self.run,
+                group_id,
+                _REPLICA_WAIT_MS,
+                _REPLICA_RETRY_S,
+            )
+        return entry
 
     async def find_put(self, group_id: str, lookback_s: float) -> str | None:
         """Entry id under which ``group_id`` was stored in the last ``lookback_s`` seconds
@@ -326,7 +373,11 @@ class RedisTrajectoryBuffer:
                 return int(await self._ack_script(keys=script_keys, args=args[0]))
             async with self.redis.pipeline(transaction=True) as pipe:
                 for a in args:
-                    await self._ack_script(keys=script_keys, args=a, client=pipe)
+                    if self._cluster:  # redis-py's cluster pipeline refuses EVALSHA; EVAL
+                        # also needs no script cache on a master just promoted by a failover
+                        pipe.execute_command("EVAL", _ACK_LUA, len(script_keys), *script_keys, *a)
+                    else:
+                        await self._ack_script(keys=script_keys, args=a, client=pipe)
                 if also is not None:
                     also(pipe)
                 res = await pipe.execute()

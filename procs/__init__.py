@@ -5,6 +5,8 @@
   (SIGTERM, then SIGKILL, then reap), ``kill_pid``, ``alive`` (never reaps), ``pid_alive`` (any pid), ``free_port``,
   ``log_tail``.
 - ``redis_server``: ``RedisServer``, a private ``redis-server`` on a free loopback port.
+- ``redis_cluster``: ``RedisCluster``, a private Redis Cluster (masters with replicas), each
+  node started and stopped by its pid.
 
 Every process is started by us and stopped by its own pid; nothing here looks processes up by
 name. Imports nothing from the project (every package may use it).
@@ -26,11 +28,13 @@ from procs.process import (
     wait_exit,
     wait_http_ok,
 )
+from procs.redis_cluster import RedisCluster
 from procs.redis_server import RedisServer
 
 __all__ = [
     "NotHealthy",
     "ProcessExited",
+    "RedisCluster",
     "RedisServer",
     "alive",
     "free_port",

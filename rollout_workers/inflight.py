@@ -2,7 +2,8 @@
 
 A group admitted at version ``v`` has every token at version ``v`` or later (the pool hands
 its samples only to servers at least that new), and the trainer is at the current version or
-later when it reads the group. So once the weights reach ``version``, the group is at least
+later when it reads the group. So once the run reaches ``version`` (its weight event — a publication or an announcement —
+arrived: the trainer trains at that version or later from now on), the group is at least
 ``staleness(version, (), admission_version=v)`` versions old when trained, and when that is
 ``past_eta`` the trainer would drop it: ``cancel_past_eta`` stops it instead of spending more
 generation on it. The worker hands its slot back with reason ``cancelled_stale`` (apart from
@@ -25,6 +26,8 @@ class InFlight:
     def __init__(self) -> None:
         self._groups: dict[asyncio.Task[None], int] = {}
         self._cancelled_stale: set[asyncio.Task[None]] = set()
+        self.cancel_version = 0
+        """The version of the last ``cancel_past_eta`` that cancelled a group."""
 
     def __len__(self) -> int:
         return len(self._groups)
@@ -52,5 +55,6 @@ class InFlight:
             if stale and t not in self._cancelled_stale and not t.done():
                 self._cancelled_stale.add(t)
                 t.cancel()
+                self.cancel_version = version
                 n += 1
         return n

@@ -46,6 +46,8 @@ class Counters:
     """Groups stopped mid-generation because they could no longer be trained within eta
     (handed back as ``cancelled_stale``; the metrics field is ``doomed_groups``)."""
     rejected_by: dict[str, int] = field(default_factory=dict)
+    wasted_tokens: int = 0
+    """Tokens generated for groups handed back (cancelled, failed, shut down): never pushed."""
 
 
 def server_metrics(s: Server, elapsed: float) -> dict[str, Any]:
@@ -96,6 +98,7 @@ def worker_metrics(
         "reprefill_tokens": c.reprefill_tokens,
         "resubmitted_dead": c.resubmitted_dead,
         "doomed_groups": c.cancelled_stale,
+        "wasted_tokens": c.wasted_tokens,
         "evals": c.evals,
         "uptime_s": round(elapsed, 2),
         "servers": [server_metrics(s, elapsed) for s in servers],

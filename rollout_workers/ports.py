@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from buffer.schema import TrajectoryGroup
 from rollout_workers.prompts import Lease
-from staleness.version_manager import RunFinished, WeightEvent
+from staleness.version_manager import Admission, RunFinished, WeightEvent
 
 
 @runtime_checkable
@@ -31,9 +31,21 @@ class VersionSource(Protocol):
 
     async def try_admit(self, worker_id: str, n: int = 1) -> int: ...
 
-    async def finish(self, worker_id: str, n: int = 1) -> int: ...
+    async def admit(self, worker_id: str, n: int = 1) -> Admission: ...
 
-    async def reject(self, worker_id: str, n: int = 1, reason: str = "rejected") -> int: ...
+    async def finish(
+        self, worker_id: str, n: int = 1, *, version: int | None = None, tokens: int = 0
+    ) -> int: ...
+
+    async def reject(
+        self,
+        worker_id: str,
+        n: int = 1,
+        reason: str = "rejected",
+        *,
+        version: int | None = None,
+        tokens: int = 0,
+    ) -> int: ...
 
     async def current_eta(self) -> int: ...
 

@@ -123,10 +123,17 @@ class Sampler:
         output_length``)."""
 
     async def group(
-        self, prompt: Prompt, group_id: str, admission_version: int
+        self,
+        prompt: Prompt,
+        group_id: str,
+        admission_version: int,
+        *,
+        tally: list[int] | None = None,
     ) -> tuple[list[SampleOut], list[float]]:
         """``rollout.n_samples`` samples of ``prompt`` on weights at least
-        ``admission_version``, and their rewards; ``GroupRejected`` if scoring fails."""
+        ``admission_version``, and their rewards; ``GroupRejected`` if scoring fails.
+        ``tally[0]`` grows by every token the servers return for the group, as they return it
+        (what is lost if the group is cancelled)."""
         ids = list(prompt.input_ids)
         outs = await all_or_nothing(
             [
@@ -136,6 +143,7 @@ class Sampler:
                     self.rc.temperature,
                     min_version=admission_version,
                     length=self.output_length(prompt, i),
+                    tally=tally,
                 )
                 for i in range(self.rc.n_samples)
             ]
@@ -169,6 +177,7 @@ class Sampler:
         *,
         min_version: int = 0,
         length: int | None = None,
+        tally: list[int] | None = None,
     ) -> SampleOut:
         """One sample, resubmitted as ``prompt + partial`` after every abort or dead server;
         with ``length`` exactly ``min(length, max_new_tokens)`` tokens, EOS ignored."""
@@ -216,6 +225,8 @@ class Sampler:
                     f"server {s.url} reported no weight version for its tokens: start it with "
                     "--weight-version (per-token versions must come from the server)",
                 )
+            if tally is not None:
+                tally[0] += res.num_tokens
             out.output_ids += res.output_ids.tolist()
             out.logprobs += res.logprobs.tolist()
             if res.token_versions is not None:

@@ -20,7 +20,9 @@ event (``apply``), per live server and with its new requests held (``ServerPool.
 Servers that were down or failed are left NEEDS_LOAD or DEAD: the pool's health loop has
 ``bring_up`` load them before they get work. After each update the groups that can no longer
 be trained within eta are cancelled (``InFlight.cancel_past_eta``, the staleness rule of
-``staleness.gate``) and the update is recorded.
+``staleness.gate``) and the update is recorded; they are cancelled as soon as the event
+arrives, too (a publication or an announcement: the trainer is at that version already), so
+no token is generated for them during the load.
 
 Invariants (tests/unit/rollout_workers/test_rollout_workers_updater.py, and with a real server
 tests/integration/test_rollout_worker.py::test_weight_events_during_an_update_are_coalesced): each server
@@ -153,6 +155,10 @@ class WeightUpdater:
             self._want(ev)
             self.wake()
             log.info("worker %s: weight event v%d (%s)", self.worker_id, ev.version, _where(ev))
+            # On the event, not after the load: the trainer trains at ev.version or later from
+            # now on, so a group past eta there is dead already; every token it would still
+            # generate during the load is waste.
+            await self._cancel_past_eta(ev.version)
 
     async def catch_up_to(self, version: int) -> None:
         """The gate admitted against ``version``: if its event has not reached this worker

@@ -400,7 +400,8 @@ class RolloutWorker:
             if room <= 0:
                 await self._wake.wait()
                 continue
-            k = await vs.try_admit(self.worker_id, room)
+            adm = await vs.admit(self.worker_id, room)
+            k = adm.slots
             if k == 0:
                 t0 = time.monotonic()
                 with contextlib.suppress(TimeoutError):
@@ -410,7 +411,7 @@ class RolloutWorker:
                 backoff = min(backoff * 2, 1.0)
                 continue
             backoff = 0.02
-            version = await vs.version()
+            version = adm.version  # the gate's version when it admitted them, same step
             await self.updater.catch_up_to(version)
             for _ in range(k):
                 t = asyncio.create_task(self._run_group(version))
@@ -429,10 +430,19 @@ class RolloutWorker:
     async def _run_group(self, admission_version: int) -> None:
         admitted_at = time.time()
         lease: Lease | None = None
+        tally = [0]  # tokens generated for this group so far (wasted if it is handed back)
+
+        async def hand_back(reason: str, detail: str, requeue: bool) -> None:
+            await self._hand_back(
+                reason, detail, lease, requeue, version=admission_version, tokens=tally[0]
+            )
+
         try:
             lease = await self.parts.prompts.lease()
             group_id = uuid.uuid4().hex
-            outs, rewards = await self.sampler.group(lease.prompt, group_id, admission_version)
+            outs, rewards = await self.sampler.group(
+                lease.prompt, group_id, admission_version, tally=tally
+            )
             group = trajectory_group(
                 run=self.run_info.name,
                 worker_id=self.worker_id,
@@ -452,26 +462,28 @@ class RolloutWorker:
             except asyncio.CancelledError:
                 await push
         except GroupRejected as e:
-            await self._hand_back(e.reason, e.detail, lease, requeue=False)
+            await hand_back(e.reason, e.detail, requeue=False)
         except (Shutdown, asyncio.CancelledError):
             if self.groups.cancelled_stale(asyncio.current_task()) and not self.pool.closed:
-                await self._hand_back(
+                await hand_back(
                     "cancelled_stale",  # apart from the trainer's drops ("stale"): never pushed
-                    f"admitted at v{admission_version}, weights now v{self.version}: past eta",
-                    lease,
+                    f"admitted at v{admission_version}, run now at v{self.groups.cancel_version}:"
+                    " past eta",
                     requeue=True,
                 )
             else:
-                await self._hand_back("shutdown", "worker stopping", lease, requeue=True)
+                await hand_back("shutdown", "worker stopping", requeue=True)
         except (SGLangClientError, InvalidInputError) as e:
-            await self._hand_back("inference_error", str(e), lease, requeue=False)
+            await hand_back("inference_error", str(e), requeue=False)
         except Exception as e:
-            await self._hand_back("worker_error", repr(e), lease, requeue=True)
+            await hand_back("worker_error", repr(e), requeue=True)
             raise
 
     async def _push(self, group: TrajectoryGroup, lease: Lease) -> None:
         await self.parts.buffer.put(group)
-        await self.parts.versions.finish(self.worker_id, 1)
+        await self.parts.versions.finish(
+            self.worker_id, 1, version=group.admission_version, tokens=group.num_output_tokens
+        )
         await self.parts.prompts.release(lease)
         c = self.counters
         c.groups_pushed += 1
@@ -482,10 +494,18 @@ class RolloutWorker:
             sys.stderr.flush()
 
     async def _hand_back(
-        self, reason: str, detail: str, lease: Lease | None, requeue: bool
+        self,
+        reason: str,
+        detail: str,
+        lease: Lease | None,
+        requeue: bool,
+        *,
+        version: int | None = None,
+        tokens: int = 0,
     ) -> None:
         c = self.counters
         c.groups_rejected += 1
+        c.wasted_tokens += tokens
         c.rejected_by[reason] = c.rejected_by.get(reason, 0) + 1
         log.log(
             logging.INFO if reason == "shutdown" else logging.WARNING,
@@ -495,7 +515,7 @@ class RolloutWorker:
             lease.prompt.id if lease else None,
             detail,
         )
-        await self.parts.versions.reject(self.worker_id, 1, reason)
+        await self.parts.versions.reject(self.worker_id, 1, reason, version=version, tokens=tokens)
         if lease is not None:
             await self.parts.prompts.release(lease, requeue=requeue)
 

@@ -479,7 +479,9 @@ class Demo:
         self._say(
             f"reward {fmt(s['initial_reward'])} -> {fmt(s['final_reward'])} in "
             f"{s['steps']} steps, {fmt(s['wall_s'], 1)}s; staleness {staleness_line(s)}, "
-            f"dropped {s['dropped_groups']}, {fmt(s['groups_per_s'], 1)} groups/s"
+            f"dropped {s['dropped_groups']}, cancelled {s['cancelled_groups']}, waste "
+            f"{fmt((s['waste_share'] or 0) * 100, 2)}% of generated tokens, "
+            f"{fmt(s['groups_per_s'], 1)} groups/s"
         )
         self._say(f"report: {self.run_dir / 'report' / 'report.md'}")
 

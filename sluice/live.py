@@ -201,7 +201,7 @@ def plain_line(p: Progress, cfg: SluiceConfig) -> str:
         f"[{elapsed:6.1f}s] step {fmt(p.last('step'))}/{cfg.trainer.max_steps} "
         f"v{fmt(snap.get('version'))} reward {fmt(p.last('reward_mean'))} (start {fmt(first)}) "
         f"staleness {staleness_text(p, eta)} "
-        f"dropped {p.dropped()} | gen {fmt(p.gen_rate(), 1)} g/s train {fmt(p.train_rate(), 1)} "
+        f"dropped {p.dropped()} | waste {report.waste_text(p.rows[-1] if p.rows else None)} | gen {fmt(p.gen_rate(), 1)} g/s train {fmt(p.train_rate(), 1)} "
         f"g/s | buffer {fmt(_queued(buf))} queued, {fmt(buf.get('pending'))} unacked | waiting: "
         f"trainer {p.idle_s():.1f}s, worker gate {p.gate_blocked_s():.1f}s"
     )
@@ -236,6 +236,7 @@ def _summary_table(p: Progress, cfg: SluiceConfig, engine: str) -> Any:
         f"{staleness_text(p, snap.get('eta', cfg.staleness.eta))}; last step arrived max "
         f"{fmt(p.last('staleness_max'))}, dropped {p.dropped()}",
     )
+    t.add_row("waste", report.waste_text(p.rows[-1] if p.rows else None))
     t.add_row(
         "throughput",
         f"generated {fmt(p.gen_rate(), 1)} groups/s, trained {fmt(p.train_rate(), 1)} groups/s",

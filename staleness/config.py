@@ -7,9 +7,11 @@ Importing this module does not import torch.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from staleness.auto_eta import AutoEtaSettings
 
 
 class StalenessConfig(BaseModel):
@@ -25,6 +27,56 @@ class StalenessConfig(BaseModel):
     batch_groups: int = Field(
         8, ge=1, le=100_000, description="Groups consumed per train step (B)."
     )
+    auto: bool = Field(
+        False,
+        description="Let the trainer pick eta live (`eta: auto` sets this, starting from "
+        "eta_start): the smallest eta in [0, eta_max] that keeps the trainer's idle share "
+        "under idle_target and the waste under waste_target (docs/staleness.md).",
+    )
+    eta_max: int = Field(8, ge=0, le=1000, description="eta: auto never goes above this.")
+    idle_target: float = Field(
+        0.02, gt=0, lt=1, description="eta: auto: largest share of its time the trainer may wait."
+    )
+    waste_target: float = Field(
+        0.01,
+        gt=0,
+        lt=1,
+        description="eta: auto: largest share of generated tokens that may be thrown away.",
+    )
+    auto_window: int = Field(8, ge=1, description="eta: auto: steps per decision.")
+    auto_retry_after: int = Field(
+        6, ge=0, description="eta: auto: windows before an eta found too small is tried again."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _eta_auto(cls, data: Any) -> Any:
+        """``eta: auto`` is ``auto: true`` starting at ``eta_start`` (default 1)."""
+        if isinstance(data, dict) and data.get("eta") == "auto":
+            data = dict(data)
+            data["eta"] = data.pop("eta_start", 1)
+            data["auto"] = True
+        elif isinstance(data, dict) and "eta_start" in data:
+            raise ValueError("eta_start is only read with eta: auto")
+        return data
+
+    @model_validator(mode="after")
+    def _auto_bounds(self) -> StalenessConfig:
+        if self.auto and self.eta > self.eta_max:
+            raise ValueError(f"eta: auto starts at eta={self.eta}, above eta_max={self.eta_max}")
+        return self
+
+    def auto_settings(self) -> AutoEtaSettings | None:
+        """The settings of ``eta: auto``, or None when eta is fixed."""
+        if not self.auto:
+            return None
+        return AutoEtaSettings(
+            eta_max=self.eta_max,
+            idle_target=self.idle_target,
+            waste_target=self.waste_target,
+            window=self.auto_window,
+            retry_after=self.auto_retry_after,
+        )
 
 
 class LossConfig(BaseModel):

@@ -8,7 +8,9 @@ The version manager (``staleness.version_manager``) runs the same formula inside
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch / numpy stay unimported: the version manager uses this module
@@ -101,3 +103,101 @@ def group_staleness(current_version: int, group: TrajectoryGroup) -> int:
 def past_eta(staleness_: int, eta: int) -> bool:
     """True when a trajectory this stale may not be trained (``staleness > eta``)."""
     return staleness_ > eta
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """``plan_batch``'s answer: which pooled groups a step takes, which are past eta, and
+    whether the step may go now."""
+
+    take: list[int]
+    """Indices into the pool, earliest expiry first: at most ``take`` of them."""
+    expired: list[int]
+    """Indices of pooled groups already past eta: dropped, never trained."""
+    ready: bool
+    """The batch is full and no group, pooled or still being generated, will expire for want
+    of a step: every one can still be trained in time (given that it arrives)."""
+    short: int
+    """How many more groups the step lacks (in count, or by the expiry rule); 0 when ready."""
+
+
+def plan_batch(
+    oldest: Sequence[int],
+    inflight: Mapping[int, int],
+    *,
+    version: int,
+    eta: int,
+    take: int,
+    steps_to_publish: int = 1,
+    publish_every: int = 1,
+    inflight_share: float = 1.0,
+    narrowed: tuple[int, int] | None = None,
+) -> BatchPlan:
+    """Which of the pooled groups the trainer trains now, earliest expiry first, and whether
+    it must wait for more (``trainer.data``; docs/staleness.md, "No waste at steady state").
+
+    ``oldest[i]`` is the oldest version of pooled group ``i`` (its oldest token, or its
+    admission version); it may be trained while the trainer's version is at most
+    ``oldest + eta``: its *expiry*. ``inflight`` maps admission versions to the groups still
+    being generated (``VersionManager.inflight_by_version``); their tokens are no older than
+    their admission, so their expiry is at most ``admission + eta`` (they are counted with
+    that bound, times ``inflight_share``, this rank's share of them under data parallelism).
+    The step at ``version`` trains ``take`` groups; the version moves on after
+    ``steps_to_publish`` steps (this one included) and then every ``publish_every`` steps.
+
+    The rule (earliest-deadline-first with a hold): the groups that expire at ``version + j``
+    or earlier, ``D_j`` of them (pooled plus in flight), fit in the ``s_j = steps_to_publish +
+    j * publish_every`` steps left before that version passes; the later steps hold
+    ``(s_j - 1) * take`` of them, so this step must take at least ``D_j - (s_j - 1) * take``.
+    The batch is the ``take`` earliest-expiring pooled groups; it is ``ready`` when it holds
+    ``take`` groups and meets every such need. When it is not, the groups the need counts are
+    still in flight, and waiting for them (bounded by the caller) is what keeps them from
+    expiring: the trainer is the only thing that moves the version. With every group arriving
+    and the gate's ``(eta + 1) * B`` bound, the need never exceeds one batch, so a trainer that
+    waits whenever ``ready`` is False drops nothing (``tests/unit/staleness/test_plan_batch.py``
+    checks it on random schedules).
+
+    ``narrowed = (from_version, new_eta)`` while eta is being lowered (the gate admits with
+    ``new_eta`` since ``from_version``, ``eta`` stays the bound until the older groups are out
+    of reach: ``VersionManager.narrow_admission``): groups of version ``from_version`` or
+    later are planned to be trained within ``new_eta`` (a group past it but within ``eta`` is
+    overdue and goes first), so that none is past ``new_eta`` once it becomes the bound; only
+    a group past ``eta`` is expired.
+    """
+    if take < 1 or eta < 0 or steps_to_publish < 1 or publish_every < 1:
+        raise ValueError(
+            f"plan_batch: take={take}, eta={eta}, steps_to_publish={steps_to_publish}, "
+            f"publish_every={publish_every}: take, steps and publish_every must be >= 1, eta >= 0"
+        )
+    expired = [i for i, o in enumerate(oldest) if past_eta(staleness(version, [o]), eta)]
+    gone = set(expired)
+
+    def expiry(o: int) -> int:  # a group past its planned eta, within the bound: due now
+        e = eta if narrowed is None or o < narrowed[0] else min(eta, narrowed[1])
+        return max(o + e, version)
+
+    order = sorted((expiry(o), o, i) for i, o in enumerate(oldest) if i not in gone)
+    batch = [i for _, _, i in order[:take]]
+    # Expiries, pooled and in flight (in flight: at most admission + eta; those already past
+    # the bound are lost and are not waited for).
+    due: dict[int, float] = {}
+    for o in (oldest[i] for i in range(len(oldest)) if i not in gone):
+        due[expiry(o)] = due.get(expiry(o), 0.0) + 1
+    for v, c in inflight.items():
+        if c > 0 and v + eta >= version:
+            due[expiry(v)] = due.get(expiry(v), 0.0) + c * inflight_share
+    taken_exp = sorted(expiry(oldest[i]) for i in batch)
+    short = max(0, take - len(batch))
+    cum = 0.0
+    for e in sorted(due):
+        cum += due[e]
+        j = e - version
+        steps = steps_to_publish + j * publish_every
+        need = math.ceil(cum - 1e-9) - (steps - 1) * take
+        if need <= 0:
+            continue
+        have = sum(1 for x in taken_exp if x <= e)
+        # More due than one batch holds: some expire whatever the trainer does; waiting
+        # cannot save them, so it asks for no more than a full batch of them.
+        short = max(short, min(need, take) - have)
+    return BatchPlan(take=batch, expired=expired, ready=short == 0, short=short)

@@ -9,6 +9,7 @@ counters read, the formula the admission script runs.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -132,6 +133,10 @@ class GateSnapshot:
     weights: WeightEvent | None
     time: float
     """Redis server time of the snapshot."""
+    eta_auto: dict[str, Any] | None = None
+    """``staleness.eta: auto``'s settings (``eta_max``, targets) while it runs eta; None: fixed."""
+    eta_admit: int | None = None
+    """While eta is being lowered: the eta admission already uses (``narrow_admission``)."""
     inflight_total: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -142,6 +147,8 @@ class GateSnapshot:
             "run": self.run,
             "version": self.version,
             "eta": self.eta,
+            "eta_auto": self.eta_auto,
+            "eta_admit": self.eta_admit,
             "batch_groups": self.batch_groups,
             "admitted": self.admitted,
             "finished": self.finished,
@@ -198,6 +205,8 @@ def gate_snapshot(run: str, replies: Sequence[Any]) -> GateSnapshot:
     inflight = {decode(w): int(n) for w, n in infl.items()}
     workers = worker_infos(expiry, seen, inflight, now_s)
     eta, b = int(settings[b"eta"]), int(settings[b"batch_groups"])
+    eta_admit = int(settings[b"eta_admit"]) if settings.get(b"eta_admit") else None
+    gate_eta = eta if eta_admit is None else min(eta, eta_admit)
     version, admitted, rejected = gi("version"), gi("admitted"), gi("rejected")
     return GateSnapshot(
         run=run,
@@ -210,8 +219,20 @@ def gate_snapshot(run: str, replies: Sequence[Any]) -> GateSnapshot:
         rejected_by={decode(r): int(n) for r, n in rej.items()},
         inflight=inflight,
         late=gi("late"),
-        capacity=admission_capacity(version, eta, b, admitted, rejected),
+        capacity=admission_capacity(version, gate_eta, b, admitted, rejected),
         workers=workers,
         weights=WeightEvent.from_fields(weights) if weights else None,
         time=now_s,
+        eta_auto=_json_or_none(settings.get(b"eta_auto")),
+        eta_admit=eta_admit,
     )
+
+
+def _json_or_none(raw: Any) -> dict[str, Any] | None:
+    if not raw:
+        return None
+    try:
+        out = json.loads(decode(raw))
+    except ValueError:
+        return None
+    return out if isinstance(out, dict) else None

@@ -53,24 +53,33 @@ return {1, eta, redis.call('HGET', KEYS[1], 'batch_groups')}
 
 # The staleness gate: admits k = min(n, capacity) with
 #   capacity = max(0, (version + eta + 1) * batch_groups - (admitted - rejected))
+# where eta is the smaller of the settings' eta and eta_admit (present while eta is being
+# lowered: admission narrows first, the bound follows once the older groups are trained)
 # (the same formula as staleness.gate.admission_capacity) and books the k slots on the worker
 # in the same step, registering it as alive for the default ttl if it never heart-beat or its
 # heartbeat expired (a worker asking for room is alive: its new slots are not reaped at once).
 # Keeps, however many workers call at once: after any admission
 # admitted - rejected <= (version + eta + 1) * batch_groups, and
 # admitted == finished + rejected + sum(inflight).
-# KEYS: settings, gate, inflight, expiry, seen, request. ARGV: worker, n, default ttl ms,
-# request ttl s. Returns k.
+# A call granted less than it asked for counts in 'refused' (the gate held a worker back:
+# ``staleness.eta: auto`` reads it). The k slots are also booked under the version they were
+# admitted at (``inflight_at``, field
+# ``worker|version``), so the trainer knows how many groups of each admission version are still
+# being generated (it waits for the ones that would otherwise expire: trainer.data).
+# KEYS: settings, gate, inflight, expiry, seen, request, inflight_at. ARGV: worker, n, default
+# ttl ms, request ttl s. Returns {k, version}.
 ADMIT_LUA = """
 local done = redis.call('GET', KEYS[6])
-if done then return tonumber(done) end
-local s = redis.call('HMGET', KEYS[1], 'eta', 'batch_groups')
+if done then return cjson.decode(done) end
+local s = redis.call('HMGET', KEYS[1], 'eta', 'batch_groups', 'eta_admit')
 if not s[1] then return redis.error_reply('SLUICE_NORUN run settings are missing') end
+local e = tonumber(s[1])
+if s[3] then e = math.min(e, tonumber(s[3])) end
 local g = redis.call('HMGET', KEYS[2], 'version', 'admitted', 'rejected')
 local v = tonumber(g[1] or '0')
 local a = tonumber(g[2] or '0')
 local r = tonumber(g[3] or '0')
-local cap = (v + tonumber(s[1]) + 1) * tonumber(s[2]) - (a - r)
+local cap = (v + e + 1) * tonumber(s[2]) - (a - r)
 if cap < 0 then cap = 0 end
 local k = math.min(tonumber(ARGV[2]), cap)
 local t = redis.call('TIME')
@@ -83,25 +92,72 @@ end
 if k > 0 then
   redis.call('HINCRBY', KEYS[2], 'admitted', k)
   redis.call('HINCRBY', KEYS[3], ARGV[1], k)
+  redis.call('HINCRBY', KEYS[7], ARGV[1] .. '|' .. v, k)
 end
-redis.call('SET', KEYS[6], k, 'EX', ARGV[4])
-return k
+if k < tonumber(ARGV[2]) then redis.call('HINCRBY', KEYS[2], 'refused', 1) end
+local out = {k, v}
+redis.call('SET', KEYS[6], cjson.encode(out), 'EX', ARGV[4])
+return out
+"""
+
+TAKE_AT = """
+-- Removes k of worker w's slots from the per-version book: version v first ('' = unknown),
+-- then the worker's oldest versions.
+local function take_at(key, w, v, k)
+  if k <= 0 then return end
+  local pre = w .. '|'
+  if v ~= '' then
+    local f = pre .. v
+    local have = tonumber(redis.call('HGET', key, f) or '0')
+    local d = math.min(have, k)
+    if d > 0 then
+      if have == d then redis.call('HDEL', key, f) else redis.call('HINCRBY', key, f, -d) end
+      k = k - d
+    end
+  end
+  if k <= 0 then return end
+  local vs = {}
+  for _, f in ipairs(redis.call('HKEYS', key)) do
+    if string.sub(f, 1, #pre) == pre then
+      local x = tonumber(string.sub(f, #pre + 1))
+      if x then table.insert(vs, x) end
+    end
+  end
+  table.sort(vs)
+  for _, x in ipairs(vs) do
+    if k <= 0 then break end
+    local f = pre .. x
+    local have = tonumber(redis.call('HGET', key, f) or '0')
+    local d = math.min(have, k)
+    if have == d then redis.call('HDEL', key, f) else redis.call('HINCRBY', key, f, -d) end
+    k = k - d
+  end
+end
 """
 
 # Moves up to n of the worker's held slots to finished or rejected (by reason); the excess
 # (slots reap already returned) is counted in 'late', never in finished or rejected, so a slot
 # is released once. Keeps admitted == finished + rejected + sum(inflight).
-# KEYS: gate, inflight, rejected_by, request. ARGV: worker, n, 'finish' | 'reject', reason,
-# request ttl s. Returns how many were moved.
-RELEASE_LUA = """
+# The slots leave the per-version book too (their admission version ARGV[6], '' when the
+# caller does not say: then the worker's oldest). ARGV[7] generated tokens: counted in the
+# tokens hash, as 'pushed' (finish) or 'rejected:<reason>' (reject: generated, never pushed).
+# KEYS: gate, inflight, rejected_by, request, inflight_at, tokens. ARGV: worker, n,
+# 'finish' | 'reject', reason, request ttl s, admission version or '', tokens.
+# Returns how many were moved.
+RELEASE_LUA = (
+    """
 local done = redis.call('GET', KEYS[4])
 if done then return tonumber(done) end
+"""
+    + TAKE_AT
+    + """
 local held = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
 local n = tonumber(ARGV[2])
 local k = math.min(n, held)
 if k > 0 then
   if held == k then redis.call('HDEL', KEYS[2], ARGV[1])
   else redis.call('HINCRBY', KEYS[2], ARGV[1], -k) end
+  take_at(KEYS[5], ARGV[1], ARGV[6], k)
   if ARGV[3] == 'finish' then
     redis.call('HINCRBY', KEYS[1], 'finished', k)
   else
@@ -109,15 +165,22 @@ if k > 0 then
     redis.call('HINCRBY', KEYS[3], ARGV[4], k)
   end
 end
+local tok = tonumber(ARGV[7] or '0') or 0
+if tok > 0 then
+  redis.call('HINCRBY', KEYS[6], ARGV[3] == 'finish' and 'pushed' or ('rejected:' .. ARGV[4]), tok)
+end
 if n > k then redis.call('HINCRBY', KEYS[1], 'late', n - k) end
 redis.call('SET', KEYS[4], k, 'EX', ARGV[5])
 return k
 """
+)
 
 # Finished groups the trainer dropped (over-stale) hand their slots back: finished -= k,
 # rejected += k, so the gate's capacity they held comes back. Never more than were finished,
 # so finished stays >= 0 and admitted == finished + rejected + sum(inflight) holds.
-# KEYS: gate, rejected_by, request. ARGV: n, reason, request ttl s.
+# ARGV[4]: the dropped groups' tokens, counted as 'dropped:<reason>' in the tokens hash (they
+# were pushed: already in 'pushed').
+# KEYS: gate, rejected_by, request, tokens. ARGV: n, reason, request ttl s, tokens.
 # Returns k = min(n, finished).
 DROP_LUA = """
 local done = redis.call('GET', KEYS[3])
@@ -129,6 +192,8 @@ if k > 0 then
   redis.call('HINCRBY', KEYS[1], 'rejected', k)
   redis.call('HINCRBY', KEYS[2], ARGV[2], k)
 end
+local tok = tonumber(ARGV[4] or '0') or 0
+if tok > 0 then redis.call('HINCRBY', KEYS[4], 'dropped:' .. ARGV[2], tok) end
 redis.call('SET', KEYS[3], k, 'EX', ARGV[3])
 return k
 """
@@ -136,9 +201,12 @@ return k
 # Workers whose heartbeat expired, and holders of slots with no heartbeat at all, are removed;
 # their slots are rejected with the given reason. Atomic, so any number of processes may reap
 # at once and each slot is returned once; admitted == finished + rejected + sum(inflight) holds.
-# KEYS: gate, inflight, rejected_by, expiry, seen. ARGV: reason.
+# The dead workers' entries of the per-version book go with them.
+# KEYS: gate, inflight, rejected_by, expiry, seen, inflight_at. ARGV: reason.
 # Returns {worker, slots, worker, slots, ...}.
-REAP_LUA = """
+REAP_LUA = (
+    TAKE_AT
+    + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local dead = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', '(' .. now)
@@ -153,6 +221,7 @@ for _, w in ipairs(dead) do
     redis.call('HINCRBY', KEYS[3], ARGV[1], n)
   end
   redis.call('HDEL', KEYS[2], w)
+  take_at(KEYS[6], w, '', 1e15)
   redis.call('ZREM', KEYS[4], w)
   redis.call('HDEL', KEYS[5], w)
   table.insert(out, w)
@@ -160,6 +229,7 @@ for _, w in ipairs(dead) do
 end
 return out
 """
+)
 
 # The worker is alive until now + ttl (Redis clock): sets its expiry and its last-seen time
 # together. KEYS: expiry, seen. ARGV: worker, ttl ms. Returns now (ms).
@@ -247,12 +317,18 @@ redis.call('HSET', KEYS[1], 'version', ARGV[1], 'location', ARGV[2], 'fmt', ARGV
 return 1
 """
 
-# Changes the run's eta (the only setting that may change), only on a run that exists.
+# Redis's clock, read inside a transaction of the run's keys (a snapshot). KEYS: any key of the
+# run (it only routes the call to the run's node on a cluster). Returns {seconds, microseconds}.
+TIME_LUA = "return redis.call('TIME')"
+
+# Changes the run's eta (the only setting that may change), only on a run that exists; ends
+# a lowering in progress (eta_admit).
 # KEYS: settings. ARGV: eta. Returns the previous eta.
 SET_ETA_LUA = """
 local old = redis.call('HGET', KEYS[1], 'eta')
 if not old then return redis.error_reply('SLUICE_NORUN run settings are missing') end
 redis.call('HSET', KEYS[1], 'eta', ARGV[1])
+redis.call('HDEL', KEYS[1], 'eta_admit')
 return old
 """
 

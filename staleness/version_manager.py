@@ -108,6 +108,7 @@ __all__ = [
     "EVENTS_MAXLEN",
     "REQUEST_TTL_S",
     "WORKER_DEAD",
+    "Admission",
     "GateSnapshot",
     "RunFinished",
     "RunNotFound",
@@ -115,6 +116,7 @@ __all__ = [
     "SyncServer",
     "VersionError",
     "VersionManager",
+    "Waste",
     "WeightEvent",
     "WorkerInfo",
     "list_runs",
@@ -152,6 +154,40 @@ async def list_runs(client: aioredis.Redis) -> list[str]:
         except ValueError:
             continue
     return sorted(runs)
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What ``VersionManager.admit`` granted: ``slots`` groups, admitted at ``version``."""
+
+    slots: int
+    version: int
+
+
+@dataclass(frozen=True)
+class Waste:
+    """``VersionManager.waste``: generated tokens (``pushed``; ``rejected:<reason>`` for groups a
+    worker handed back before their push, ``dropped:<reason>`` for pushed groups the trainer
+    dropped) and the slots handed back per reason."""
+
+    tokens: dict[str, int]
+    groups: dict[str, int]
+    refused: int = 0
+    """Admission calls the gate granted less than asked (a worker held back by eta)."""
+
+    @property
+    def generated_tokens(self) -> int:
+        """Tokens pushed, plus those of groups handed back before their push."""
+        return sum(v for k, v in self.tokens.items() if k == "pushed" or k.startswith("rejected:"))
+
+    @property
+    def wasted_tokens(self) -> int:
+        """Tokens of groups never trained: handed back by a worker or dropped by the trainer."""
+        return sum(v for k, v in self.tokens.items() if k != "pushed")
+
+    def wasted_by(self) -> dict[str, int]:
+        """Wasted tokens by cause (``rejected:cancelled_stale``, ``dropped:stale``, ...)."""
+        return {k: v for k, v in self.tokens.items() if k != "pushed" and v}
 
 
 @dataclass(frozen=True)
@@ -207,6 +243,9 @@ class VersionManager:
         self.k_gate = keys.gate(run)
         self.k_rejected_by = keys.gate_rejected_by(run)
         self.k_inflight = keys.gate_inflight(run)
+        self.k_inflight_at = keys.gate_inflight_at(run)
+        self.k_tokens = keys.gate_tokens(run)
+        self.k_eta_changes = keys.eta_changes(run)
         self.k_expiry = keys.worker_expiry(run)
         self.k_seen = keys.workers_seen(run)
         self.k_weights = keys.weights(run)
@@ -517,15 +556,23 @@ class VersionManager:
     # ------------------------------------------------------------------ admission gate
     async def try_admit(self, worker_id: str, n: int = 1) -> int:
         """Admit up to ``n`` new groups for ``worker_id`` within the staleness gate; returns how
-        many (0..n). One atomic Lua step: ``min(n, capacity)`` with ``capacity`` as in
+        many (0..n). ``admit`` also says the version they were admitted at."""
+        return (await self.admit(worker_id, n)).slots
+
+    async def admit(self, worker_id: str, n: int = 1) -> Admission:
+        """Admit up to ``n`` new groups for ``worker_id`` within the staleness gate: how many
+        (0..n) and the version they were admitted at (the gate's version in the same atomic
+        step, so a worker never labels a group newer than the capacity that let it in). One
+        atomic Lua step: ``min(n, capacity)`` with ``capacity`` as in
         ``staleness.gate.admission_capacity``; the slots are booked on the worker (which is
         registered as alive for ``default_worker_ttl`` if it never heart-beat or its heartbeat
-        expired: a worker asking for room is alive). Every admitted slot must later be
-        ``finish``-ed or ``reject``-ed, or ``reap`` returns it."""
+        expired: a worker asking for room is alive) and under their admission version
+        (``inflight_by_version``). Every admitted slot must later be ``finish``-ed or
+        ``reject``-ed, or ``reap`` returns it."""
         check_worker(worker_id)
         check_count("try_admit", n)
         if n == 0:
-            return 0
+            return Admission(0, await self.version())
         ttl_ms = max(1, round(self.default_worker_ttl * 1000))
         res = await self._call(
             self._admit,
@@ -536,55 +583,116 @@ class VersionManager:
                 self.k_expiry,
                 self.k_seen,
                 self._request_key(),
+                self.k_inflight_at,
             ],
             [worker_id, n, ttl_ms, REQUEST_TTL_S],
             what=f"admit {n} for {worker_id}",
         )
-        return int(res)
+        return Admission(int(res[0]), int(res[1]))
 
-    async def finish(self, worker_id: str, n: int = 1) -> int:
+    async def finish(
+        self, worker_id: str, n: int = 1, *, version: int | None = None, tokens: int = 0
+    ) -> int:
         """``n`` of the worker's groups were pushed: their slots become finished. Returns how many
         the worker still held (fewer if ``reap`` already returned them; the rest counts as
-        ``late``: their groups are in the buffer but the trainer's staleness check guards it)."""
+        ``late``: their groups are in the buffer but the trainer's staleness check guards it).
+        ``version``: their admission version (they leave ``inflight_by_version`` there; None:
+        the worker's oldest); ``tokens``: the tokens they carry (``token_counts``)."""
         check_worker(worker_id)
         check_count("finish", n)
-        return int(
-            await self._call(
-                self._release,
-                [self.k_gate, self.k_inflight, self.k_rejected_by, self._request_key()],
-                [worker_id, n, "finish", "", REQUEST_TTL_S],
-                what=f"finish {n} for {worker_id}",
-            )
-        )
+        return await self._release_slots(worker_id, n, "finish", "", version, tokens)
 
-    async def reject(self, worker_id: str, n: int = 1, reason: str = "rejected") -> int:
+    async def reject(
+        self,
+        worker_id: str,
+        n: int = 1,
+        reason: str = "rejected",
+        *,
+        version: int | None = None,
+        tokens: int = 0,
+    ) -> int:
         """Hand ``n`` of the worker's slots back (reward filter, failure, ...): counted as rejected,
-        by ``reason``. Returns how many the worker still held (see ``finish``)."""
+        by ``reason``. Returns how many the worker still held (see ``finish``). ``tokens``: what
+        had been generated for them, counted as wasted under ``reason`` (``token_counts``)."""
         check_worker(worker_id)
         check_count("reject", n)
         check_reason("reject", reason)
+        return await self._release_slots(worker_id, n, "reject", reason, version, tokens)
+
+    async def _release_slots(
+        self, worker_id: str, n: int, how: str, reason: str, version: int | None, tokens: int
+    ) -> int:
+        check_count("tokens", tokens)
         return int(
             await self._call(
                 self._release,
-                [self.k_gate, self.k_inflight, self.k_rejected_by, self._request_key()],
-                [worker_id, n, "reject", reason, REQUEST_TTL_S],
-                what=f"reject {n} for {worker_id}",
+                [
+                    self.k_gate,
+                    self.k_inflight,
+                    self.k_rejected_by,
+                    self._request_key(),
+                    self.k_inflight_at,
+                    self.k_tokens,
+                ],
+                [
+                    worker_id,
+                    n,
+                    how,
+                    reason,
+                    REQUEST_TTL_S,
+                    "" if version is None else version,
+                    tokens,
+                ],
+                what=f"{how} {n} for {worker_id}",
             )
         )
 
-    async def drop(self, n: int = 1, reason: str = "stale") -> int:
+    async def drop(self, n: int = 1, reason: str = "stale", *, tokens: int = 0) -> int:
         """The trainer dropped ``n`` finished groups (over-stale, undecodable): their slots move
         from finished to rejected, so the capacity they held comes back. Without this, every
-        dropped group would shrink the gate's capacity for good. Returns how many moved."""
+        dropped group would shrink the gate's capacity for good. ``tokens``: the tokens they
+        carried, counted as wasted under ``reason``. Returns how many moved."""
         check_count("drop", n)
+        check_count("tokens", tokens)
         check_reason("drop", reason)
         return int(
             await self._call(
                 self._drop,
-                [self.k_gate, self.k_rejected_by, self._request_key()],
-                [n, reason, REQUEST_TTL_S],
+                [self.k_gate, self.k_rejected_by, self._request_key(), self.k_tokens],
+                [n, reason, REQUEST_TTL_S, tokens],
                 what=f"drop {n}",
             )
+        )
+
+    async def inflight_by_version(self) -> dict[int, int]:
+        """Slots admitted and not yet finished or handed back, by admission version (every
+        worker's together): the groups still being generated."""
+        raw = await self._retry(lambda: self.redis.hgetall(self.k_inflight_at), "inflight")
+        out: dict[int, int] = {}
+        for f, c in raw.items():
+            _w, _, v = decode(f).rpartition("|")
+            try:
+                out[int(v)] = out.get(int(v), 0) + int(c)
+            except ValueError:
+                continue
+        return {v: c for v, c in out.items() if c > 0}
+
+    async def waste(self) -> Waste:
+        """The run's generated tokens and what was thrown away, with the slots handed back by
+        reason (one MULTI)."""
+
+        async def op() -> list[Any]:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hgetall(self.k_tokens)
+                pipe.hgetall(self.k_rejected_by)
+                pipe.hget(self.k_gate, "refused")
+                return list(await pipe.execute())
+
+        tok, rej, refused = await self._retry(op, "read waste")
+        return Waste(
+            tokens={decode(k): int(v) for k, v in tok.items()},
+            groups={decode(k): int(v) for k, v in rej.items()},
+            refused=int(refused or 0),
         )
 
     async def current_eta(self) -> int:
@@ -599,12 +707,65 @@ class VersionManager:
         self.eta = int(raw)
         return self.eta
 
-    async def set_eta(self, eta: int) -> int:
-        """Change the run's staleness limit; the next admission uses it. Returns the old value."""
+    async def set_eta(self, eta: int, *, why: dict[str, Any] | None = None) -> int:
+        """Change the run's staleness limit; the next admission uses it. Returns the old value.
+        ``why``: the measurements behind the change (``staleness.eta: auto``), logged with it
+        in the run's eta changes (``eta_changes``)."""
         check_setting("eta", eta, 0)
         old = int(await self._call(self._set_eta, [self.k_settings], [eta], what="set eta"))
         self.eta = eta
+        if why is not None and old != eta:
+            entry = json.dumps({"from": old, "to": eta, "time": time.time(), **why})
+            await self._retry(
+                lambda: self.redis.xadd(self.k_eta_changes, {"d": entry}, maxlen=1000),
+                "log eta change",
+            )
         return old
+
+    async def narrow_admission(self, eta: int, *, why: dict[str, Any] | None = None) -> None:
+        """The first half of lowering eta without waste: admit as if eta were ``eta`` (the
+        gate uses the smaller of the two) while the bound stays the run's eta, until
+        ``set_eta`` makes ``eta`` the bound too (and ends the narrowing). Groups admitted
+        before stay trainable under the eta they were admitted under; those admitted after
+        fit the new one."""
+        check_setting("eta", eta, 0)
+        await self._retry(
+            lambda: self.redis.hset(self.k_settings, "eta_admit", eta), "narrow admission"
+        )
+        if why is not None:
+            entry = json.dumps({"admit": eta, "time": time.time(), **why})
+            await self._retry(
+                lambda: self.redis.xadd(self.k_eta_changes, {"d": entry}, maxlen=1000),
+                "log eta change",
+            )
+
+    async def set_eta_auto(self, settings: dict[str, Any] | None) -> None:
+        """Mark the run's eta as run by ``staleness.eta: auto`` with these ``settings`` (shown
+        by ``sluice status``), or as fixed again (None)."""
+
+        async def op() -> Any:
+            if settings is None:
+                return await self.redis.hdel(self.k_settings, "eta_auto")
+            return await self.redis.hset(self.k_settings, "eta_auto", json.dumps(settings))
+
+        await self._retry(op, "set eta auto")
+
+    async def eta_changes(self, count: int = 20) -> list[dict[str, Any]]:
+        """The newest ``count`` changes ``staleness.eta: auto`` made, oldest first, each with
+        the measurements behind it."""
+        rows = await self._retry(
+            lambda: self.redis.xrevrange(self.k_eta_changes, count=count), "read eta changes"
+        )
+        out: list[dict[str, Any]] = []
+        for _id, fields in reversed(rows or []):
+            raw = (fields or {}).get(b"d") or (fields or {}).get("d")
+            try:
+                entry = json.loads(decode(raw)) if raw else None
+            except ValueError:
+                continue
+            if isinstance(entry, dict):
+                out.append(entry)
+        return out
 
     # ------------------------------------------------------------------ worker liveness
     async def heartbeat(self, worker_id: str, ttl: float = DEFAULT_WORKER_TTL) -> None:
@@ -625,7 +786,14 @@ class VersionManager:
         may call it concurrently and a slot is returned once. Returns {worker: slots returned}."""
         res = await self._call(
             self._reap,
-            [self.k_gate, self.k_inflight, self.k_rejected_by, self.k_expiry, self.k_seen],
+            [
+                self.k_gate,
+                self.k_inflight,
+                self.k_rejected_by,
+                self.k_expiry,
+                self.k_seen,
+                self.k_inflight_at,
+            ],
             [WORKER_DEAD],
             what="reap dead workers",
         )
@@ -701,7 +869,9 @@ class VersionManager:
                 pipe.zrange(self.k_expiry, 0, -1, withscores=True)
                 pipe.hgetall(self.k_seen)
                 pipe.hgetall(self.k_weights)
-                pipe.time()
+                # TIME through a script on a key of the run: it runs on the run's node (a
+                # keyless TIME cannot join a transaction on a Redis Cluster).
+                pipe.execute_command("EVAL", scripts.TIME_LUA, 1, self.k_gate)
                 return list(await pipe.execute())
 
         return gate_snapshot(self.run, await self._retry(op, "snapshot"))

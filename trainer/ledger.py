@@ -39,7 +39,13 @@ class StepBatch:
     replay: bool
     """True for a recorded step replayed after a crash."""
     idle_s: float = 0.0
-    """Seconds the blocking read waited for these groups."""
+    """Seconds the step waited for these groups."""
+    hold_s: float = 0.0
+    """Of ``idle_s``, the seconds it waited with a full batch, for groups that would otherwise
+    expire (``trainer.data``)."""
+    early: list[Delivered] = field(default_factory=list)
+    """Pooled groups past eta that the reader dropped (and acked) while it gathered this
+    batch: not in the step's record, counted in its metrics."""
 
 
 @dataclass(frozen=True)

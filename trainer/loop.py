@@ -39,6 +39,9 @@ from typing import Any
 
 import torch
 
+from staleness.auto_eta import EtaController, StepSample
+from staleness.gate import group_staleness
+from staleness.version_manager import Waste
 from trainer.batch import samples_from_groups
 from trainer.checkpoint import CheckpointSnapshot, snapshot_checkpoint, write_checkpoint
 from trainer.config import TrainerArgs, TrainerConfig, TrainerError
@@ -46,11 +49,13 @@ from trainer.crash import crash_if
 from trainer.data import Judged
 from trainer.ledger import Covered, StepBatch, covered_by
 from trainer.metrics import (
+    HIST,
     Phases,
     StepCounts,
     StepRecord,
     device_peak_flops,
     eval_event,
+    hist_bucket,
     perf_fields,
     progress_record,
     step_row,
@@ -115,6 +120,16 @@ class Trainer:
         self.model_files = model_files(parts.model_dir)
         """The starting model's non-weight files, copied into every checkpoint's ``model/``."""
         self.last_row: dict[str, Any] | None = None
+        self.eta = args.eta
+        """The run's eta as the loop last read it (``sluice run set-eta`` and ``eta: auto``
+        change it live)."""
+        self.auto: EtaController | None = None
+        """Rank 0 with ``staleness.eta: auto``: picks the run's eta from the steps."""
+        self.lowering: tuple[int, int, dict[str, Any], int] | None = None
+        """A lowering of eta in progress: (new eta, the version from which it is the bound,
+        the measurements behind it, the version admission narrowed at)."""
+        self._lowering_bound = args.eta
+        """The bound when the lowering began (another value later: someone ran set-eta)."""
 
     async def close(self) -> None:
         await self.buf.close()
@@ -239,6 +254,7 @@ class Trainer:
         if self.dist.rank == 0:  # a run trained again is not finished (workers go on)
             await self.vm.clear_finished()
         await self._progress("running")
+        await self._start_auto()
         if self.tc.threads:
             torch.set_num_threads(self.tc.threads)
         train_model: Any = self.model
@@ -254,7 +270,9 @@ class Trainer:
         reached = False
         t_start = time.time()
         while self.st.step < self.max_steps:
-            batch = await self.reader.next_batch()
+            self.eta = await self.clock(self.ledger.eta())
+            narrowed = None if self.lowering is None else (self.lowering[3], self.lowering[0])
+            batch = await self.reader.next_batch(self.eta, narrowed)
             stop = self._reduce([1.0 if (self.stop.requested or batch is None) else 0.0], "max")
             if stop[0] or batch is None:
                 break
@@ -287,6 +305,86 @@ class Trainer:
         await self._progress("finished" if self._ended() else "stopped")
         return taken
 
+    async def _start_auto(self) -> None:
+        """Rank 0 with ``eta: auto``: mark the run's eta as auto (``sluice status``) and start
+        the controller from the run's eta now."""
+        settings = self.args.eta_auto
+        if settings is None or self.dist.rank != 0:
+            return
+        eta = await self.clock(self.ledger.eta())
+        self.auto = EtaController(settings, eta)
+        await self.clock(self.vm.set_eta_auto(settings.as_dict()))
+        if self.auto.eta != eta:  # the run's eta was above eta_max
+            await self.clock(self.vm.set_eta(self.auto.eta, why={"rule": "clamp to eta_max"}))
+        log.info("eta: auto (%s), starting at %d", settings.as_dict(), self.auto.eta)
+
+    async def _tune_eta(self, step_s: float, batch: StepBatch, waste: Waste | None) -> None:
+        """Rank 0 with ``eta: auto``: feed the step to the controller and apply its decision
+        (logged in the run's eta changes with its measurements, and in metrics.jsonl). A
+        rise applies at once; a lowering narrows admission first and lowers the bound only
+        once every group admitted before is past the old eta's reach (``narrow_admission``),
+        so lowering eta expires no group that was admitted under the higher one."""
+        if self.auto is None or waste is None:
+            return
+        if self.lowering is not None and self.eta != self._lowering_bound:
+            self.lowering = None  # `sluice run set-eta` during a lowering: the user's eta wins
+        if self.lowering is None and self.auto.eta != self.eta:  # `sluice run set-eta`
+            self.auto.eta = min(self.eta, self.auto.settings.eta_max)
+        if self.lowering is not None and self.st.version >= self.lowering[1]:
+            new, _, why, _ = self.lowering
+            self.lowering = None
+            await self._apply_eta(self.eta, new, {**why, "phase": "bound"})
+        decision = self.auto.observe(
+            StepSample(
+                step=self.st.step,
+                idle_s=batch.idle_s,
+                busy_s=step_s,
+                hold_s=batch.hold_s,
+                generated_tokens=waste.generated_tokens,
+                wasted_tokens=waste.wasted_tokens,
+                refused=waste.refused,
+            )
+        )
+        if decision is None:
+            return
+        if decision.new > decision.old or decision.new >= self.eta:
+            self.lowering = None
+            await self._apply_eta(self.eta, decision.new, decision.why)
+            return
+        if self.lowering is not None:  # one lowering at a time: the next waits for its bound
+            self.auto.eta = self.lowering[0]
+            return
+        # Groups admitted up to now expire at most ``version + eta`` (the bound now): from
+        # the version after that, every group left was admitted under the narrower gate.
+        until = self.st.version + self.eta + 1
+        self.lowering = (decision.new, until, decision.why, self.st.version)
+        self._lowering_bound = self.eta
+        await self.clock(self.vm.narrow_admission(decision.new, why=decision.why))
+        write_event(
+            self.metrics_path,
+            {
+                "event": "eta",
+                "admit": decision.new,
+                "bound": self.eta,
+                "bound_from_version": until,
+                **decision.why,
+            },
+        )
+        log.info(
+            "eta: auto: admission at %d now, the bound %d -> %d from version %d (%s)",
+            decision.new,
+            self.eta,
+            decision.new,
+            until,
+            decision.why,
+        )
+
+    async def _apply_eta(self, old: int, new: int, why: dict[str, Any]) -> None:
+        await self.clock(self.vm.set_eta(new, why=why))
+        self.eta = new
+        write_event(self.metrics_path, {"event": "eta", "from": old, "to": new, **why})
+        log.info("eta: auto: %d -> %d (%s)", old, new, why)
+
     def _ended(self) -> bool:
         """Whether this trainer ended the run (``max_steps``, or its last step reached
         ``reward_target``) rather than stopped (SIGTERM, no more data)."""
@@ -300,7 +398,7 @@ class Trainer:
         t0 = time.monotonic()
         n = self.st.step + 1
         await self.clock(self.ledger.record(n, batch))
-        eta = await self.clock(self.ledger.eta())
+        eta = self.eta
         judged = await self.reader.judge(batch, eta)
         if judged.dropped:
             await self.clock(self.ledger.record(n, batch, judged.dropped))
@@ -336,9 +434,13 @@ class Trainer:
             await self._publish()
         self.phases.publish_s = time.monotonic() - t_pub
         self.crash_hook("after_publish", n)
+        waste = None
         if self.dist.rank == 0:
             await self.clock(self.vm.reap())
-        row = self._log_step(stats, batch, judged, time.monotonic() - t0, t_start)
+            waste = await self.clock(self.vm.waste())
+        step_s = time.monotonic() - t0
+        row = self._log_step(stats, batch, judged, step_s, t_start, eta, waste)
+        await self._tune_eta(step_s, batch, waste)
         if row is not None:
             self.last_row = row
             await self._copy_evals()
@@ -374,11 +476,32 @@ class Trainer:
         judged: Judged,
         step_s: float,
         t_start: float,
+        eta: int,
+        waste: Waste | None,
     ) -> dict[str, Any] | None:
         """Rank 0: the step's metrics row, written and logged (None on other ranks)."""
+        arrived, dead = self.reader.take_arrivals()
+        arrived_hist = [0.0] * HIST
+        for a in arrived:
+            arrived_hist[hist_bucket(a)] += 1
+        trained_hist = [0.0] * HIST
+        for d in judged.kept:
+            trained_hist[hist_bucket(group_staleness(batch.version, d.group))] += 1
         counts = self._reduce(
-            [len(batch.delivered), len(judged.dropped), batch.idle_s, *judged.hist]
+            [
+                len(batch.delivered) + len(batch.early),
+                len(judged.dropped),
+                batch.idle_s,
+                *judged.hist,
+                *arrived_hist,
+                *trained_hist,
+                float(dead),
+                float(judged.dropped_tokens),
+                float(judged.dropped_future),
+            ]
         )
+        tail = counts[3 + HIST :]
+        counts = counts[: 3 + HIST]
         # Trained groups are never stale below 0 (those are dropped): -1 stands for "none".
         trained = trained_staleness_max(batch.version, judged.kept)
         trained_max = self._reduce([-1.0 if trained is None else float(trained)], "max")[0]
@@ -402,6 +525,14 @@ class Trainer:
             idle_s=counts[2],
             hist=counts[3:],
             staleness_max_trained=int(trained_max) if trained_max >= 0 else None,
+            arrived_hist=tail[:HIST],
+            trained_hist=tail[HIST : 2 * HIST],
+            dead_lettered=int(tail[2 * HIST]),
+            dropped_tokens=int(tail[2 * HIST + 1]),
+            dropped_future=int(tail[2 * HIST + 2]),
+            hold_s=batch.hold_s,
+            eta=eta,
+            waste=waste,
         )
         perf = perf_fields(self.phases, stats.tokens, self.params, self.peak_flops)
         perf["weights_via"] = getattr(self.publisher, "last_via", None)

@@ -30,7 +30,7 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -108,8 +108,21 @@ class StepCounts:
     dropped: int
     idle_s: float
     hist: list[float]
-    """Staleness histogram of the groups read (``HIST`` buckets)."""
+    """Staleness histogram of the groups the step took, trained and dropped (``HIST`` buckets)."""
     staleness_max_trained: int | None
+    arrived_hist: list[float] = field(default_factory=lambda: [0.0] * HIST)
+    """Staleness histogram of the groups read from the stream during the step, at the version
+    they were read at."""
+    trained_hist: list[float] = field(default_factory=lambda: [0.0] * HIST)
+    """Staleness histogram of the groups that went into the optimizer step."""
+    dead_lettered: int = 0
+    dropped_tokens: int = 0
+    dropped_future: int = 0
+    hold_s: float = 0.0
+    eta: int | None = None
+    """The eta the step was judged at."""
+    waste: Any = None
+    """The run's ``staleness.version_manager.Waste`` after the step (rank 0), or None."""
 
 
 @dataclass(frozen=True)
@@ -211,11 +224,14 @@ def step_row(
         "dropped": counts.dropped,
         "dropped_total": rec.dropped_total,
         "groups": counts.groups,
+        **staleness_fields(counts),
         # This rank's trained and dropped group ids: a replayed step repeats its row with
         # the same ids; across step numbers a group id appears once (tests/faults).
         "group_ids": [d.group.group_id for d in rec.kept],
         "dropped_group_ids": [
-            d.group.group_id for d in rec.batch.delivered if d.entry_id in dropped_set
+            d.group.group_id
+            for d in [*rec.batch.early, *rec.batch.delivered]
+            if d.entry_id in dropped_set
         ],
         "samples": stats.samples,
         "tokens": stats.tokens,
@@ -241,18 +257,64 @@ def step_row(
     }
 
 
+def _hist_mean(hist: list[float]) -> float | None:
+    n = sum(hist)
+    return sum((i - 1) * c for i, c in enumerate(hist)) / n if n else None
+
+
+def _hist_max(hist: list[float]) -> int | None:
+    return max((i - 1 for i, c in enumerate(hist) if c), default=None)
+
+
+def staleness_fields(counts: StepCounts) -> dict[str, Any]:
+    """The row's staleness and waste accounting (docs/trainer.md lists them): the eta the step
+    was judged at; staleness of the trained groups and of the arrivals apart; this step's drops
+    by cause; the seconds it held for expiring groups; and, from the run's books after the step,
+    the groups handed back by cause and the generated and wasted tokens."""
+    out: dict[str, Any] = {
+        "eta": counts.eta,
+        "staleness_hist_trained": hist_labels(counts.trained_hist),
+        "staleness_mean_trained": _hist_mean(counts.trained_hist),
+        "arrived": int(sum(counts.arrived_hist)),
+        "staleness_hist_arrived": hist_labels(counts.arrived_hist),
+        "staleness_max_arrived": _hist_max(counts.arrived_hist),
+        "dropped_stale": counts.dropped - counts.dropped_future,
+        "dropped_future": counts.dropped_future,
+        "dead_lettered": counts.dead_lettered,
+        "dropped_tokens": counts.dropped_tokens,
+        "hold_s": counts.hold_s,
+    }
+    w = counts.waste
+    if w is not None:
+        gen = w.generated_tokens
+        out.update(
+            {
+                "cancelled_total": w.groups.get("cancelled_stale", 0),
+                "dropped_stale_total": w.groups.get("stale", 0),
+                "dead_letter_total": w.groups.get("dead_letter", 0),
+                "generated_tokens": gen,
+                "wasted_tokens": w.wasted_tokens,
+                "wasted_tokens_by": w.wasted_by(),
+                "waste_share": w.wasted_tokens / gen if gen else 0.0,
+            }
+        )
+    return out
+
+
 def write_step(path: Path, row: dict[str, Any]) -> None:
     """Append ``row`` to ``metrics.jsonl`` and log the step's line."""
     with path.open("a") as f:
         f.write(json.dumps(_clean(row), allow_nan=False) + "\n")
     log.info(
-        "step %s v%d reward %.3f±%.3f loss %.4f stale max %d dropped %d groups %d "
-        "tok/s %.0f idle %.2fs step %.2fs%s",
+        "step %s v%d reward %.3f±%.3f loss %.4f stale trained max %s (eta %s) arrived max %s "
+        "dropped %d groups %d tok/s %.0f idle %.2fs step %.2fs%s",
         steps_text(row["step"], row.get("max_steps")),
         row["version"],
         row["reward_mean"],
         row["reward_std"],
         row["loss"],
+        row.get("staleness_max_trained"),
+        row.get("eta"),
         row["staleness_max"],
         row["dropped"],
         row["groups"],
@@ -316,6 +378,13 @@ def progress_record(
             "tokens_per_s": r.get("tokens_per_s"),
             "groups": r.get("groups"),
             "dropped_total": r.get("dropped_total"),
+            "eta": r.get("eta"),
+            "staleness_max_trained": r.get("staleness_max_trained"),
+            "cancelled_total": r.get("cancelled_total"),
+            "waste_share": r.get("waste_share"),
+            "wasted_tokens": r.get("wasted_tokens"),
+            "generated_tokens": r.get("generated_tokens"),
+            "hold_s": r.get("hold_s"),
             "step_s": r.get("step_s"),
             "idle_s": r.get("idle_s"),
             "step_time": r.get("time"),

@@ -25,6 +25,13 @@ def choose_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
+def set_attention_backends(device: torch.device, cudnn: bool) -> None:
+    """On CUDA, allow or forbid cuDNN's attention kernels for this process (``trainer.
+    cudnn_attention``); flash / memory-efficient attention stay available either way."""
+    if device.type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(cudnn)
+
+
 def check_model_dir(model_path: str) -> Path:
     """``model_path`` as a path, once it holds the version-0 weights; ``TrainerError`` saying
     what is missing otherwise. A trainer checkpoint (``RUN_DIR/checkpoints/step-N``) stands for

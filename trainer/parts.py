@@ -26,7 +26,7 @@ from trainer.crash import CRASH_ENV, crash_if, parse_crash_at
 from trainer.data import GroupReader
 from trainer.ledger import StepLedger
 from trainer.metrics import RedisClock, RunRecords, logged_eval_versions
-from trainer.model import check_model_dir, choose_device
+from trainer.model import check_model_dir, choose_device, set_attention_backends
 from trainer.resume import Restored, restore
 from trainer.step import DistInfo
 from weights.publish import (
@@ -73,6 +73,7 @@ async def open_parts(
     model_path = check_model_dir(args.model_path)
     crash_at = parse_crash_at(os.environ.get(CRASH_ENV))
     device = choose_device(tc.device)
+    set_attention_backends(device, tc.cudnn_attention)
     vm, buf, ledger, restored = await _connect_and_restore(
         tc, args, model_path, resume=resume, dist=dist, device=device
     )
@@ -81,7 +82,16 @@ async def open_parts(
     b, w = args.batch_groups, dist.world_size
     share = b // w + (1 if dist.rank < b % w else 0)
     reader = GroupReader(
-        buf, vm, clock, state, share=share, wait_log_s=tc.wait_log_s, stopped=stopped
+        buf,
+        vm,
+        clock,
+        state,
+        share=share,
+        wait_log_s=tc.wait_log_s,
+        stopped=stopped,
+        hold_max_s=tc.hold_max_s,
+        publish_every=tc.publish_every,
+        world_size=w,
     )
 
     def crash_now(point: str) -> None:

@@ -12,15 +12,21 @@ def finite(x: Any) -> bool:
 
 
 def summarize(gen: float, train: float, runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """``efficiency`` = best async groups/s / min(gen, train) (best over eta >= 1);
-    ``speedup_vs_sync`` = best async / eta 0."""
-    async_runs = [x for x in runs if x["eta"] >= 1]
-    sync = next((x for x in runs if x["eta"] == 0), None)
+    """``efficiency`` = best async groups/s / min(gen, train) (best over fixed eta >= 1);
+    ``speedup_vs_sync`` = best async / eta 0; for the ``auto`` run, its throughput over the best
+    fixed eta's (``auto_vs_best``) and the largest eta it used against that eta + 1 (the
+    issue's goal: within 5% of the best, with eta no larger than best + 1)."""
+    fixed = [x for x in runs if x["eta"] != "auto"]
+    async_runs = [x for x in fixed if x["eta"] >= 1]
+    sync = next((x for x in fixed if x["eta"] == 0), None)
+    auto = next((x for x in runs if x["eta"] == "auto"), None)
     best = max(async_runs, key=lambda x: x["groups_per_s"]) if async_runs else None
     return {
         "efficiency": best["groups_per_s"] / min(gen, train) if best else None,
         "speedup_vs_sync": best["groups_per_s"] / sync["groups_per_s"] if best and sync else None,
         "best_eta": best["eta"] if best else None,
+        "auto_vs_best": auto["groups_per_s"] / best["groups_per_s"] if auto and best else None,
+        "auto_eta_max_used": auto.get("eta_max_used") if auto else None,
     }
 
 
@@ -30,12 +36,15 @@ def plot(path: str, doc: dict[str, Any]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = doc["runs"]
+    auto = next((x for x in doc["runs"] if x["eta"] == "auto"), None)
+    runs = [x for x in doc["runs"] if x["eta"] != "auto"]
     etas = [x["eta"] for x in runs]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
     a.plot(etas, [x["groups_per_s"] for x in runs], "o-", label="pipeline (trained groups/s)")
     a.axhline(doc["gen_ceiling"], color="tab:green", ls="--", label="generation ceiling")
     a.axhline(doc["train_ceiling"], color="tab:red", ls="--", label="training ceiling")
+    if auto is not None and auto.get("eta_mean") is not None:
+        a.plot([auto["eta_mean"]], [auto["groups_per_s"]], "*", ms=12, label="eta: auto (mean eta)")
     a.set_xlabel("staleness limit eta")
     a.set_ylabel("groups / s")
     a.set_ylim(bottom=0)
@@ -64,14 +73,22 @@ def plot(path: str, doc: dict[str, Any]) -> None:
 
 
 def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
-    """``benchmarks.common.print_table``, wide enough for 12 columns when piped."""
+    """``benchmarks.common.print_table``, wide enough for 17 columns when piped."""
     from benchmarks.common import print_table as common_table
 
-    common_table(title, columns, rows, width=160)
+    common_table(title, columns, rows, width=240)
 
 
 COLUMNS = ["eta", "groups/s", "tok/s", "trainer idle", "server idle", "stale mean", "stale max"]
-COLUMNS += ["dropped", "reward", "redis peak KiB", "bound KiB", "buf+gate %"]
+COLUMNS += ["trained max", "dropped", "cancelled", "drop+cancel %", "waste tok %", "hold s"]
+COLUMNS += ["reward", "redis peak KiB", "bound KiB", "buf+gate %"]
+
+
+def _eta_label(x: dict[str, Any]) -> str:
+    if x["eta"] != "auto":
+        return str(x["eta"])
+    mean, top = x.get("eta_mean"), x.get("eta_max_used")
+    return f"auto (mean {mean:.1f}, max {top})" if mean is not None else "auto"
 
 
 def _table_rows(doc: dict[str, Any]) -> list[list[Any]]:
@@ -79,25 +96,33 @@ def _table_rows(doc: dict[str, Any]) -> list[list[Any]]:
     g, t, share = doc["gen_ceiling"], doc["train_ceiling"], doc["buffer_gate_share"]
     gen, train = doc["gen"], doc["train"]
     rows: list[list[Any]] = [
-        ["gen ceiling", g, g * gen["tokens_per_group"], "-", gen["server_idle"] or 0.0] + ["-"] * 7,
+        ["gen ceiling", g, g * gen["tokens_per_group"], "-", gen["server_idle"] or 0.0]
+        + ["-"] * 12,
         ["train ceiling", t, t * train["tokens_per_s"] / train["groups_per_s"]]
-        + ["-"] * 4
-        + [train["dropped"], "-", "-", "-", 100 * share],
+        + ["-"] * 5
+        + [train["dropped"]]
+        + ["-"] * 7
+        + [100 * share],
     ]
     bare = gen.get("bare")
     if bare:  # the server without sluice, at the worker's concurrency
-        rows.insert(1, ["bare decode", "-", bare["tokens_per_s"]] + ["-"] * 9)
+        rows.insert(1, ["bare decode", "-", bare["tokens_per_s"]] + ["-"] * (len(COLUMNS) - 3))
     for x in doc["runs"]:
         rows.append(
             [
-                x["eta"],
+                _eta_label(x),
                 x["groups_per_s"],
                 x["tokens_per_s"],
                 x["trainer_idle"],
                 x["server_idle"] if x["server_idle"] is not None else "-",
                 x["mean_staleness"],
                 x["max_staleness"],
+                x.get("max_staleness_trained", "-"),
                 x["dropped"],
+                x.get("cancelled", "-"),
+                100 * x.get("dropped_or_cancelled_share", 0.0),
+                100 * (x.get("waste_share") or 0.0),
+                x.get("hold_s", 0.0),
                 x["final_reward"],
                 x["redis_peak_bytes"] / 1024,
                 x["redis_bound_bytes"] / 1024,
@@ -125,6 +150,11 @@ def print_results(doc: dict[str, Any]) -> None:
         f"{100 * doc['buffer_gate_share']:.2f}%",
         sep="",
     )
+    if doc.get("auto_vs_best") is not None:
+        print(
+            f"eta: auto: {100 * doc['auto_vs_best']:.1f}% of the best fixed eta's throughput "
+            f"(eta {doc['best_eta']}), largest eta used {doc['auto_eta_max_used']}"
+        )
     gen, train = doc["gen"], doc["train"]
     if gen.get("bare"):
         print(

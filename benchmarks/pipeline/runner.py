@@ -198,7 +198,7 @@ def _poll_pipeline(
     r: Any,
     run: str,
     url: str,
-    eta: int,
+    eta: int | str,
     d: Path,
     trainer: subprocess.Popen[bytes],
     worker: subprocess.Popen[bytes],
@@ -235,8 +235,9 @@ def _poll_pipeline(
     return seen
 
 
-def run_pipeline(s: Setup, eta: int, bytes_hint: float | None) -> dict[str, Any]:
-    """Trainer + worker + server at ``eta`` on a fresh private Redis, ``s.steps`` steps."""
+def run_pipeline(s: Setup, eta: int | str, bytes_hint: float | None) -> dict[str, Any]:
+    """Trainer + worker + server at ``eta`` (an int, or ``"auto"``: ``staleness.eta: auto``
+    from 1, within ``s.eta_max``) on a fresh private Redis, ``s.steps`` steps."""
     d = s.workdir / f"eta{eta}"
     d.mkdir(parents=True, exist_ok=True)
     run = f"pipe-{s.workload}-e{eta}-{uuid.uuid4().hex[:8]}"
@@ -269,11 +270,16 @@ def run_pipeline(s: Setup, eta: int, bytes_hint: float | None) -> dict[str, Any]
         b = stream_bytes_per_entry(r, run)
         if b is not None:
             seen.per_entry.append(b)
-        redis = _redis_memory(s, r, run, eta, base_mem, seen, bytes_hint)
+        redis = _redis_memory(s, r, run, _eta_bound(s, eta), base_mem, seen, bytes_hint)
         return _pipeline_result(s, eta, run, read_metrics(d / run), seen, redis, wm)
     finally:
         r.close()
         redis_srv.stop()
+
+
+def _eta_bound(s: Setup, eta: int | str) -> int:
+    """The largest eta a run may use (``eta_max`` for auto)."""
+    return s.eta_max if eta == "auto" else int(eta)
 
 
 def _redis_memory(
@@ -340,9 +346,41 @@ def _mean_staleness(all_rows: list[dict[str, Any]]) -> float:
     return sum(k * c for k, c in hist.items()) / max(1, n_hist)
 
 
+def _waste(all_rows: list[dict[str, Any]], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Groups dropped or cancelled over the groups generated (received by the trainer plus
+    cancelled by the worker), wasted tokens over generated tokens (the run's books after the
+    last step), the largest staleness trained, seconds held, and the eta the steps of the
+    window were judged at (it moves with ``eta: auto``)."""
+    last = all_rows[-1]
+    received = sum(int(x["groups"]) for x in all_rows)
+    cancelled = int(last.get("cancelled_total") or 0)
+    dropped = int(last["dropped_total"])
+    etas = [int(x["eta"]) for x in rows if x.get("eta") is not None]
+    return {
+        "groups_received": received,
+        "cancelled": cancelled,
+        "dropped_or_cancelled_share": (dropped + cancelled) / max(1, received + cancelled),
+        "waste_share": last.get("waste_share"),
+        "wasted_tokens": last.get("wasted_tokens"),
+        "generated_tokens": last.get("generated_tokens"),
+        "max_staleness_trained": max(
+            (
+                int(x["staleness_max_trained"])
+                for x in all_rows
+                if x.get("staleness_max_trained") is not None
+            ),
+            default=None,
+        ),
+        "hold_s": sum(float(x.get("hold_s") or 0.0) for x in rows),
+        "eta_mean": sum(etas) / len(etas) if etas else None,
+        "eta_max_used": max(etas) if etas else None,
+        "eta_last": etas[-1] if etas else None,
+    }
+
+
 def _pipeline_result(
     s: Setup,
-    eta: int,
+    eta: int | str,
     run: str,
     all_rows: list[dict[str, Any]],
     seen: _Sampled,
@@ -355,6 +393,7 @@ def _pipeline_result(
     return {
         "eta": eta,
         **rates,
+        **_waste(all_rows, rows),
         "trainer_idle": sum(x["idle_s"] for x in rows) / span,
         "server_idle": server_idle(seen.srv, w0, w1),
         "mean_staleness": _mean_staleness(all_rows),

@@ -99,6 +99,8 @@ class Setup:
     shared_server: str | None = None
     """SGLang: the one server every run uses (started once; a worker loads v0 on start)."""
     checkpoint_every: int = 1
+    eta_max: int = 8
+    """``staleness.eta_max`` of the ``auto`` run (the largest fixed eta of the sweep)."""
     weight_sync: str = "disk"
     """``trainer.weight_sync`` of every run (``ipc``: the worker offers the run's server, on
     this host, to the trainer's in-memory hand-over)."""
@@ -127,7 +129,7 @@ class Setup:
         )
 
 
-def write_config(s: Setup, *, url: str, run: str, run_dir: Path, eta: int) -> Path:
+def write_config(s: Setup, *, url: str, run: str, run_dir: Path, eta: int | str) -> Path:
     """Write ``RUN_DIR/run.yaml``, the config every process of one run reads; returns its path."""
     import yaml
 
@@ -145,7 +147,11 @@ def write_config(s: Setup, *, url: str, run: str, run_dir: Path, eta: int) -> Pa
     cfg = {
         "redis": {"url": url},
         "run": {"name": run, "dir": str(run_dir), "seed": 0},
-        "staleness": {"eta": eta, "batch_groups": s.batch_groups},
+        "staleness": {"eta": eta, "batch_groups": s.batch_groups}
+        # auto decides every 3 steps here (default 8): a bench run is only tens of steps
+        | (
+            {"eta_max": s.eta_max, "auto_window": 3, "auto_retry_after": 3} if eta == "auto" else {}
+        ),
         "model": {"path": str(s.model)},
         "task": {"name": spec["task"], "options": spec["options"]},
         "inference": {"engine": s.engine, "threads": len(s.placement.inference)},

@@ -20,6 +20,10 @@ BENCHES: dict[str, tuple[str, str]] = {
         "weight update to first new-version token: abort_all vs pause vs gloo broadcast",
     ),
     "pipeline": ("benchmarks.pipeline_bench", "async RL vs its ceilings and vs eta=0 (sync RL)"),
+    "control-plane": (
+        "benchmarks.control_plane_bench",
+        "N simulated workers + a trainer on one Redis: ops/s, admission/put latency, Redis CPU",
+    ),
     "trainer": (
         "benchmarks.trainer_bench",
         "sluice's train step vs a plain PyTorch step, same model and batch; publish, checkpoint",

@@ -130,7 +130,53 @@ async def collect(client: aioredis.Redis, run: str, url: str) -> dict[str, Any]:
     snap["trainer"] = await _trainer_progress(client, run)
     ended = await vm.run_finished()
     snap["run_finished"] = ended.as_dict() if ended is not None else None
+    w = await vm.waste()
+    gen = w.generated_tokens
+    snap["waste"] = {
+        "generated_tokens": gen,
+        "wasted_tokens": w.wasted_tokens,
+        "share": w.wasted_tokens / gen if gen else 0.0,
+        "wasted_tokens_by": w.wasted_by(),
+        "gate_refusals": w.refused,
+    }
+    snap["eta_changes"] = await vm.eta_changes(count=ETA_CHANGES_SHOWN)
     return snap
+
+
+ETA_CHANGES_SHOWN = 5
+"""Newest changes ``staleness.eta: auto`` made, shown with their measurements."""
+
+
+def eta_text(d: dict[str, Any]) -> str:
+    """The run's eta: ``2``, or ``auto: 3 (eta_max 8)``, with a lowering in progress."""
+    text = str(d["eta"])
+    auto = d.get("eta_auto")
+    if auto:
+        text = f"auto: {d['eta']} (eta_max {auto.get('eta_max')}, idle target "
+        text += f"{auto.get('idle_target')}, waste target {auto.get('waste_target')})"
+    if d.get("eta_admit") is not None:
+        text += f"; lowering: admission already at {d['eta_admit']}, the bound follows"
+    return text
+
+
+def eta_change_text(c: dict[str, Any]) -> str:
+    """One change of ``eta: auto`` with the measurements behind it."""
+    what = f"admission -> {c['admit']}" if "admit" in c else f"{c.get('from')} -> {c.get('to')}"
+    parts = [f"step {c.get('trainer_step', '?')}: {what}", str(c.get("rule", ""))]
+    for k in ("idle_share", "hold_share", "waste_share", "gate_refusals"):
+        if k in c:
+            parts.append(f"{k} {c[k]}")
+    return ", ".join(p for p in parts if p)
+
+
+def waste_text(w: dict[str, Any] | None) -> str:
+    """``0.12% of 88,457 generated tokens (rejected:cancelled_stale=80, dropped:stale=27)``."""
+    if not w:
+        return "-"
+    by = ", ".join(f"{k}={v:,}" for k, v in sorted(w["wasted_tokens_by"].items()))
+    return f"{w['share']:.2%} of {w['generated_tokens']:,} generated tokens" + (
+        f" ({by})" if by else ""
+    )
 
 
 DEAD_LETTERS_READ = 1000
@@ -250,7 +296,16 @@ def _gate_table(d: dict[str, Any]) -> Any:
             f"[green]finished[/green] at step {ended['step']} (v{ended['version']}, "
             f"{_age(d['time'] - ended['time'])} ago): its workers exit or wait for a new run",
         )
-    gate.add_row("eta (staleness limit)", str(d["eta"]))
+    gate.add_row("eta (staleness limit)", eta_text(d))
+    for rec in (d.get("trainer") or {}).values():
+        if rec.get("staleness_max_trained") is not None:
+            gate.add_row(
+                "staleness trained (last step)",
+                f"max {rec['staleness_max_trained']} (eta {rec.get('eta', d['eta'])})",
+            )
+    gate.add_row("waste", waste_text(d.get("waste")))
+    for c in d.get("eta_changes") or []:
+        gate.add_row("eta change", eta_change_text(c))
     gate.add_row("batch_groups (B)", str(d["batch_groups"]))
     gate.add_row("capacity (may start now)", str(d["capacity"]))
     gate.add_row("admitted", str(d["admitted"]))
@@ -412,6 +467,10 @@ def trainer_line(rec: dict[str, Any]) -> str:
     line += f" loss {_num_text(rec.get('loss'), '.4f')}"
     line += f" tok/s {_num_text(rec.get('tokens_per_s'), '.0f')}"
     line += f" dropped {rec.get('dropped_total') if rec.get('dropped_total') is not None else '-'}"
+    if rec.get("staleness_max_trained") is not None:
+        line += f" stale trained max {rec['staleness_max_trained']} (eta {rec.get('eta', '?')})"
+    if isinstance(rec.get("waste_share"), int | float):
+        line += f" waste {rec['waste_share']:.2%}"
     return line
 
 

@@ -51,6 +51,7 @@ def trainer_args(cfg: SluiceConfig) -> TrainerArgs:
         eta=cfg.staleness.eta,
         temperature=cfg.rollout.temperature,
         admin_api_key=cfg.inference.admin_api_key,
+        eta_auto=cfg.staleness.auto_settings(),
     )
 
 

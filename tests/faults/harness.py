@@ -181,13 +181,17 @@ class FaultRun:
         password: str | None = None,
         run_name: str = "faults",
         extra: dict[str, dict[str, Any]] | None = None,
+        redis: Any = None,
     ) -> None:
         self.dir = directory
         self.logs = directory / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.steps = steps
         self.run_name = run_name
-        self.redis = RedisServer(directory=directory / "redis", appendonly=True, password=password)
+        # ``redis``: another Redis to run on (a ``procs.RedisCluster``), not started yet.
+        self.redis = redis or RedisServer(
+            directory=directory / "redis", appendonly=True, password=password
+        )
         self.model = make_model(directory / "model")
         self.port = free_port()
         self.server_url = f"http://127.0.0.1:{self.port}"

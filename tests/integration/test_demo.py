@@ -177,10 +177,10 @@ def test_demo_end_to_end(demo_run: tuple[int, Path, float]) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_demo_gate_bounds_staleness(demo_run: tuple[int, Path, float]) -> None:
-    """Nothing over eta is trained, and over-stale arrivals are stragglers: the worker generates
-    a group only on weights at least as new as its admission version and stops groups that can
-    no longer be trained; what remains is a group overtaken in the stream by later ones, at most
-    2 * eta + 1 versions old (docs/staleness.md), which the trainer drops."""
+    """Nothing over eta is trained, and next to nothing is thrown away: the trainer takes the
+    earliest-expiring groups and waits for the ones still generating that would otherwise
+    expire (docs/staleness.md, "No waste at steady state"), so groups overtaken in the stream
+    are trained in time instead of dropped, and workers rarely have a group to cancel."""
     code, run_dir, _ = demo_run
     assert code == 0
     s = json.loads((run_dir / "report" / "summary.json").read_text())
@@ -188,11 +188,18 @@ def test_demo_gate_bounds_staleness(demo_run: tuple[int, Path, float]) -> None:
     # From the trainer's per-step staleness_max_trained: what reached the optimizer.
     assert s["max_staleness_trained"] is not None, "no step logged staleness_max_trained"
     assert s["max_staleness_trained"] <= eta, s["staleness_hist"]
-    assert s["max_staleness_arrived"] <= 2 * eta + 1, s["staleness_hist"]
-    assert s["max_staleness"] <= 2 * eta + 1, s["staleness_hist"]
-    received = sum(s["staleness_hist"].values())
-    # Seen: 2 of 3,680 on an idle machine, 37 of 3,648 with the whole test suite beside it.
-    assert s["dropped_groups"] <= 0.05 * received, s["staleness_hist"]
+    # ... and from each step's histogram of its trained groups (their own oldest tokens)
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "step" in r and "event" not in r]
+    trained = {int(k) for r in steps for k in r["staleness_hist_trained"]}
+    assert trained and max(trained) <= eta and min(trained) >= 0, trained
+    assert sum(sum(r["staleness_hist_trained"].values()) for r in steps) == sum(
+        len(r["group_ids"]) for r in steps
+    )
+    # Waste: dropped + cancelled over the groups generated (goal 0.5%, measured 0 of 3,744 on
+    # a loaded machine; 16 of 3,776 before); 1% leaves room for a slow CI machine.
+    assert s["dropped_or_cancelled_share"] <= 0.01, (s["dropped_groups"], s["cancelled_groups"])
+    assert s["waste_share"] is not None and s["waste_share"] <= 0.01
 
 
 @pytest.mark.slow

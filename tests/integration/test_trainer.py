@@ -227,13 +227,14 @@ def test_stale_groups_are_dropped_counted_and_never_trained(
     """Trainer at version 3, eta 1: groups whose oldest token is v3 or v2 train; v1 and v0 are
     dropped (counted in metrics and in the gate's rejected_by['stale']), acked, and absent
     from the checkpoint's trained groups; the step's staleness_max_trained is that of the
-    groups trained, not of those read."""
+    groups trained, not of those read. The step trains a full batch: two more v3 groups."""
     from sluice.commands.train import run_trainer
     from staleness import VersionManager
 
-    asyncio.run(_admit_finished(redis_url, run_name, 4))
+    asyncio.run(_admit_finished(redis_url, run_name, 6))
     rng = np.random.default_rng(2)
     groups = [make_group(rng, run_name, version=v, group_id=f"v{v}") for v in (3, 1, 2, 0)]
+    groups += [make_group(rng, run_name, version=3, group_id=f"v3{x}") for x in "bc"]
     put_groups(redis_url, run_name, groups)
     conf = base_config(tmp_path, redis_url, run_name, model_dir, max_steps=1)
     conf["staleness"] = {"eta": 1, "batch_groups": 4}
@@ -241,16 +242,19 @@ def test_stale_groups_are_dropped_counted_and_never_trained(
     assert asyncio.run(run_trainer(cfg)) == 1
 
     (m,) = read_metrics(tmp_path / run_name)
-    assert m["dropped"] == 2 and m["dropped_total"] == 2 and m["groups"] == 4
-    assert m["staleness_hist"] == {"0": 1, "1": 1, "2": 1, "3": 1}
+    assert m["dropped"] == 2 and m["dropped_total"] == 2 and m["groups"] == 6
+    assert m["staleness_hist"] == {"0": 3, "1": 1, "2": 1, "3": 1}
+    assert (m["dropped_stale"], m["dropped_future"]) == (2, 0)
+    assert sorted(m["dropped_group_ids"]) == ["v0", "v1"]
     # Trained staleness comes from the groups that reached the optimizer, derived from their
     # token versions: the kept groups v3 and v2 at version 3 are 0 and 1 versions old -> 1;
     # the arrival maximum (3) counts the dropped v0.
-    assert sorted(m["group_ids"]) == ["v2", "v3"]
+    assert sorted(m["group_ids"]) == ["v2", "v3", "v3b", "v3c"]
     trained = [g for g in groups if g.group_id in m["group_ids"]]
     assert m["staleness_max_trained"] == max(3 - g.min_version() for g in trained) == 1
     assert m["staleness_max"] == 3
-    assert m["samples"] == 8  # 2 kept groups x 4 samples
+    assert m["samples"] == 16  # 4 kept groups x 4 samples
+    assert m["staleness_hist_trained"] == {"0": 3, "1": 1}
     assert m["version"] == 4
     # buffer_s: the step's Redis calls (record, eta, 2 drops + acks, publish, reap), in step_s.
     assert 0 < m["buffer_s"] <= m["step_s"]
@@ -269,7 +273,7 @@ def test_stale_groups_are_dropped_counted_and_never_trained(
             assert (stats.length, stats.pending) == (0, 0)
             ptr = await r.hgetall(keys.trainer_checkpoint(run_name, "trainer-0"))
             state = json.loads((Path(ptr[b"path"].decode()) / "state.json").read_text())
-            assert sorted(state["groups"]) == ["v2", "v3"]
+            assert sorted(state["groups"]) == ["v2", "v3", "v3b", "v3c"]
         finally:
             await r.aclose()
 

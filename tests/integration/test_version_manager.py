@@ -26,7 +26,7 @@ from staleness import (
     WeightEvent,
     list_runs,
 )
-from staleness.version_manager import REQUEST_TTL_S
+from staleness.version_manager import REQUEST_TTL_S, Admission
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -99,6 +99,52 @@ async def test_set_eta_takes_effect_at_next_admission(redis_url: str, run_name: 
         # the old value is now a mismatch for a process that starts with it
         with pytest.raises(RunSettingsMismatch, match="set-eta"):
             await VersionManager.open(redis_url, run_name, eta=0, batch_groups=2)
+
+
+async def test_inflight_book_by_admission_version_and_token_waste(
+    redis_url: str, run_name: str
+) -> None:
+    async with await VersionManager.open(redis_url, run_name, eta=1, batch_groups=2) as vm:
+        assert await vm.admit("a", 3) == Admission(3, 0)
+        await vm.publish_weights(1, "/w/1")
+        assert await vm.admit("b", 1) == Admission(1, 1)
+        assert await vm.admit("a", 1) == Admission(1, 1)
+        assert await vm.inflight_by_version() == {0: 3, 1: 2}
+        # a finish naming its version leaves that version; one that does not, the oldest
+        assert await vm.finish("a", 1, version=1, tokens=40) == 1
+        assert await vm.reject("a", 1, "cancelled_stale", tokens=7) == 1
+        assert await vm.inflight_by_version() == {0: 2, 1: 1}
+        assert await vm.drop(1, "stale", tokens=40) == 1
+        w = await vm.waste()
+        assert w.tokens == {"pushed": 40, "rejected:cancelled_stale": 7, "dropped:stale": 40}
+        assert (w.generated_tokens, w.wasted_tokens) == (47, 47)
+        assert w.groups == {"cancelled_stale": 1, "stale": 1}
+        # b dies: its entries leave the book with it
+        await vm.heartbeat("b", ttl=0.05)
+        await asyncio.sleep(0.1)
+        assert (await vm.reap()) == {"b": 1}
+        assert await vm.inflight_by_version() == {0: 2}
+        snap = await vm.snapshot()
+        assert snap.admitted == snap.finished + snap.rejected + snap.inflight_total
+
+
+async def test_narrowed_admission_then_the_bound_and_the_change_log(
+    redis_url: str, run_name: str
+) -> None:
+    async with await VersionManager.open(redis_url, run_name, eta=2, batch_groups=1) as vm:
+        await vm.narrow_admission(0, why={"rule": "down"})
+        assert await vm.admit("a", 5) == Admission(1, 0)  # (0 + 0 + 1) * 1: the narrowed gate
+        assert (await vm.snapshot()).eta == 2  # the bound has not moved
+        assert (await vm.waste()).refused == 1  # asked 5, got 1
+        assert await vm.set_eta(0, why={"rule": "down", "idle_share": 0.001}) == 2
+        snap = await vm.snapshot()
+        assert (snap.eta, snap.eta_admit) == (0, None)
+        await vm.set_eta(3)  # a change without measurements is not an auto change: not logged
+        changes = await vm.eta_changes()
+        assert [c.get("admit", c.get("to")) for c in changes] == [0, 0]
+        assert changes[1]["from"] == 2 and changes[1]["idle_share"] == 0.001
+        await vm.set_eta_auto({"eta_max": 4})
+        assert (await vm.snapshot()).eta_auto == {"eta_max": 4}
 
 
 @pytest.mark.timeout(90)
@@ -237,12 +283,20 @@ async def test_retried_mutation_is_applied_once(redis_url: str, run_name: str) -
     # result and admits (or publishes) nothing twice.
     async with await VersionManager.open(redis_url, run_name, eta=0, batch_groups=5) as vm:
         req = keys.request(run_name, "fixed")
-        admit_keys = [vm.k_settings, vm.k_gate, vm.k_inflight, vm.k_expiry, vm.k_seen, req]
+        admit_keys = [
+            vm.k_settings,
+            vm.k_gate,
+            vm.k_inflight,
+            vm.k_expiry,
+            vm.k_seen,
+            req,
+            vm.k_inflight_at,
+        ]
         for _ in range(2):
-            assert (
-                await vm._call(vm._admit, admit_keys, ["w", 3, 30000, REQUEST_TTL_S], what="t") == 3
-            )
+            got = await vm._call(vm._admit, admit_keys, ["w", 3, 30000, REQUEST_TTL_S], what="t")
+            assert got == [3, 0]  # 3 slots, admitted at version 0
         assert (await vm.snapshot()).admitted == 3
+        assert await vm.inflight_by_version() == {0: 3}
         pub = keys.request(run_name, "pub")
         pub_keys = [vm.k_settings, vm.k_gate, vm.k_weights, vm.k_events, pub]
         ids = [

@@ -16,7 +16,7 @@ from inference.protocol import FinishReason, GenerateResult, SamplingParams, Ser
 from rollout_workers.pool import Server, ServerState
 from rollout_workers.prompts import Lease
 from rollout_workers.tasks.base import Prompt
-from staleness.version_manager import RunFinished, WeightEvent
+from staleness.version_manager import Admission, RunFinished, WeightEvent
 
 
 def answer(
@@ -199,6 +199,7 @@ class FakeVersions:
         self.current = version
         self.admitted = self.finished = 0
         self.rejected: list[str] = []
+        self.wasted_tokens = 0
         self.latest: WeightEvent | None = None
         self.disk: WeightEvent | None = None
         self.queue: asyncio.Queue[WeightEvent] = asyncio.Queue()
@@ -213,16 +214,30 @@ class FakeVersions:
         return self.current
 
     async def try_admit(self, worker_id: str, n: int = 1) -> int:
+        return (await self.admit(worker_id, n)).slots
+
+    async def admit(self, worker_id: str, n: int = 1) -> Admission:
         k = max(0, min(n, self.capacity - (self.admitted - len(self.rejected))))
         self.admitted += k
-        return k
+        return Admission(k, self.current)
 
-    async def finish(self, worker_id: str, n: int = 1) -> int:
+    async def finish(
+        self, worker_id: str, n: int = 1, *, version: int | None = None, tokens: int = 0
+    ) -> int:
         self.finished += n
         return self.finished
 
-    async def reject(self, worker_id: str, n: int = 1, reason: str = "rejected") -> int:
+    async def reject(
+        self,
+        worker_id: str,
+        n: int = 1,
+        reason: str = "rejected",
+        *,
+        version: int | None = None,
+        tokens: int = 0,
+    ) -> int:
         self.rejected += [reason] * n
+        self.wasted_tokens += tokens
         return len(self.rejected)
 
     async def current_eta(self) -> int:

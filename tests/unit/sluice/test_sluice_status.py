@@ -80,3 +80,60 @@ def test_a_stopped_worker_and_a_killed_one_in_both_tables() -> None:
     assert f"lost (no heartbeat since {clock})" in rows["killed"]
     assert "running" not in rows["killed"]
     assert "stopped" in rows["clean"] and "running" in rows["live"]
+
+
+def test_gate_table_shows_eta_auto_trained_staleness_waste_and_eta_changes() -> None:
+    from sluice.commands.status import _gate_table, trainer_line
+
+    d = {
+        "run": "r",
+        "redis": "redis://x",
+        "version": 40,
+        "eta": 3,
+        "eta_auto": {"eta_max": 8, "idle_target": 0.02, "waste_target": 0.01},
+        "eta_admit": 2,
+        "batch_groups": 4,
+        "capacity": 0,
+        "admitted": 170,
+        "finished": 160,
+        "rejected": 2,
+        "rejected_by": {"cancelled_stale": 2},
+        "inflight": 8,
+        "late": 0,
+        "weights": None,
+        "time": NOW,
+        "buffer": {"length": 3, "pending": 1, "dead_letter": 0, "bytes": 1000},
+        "trainer": {"trainer-0": {"staleness_max_trained": 3, "eta": 3, "waste_share": 0.0012}},
+        "waste": {
+            "generated_tokens": 50_000,
+            "wasted_tokens": 60,
+            "share": 0.0012,
+            "wasted_tokens_by": {"rejected:cancelled_stale": 60},
+            "gate_refusals": 9,
+        },
+        "eta_changes": [
+            {
+                "from": 2,
+                "to": 3,
+                "trainer_step": 24,
+                "rule": "up: waste over target",
+                "idle_share": 0.01,
+                "waste_share": 0.02,
+            },
+            {
+                "admit": 2,
+                "trainer_step": 40,
+                "rule": "down: idle and waste under half their targets",
+            },
+        ],
+    }
+    rows = rows_of(_gate_table(d))
+    assert "auto: 3 (eta_max 8" in rows["eta (staleness limit)"]
+    assert "lowering: admission already at 2" in rows["eta (staleness limit)"]
+    assert "max 3 (eta 3)" in rows["staleness trained (last step)"]
+    assert "0.12% of 50,000 generated tokens (rejected:cancelled_stale=60)" in rows["waste"]
+    out = text(_gate_table(d))
+    assert "step 24: 2 -> 3, up: waste over target, idle_share 0.01, waste_share 0.02" in out
+    assert "step 40: admission -> 2" in out
+    line = trainer_line(d["trainer"]["trainer-0"])
+    assert "stale trained max 3 (eta 3)" in line and "waste 0.12%" in line

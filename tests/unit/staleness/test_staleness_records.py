@@ -89,12 +89,22 @@ def test_worker_without_last_seen_counts_as_seen_at_its_expiry() -> None:
     assert (w.id, w.inflight, w.seconds_since_heartbeat, w.expires_in) == ("x", 0, 0.0, 1.0)
 
 
+def test_snapshot_capacity_uses_the_narrowed_admission_eta() -> None:
+    # eta 2 being lowered to 0: admission already at 0: (2 + 0 + 1) * 2 - (10 - 3) = -1 -> 0;
+    # the bound stays 2 until the trainer sets it
+    fields = {b"eta": b"2", b"batch_groups": b"2", b"eta_admit": b"0", b"eta_auto": b'{"a": 1}'}
+    s = gate_snapshot("r", _replies(settings=fields))
+    assert (s.eta, s.eta_admit, s.capacity, s.eta_auto) == (2, 0, 0, {"a": 1})
+
+
 def test_as_dict_fields() -> None:
     d = gate_snapshot("r", _replies()).as_dict()
     assert list(d) == [
         "run",
         "version",
         "eta",
+        "eta_auto",
+        "eta_admit",
         "batch_groups",
         "admitted",
         "finished",

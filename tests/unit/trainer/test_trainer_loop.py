@@ -15,6 +15,8 @@ import numpy as np
 import torch
 
 from buffer import Delivered, Sample, TrajectoryGroup
+from staleness.auto_eta import AutoEtaSettings
+from staleness.version_manager import Waste
 from trainer.config import TrainerArgs, TrainerConfig
 from trainer.data import GroupReader, drop_reason
 from trainer.ledger import Covered, StepBatch
@@ -55,15 +57,18 @@ class _TinyLM(torch.nn.Module):
 
 class _Buffer:
     def __init__(self, batches: list[list[Delivered]], stop: StopRequest) -> None:
-        self.queue = [d for b in batches for d in b]
+        self.arrivals = [list(b) for b in batches]
         self.stop = stop
         self.acked: list[str] = []
         self.dead_lettered = 0
 
     async def get_batch(self, n: int, block_ms: int) -> list[Delivered]:
-        if not self.queue:
+        # One arrival (the next of the test's batches) per read, at most n of it.
+        if not self.arrivals:
             self.stop.request()
-        got, self.queue = self.queue[:n], self.queue[n:]
+            return []
+        got, rest = self.arrivals[0][:n], self.arrivals[0][n:]
+        self.arrivals = ([rest] if rest else []) + self.arrivals[1:]
         return got
 
     async def ack(self, ids: list[str], also: Any = None) -> int:
@@ -77,6 +82,10 @@ class _Buffer:
 class _VM:
     def __init__(self) -> None:
         self.drops: list[tuple[int, str]] = []
+        self.dropped_tokens = 0
+        self.eta_calls: list[tuple[int, dict[str, Any] | None]] = []
+        self.auto_settings: dict[str, Any] | None = None
+        self.ledger: Any = None
         self.finished: list[int | None] = []
         """The run's finished mark, in order: the step marked, None for a clear."""
 
@@ -86,9 +95,28 @@ class _VM:
     async def mark_finished(self, step: int) -> None:
         self.finished.append(step)
 
-    async def drop(self, n: int = 1, reason: str = "stale") -> int:
+    async def drop(self, n: int = 1, reason: str = "stale", *, tokens: int = 0) -> int:
         self.drops.append((n, reason))
+        self.dropped_tokens += tokens
         return n
+
+    async def inflight_by_version(self) -> dict[int, int]:
+        return {}
+
+    async def set_eta(self, eta: int, *, why: dict[str, Any] | None = None) -> int:
+        self.eta_calls.append((eta, why))
+        if self.ledger is not None:
+            self.ledger._eta = eta
+        return 0
+
+    async def set_eta_auto(self, settings: dict[str, Any] | None) -> None:
+        self.auto_settings = settings
+
+    async def narrow_admission(self, eta: int, *, why: dict[str, Any] | None = None) -> None:
+        self.eta_calls.append((-eta, why))
+
+    async def waste(self) -> Waste:
+        return Waste(tokens={"pushed": 100, "dropped:stale": self.dropped_tokens}, groups={})
 
     async def reap(self) -> dict[str, int]:
         return {}
@@ -165,14 +193,17 @@ def test_drop_reason() -> None:
 
 
 def test_loop_drops_trains_commits_and_reports_trained_staleness(tmp_path: Path) -> None:
-    # eta 1, 3 groups a step, the trainer at version 3 (publishing every step):
-    # step 1 at v3: a (oldest token v3: 0 old), b (v2: 1), c (v0: 3 -> stale)
-    # then a read at v4 where every group is stale (v0: 4 old): no update, its record forgotten
-    # step 2 at v4: d (v4: 0), e (v5: -1 -> future_version), f (v2: 2 -> stale)
+    # eta 1, 3 groups a step, the trainer at version 3 (publishing every step). Arrivals:
+    # [a (oldest token v3), b (v2), c (v0: 3 old -> stale)], then [g, h, i] (v0: stale), then
+    # [d (v4), e (v5: newer than the trainer), f (v2)], then [j (v4)].
+    # Step 1 at v3 takes the earliest-expiring groups it has, not stream order: b and f (expire
+    # after v3), then a; it drops c, g, h, i. In stream order f would have been read at v4,
+    # 2 old, and dropped. Step 2 at v4: d, j, e (-1 -> future_version, dropped).
     batches = [
         [_group("a", [3, 3], [3]), _group("b", [2, 3], [3, 3]), _group("c", [0, 1], [1])],
         [_group("g", [0]), _group("h", [0, 0]), _group("i", [0])],
         [_group("d", [4, 4], [4]), _group("e", [5], [5]), _group("f", [2], [3])],
+        [_group("j", [4])],
     ]
     stop = StopRequest()
     buf, vm, ledger, pub = _Buffer(batches, stop), _VM(), _Ledger(eta=1), _Publisher()
@@ -200,23 +231,94 @@ def test_loop_drops_trains_commits_and_reports_trained_staleness(tmp_path: Path)
     trainer = Trainer(tc, args, parts, max_steps=None, dist=DistInfo(), stop=stop)
     assert asyncio.run(trainer.run()) == 2
 
-    assert vm.drops == [(1, "stale")] + [(1, "stale")] * 3 + [(1, "future_version"), (1, "stale")]
+    assert vm.drops == [(1, "stale")] * 4 + [(1, "future_version")]
     assert vm.finished == [None, 2]  # cleared at start, marked at max_steps: the workers exit
     assert pub.versions == [4, 5] and (state.step, state.version, state.ckpt_step) == (2, 5, 2)
     (covered, step, version) = ledger.commits[0]
-    assert (step, version) == (2, 5) and ledger.recs == {}  # the forgotten step left nothing
-    assert covered.groups == ["a", "b", "d"]
-    assert sorted(covered.entries) == sorted(f"1-{x}" for x in "abcdef")
-    assert state.dropped_total == 6  # c; g, h, i; e, f
+    assert (step, version) == (2, 5) and ledger.recs == {}
+    assert covered.groups == ["b", "f", "a", "d", "j"]
+    # the pooled groups past eta were dropped and acked as soon as they were read, outside any
+    # step's record (their slots back at once); the checkpoint acks the rest
+    assert sorted(covered.entries) == sorted(f"1-{x}" for x in "abdefj")
+    assert sorted(buf.acked) == sorted(f"1-{x}" for x in "cghie")  # every drop, at once
+    assert state.dropped_total == 5  # c, g, h, i; e
 
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["group_ids"] for r in rows] == [["a", "b"], ["d"]]
-    assert [r["dropped_group_ids"] for r in rows] == [["c"], ["e", "f"]]
+    assert [r["group_ids"] for r in rows] == [["b", "f", "a"], ["d", "j"]]
+    assert [r["dropped_group_ids"] for r in rows] == [["c", "g", "h", "i"], ["e"]]
     by_id = {d.group.group_id: d.group for b in batches for d in b}
     for r, judged_at in zip(rows, (3, 4), strict=True):
         # derived from the trained groups' own tokens: version minus the oldest token
         want = max(judged_at - by_id[g].min_version() for g in r["group_ids"])
         assert r["staleness_max_trained"] == want
+        trained = [judged_at - by_id[g].min_version() for g in r["group_ids"]]
+        assert r["staleness_hist_trained"] == {str(x): trained.count(x) for x in set(trained)}
+        assert r["eta"] == 1
     assert [r["staleness_max_trained"] for r in rows] == [1, 0]
-    assert [r["staleness_max"] for r in rows] == [3, 2]  # what arrived, dropped groups included
-    assert rows[1]["staleness_hist"] == {"-1": 1, "0": 1, "2": 1}
+    assert [r["staleness_max"] for r in rows] == [3, 0]  # what the step took, drops included
+    # arrivals: read at v3: a 0, b 1, c 3, g h i 3, d -1, e -2, f 1; at v4: j 0
+    assert rows[0]["staleness_hist_arrived"] == {"-1": 2, "0": 1, "1": 2, "3": 4}
+    assert rows[1]["staleness_hist_arrived"] == {"0": 1} and rows[1]["arrived"] == 1
+    assert [(r["dropped_stale"], r["dropped_future"]) for r in rows] == [(4, 0), (0, 1)]
+    dropped_tokens = sum(by_id[g].num_output_tokens for g in "cghie")
+    assert sum(r["dropped_tokens"] for r in rows) == dropped_tokens == vm.dropped_tokens
+    assert rows[1]["wasted_tokens"] == dropped_tokens
+    assert rows[1]["waste_share"] == dropped_tokens / 100
+    assert rows[1]["staleness_hist"] == {"-1": 1, "0": 2}
+
+
+def test_eta_auto_raises_eta_live_and_logs_why(tmp_path: Path) -> None:
+    # eta auto deciding every step; the run's books say 1 token in 2 was wasted (over the
+    # 1% target): eta goes 1 -> 2 after the second step and 2 -> 3 after the third, through
+    # set_eta with the measurements,
+    # and the change is an event line of metrics.jsonl (no "step" key: it is not a step row)
+    batches = [[_group(g, [3])] for g in "abc"]
+    stop = StopRequest()
+    buf, vm, ledger, pub = _Buffer(batches, stop), _VM(), _Ledger(eta=1), _Publisher()
+    vm.ledger = ledger
+    calls = iter(range(1, 100))
+
+    async def waste() -> Waste:  # per step: 100 tokens generated, 50 of them wasted
+        n = next(calls)
+        return Waste(tokens={"pushed": 100 * n, "dropped:stale": 50 * n}, groups={})
+
+    vm.waste = waste  # type: ignore[method-assign]
+    tc = TrainerConfig(max_steps=3, checkpoint_every=10, micro_batch_tokens=64, device="cpu")
+    auto = AutoEtaSettings(eta_max=4, window=1)
+    args = TrainerArgs("u", tmp_path, 0, "redis://unused", "", 1, 1, 1.0, eta_auto=auto)
+    model = _TinyLM()
+    optimizer, scheduler = build_optimizer(model, tc)
+    state = TrainState(version=3, weights_version=3)
+    clock = RedisClock()
+    reader = GroupReader(
+        cast(Any, buf),
+        cast(Any, vm),
+        clock,
+        state,
+        share=1,
+        wait_log_s=30.0,
+        stopped=lambda: stop.requested,
+    )
+    parts = TrainerParts(
+        vm=cast(Any, vm),
+        buf=cast(Any, buf),
+        ledger=cast(Any, ledger),
+        reader=reader,
+        publisher=pub,
+        restored=Restored(model, optimizer, scheduler, state),
+        device=torch.device("cpu"),
+        clock=clock,
+        crash_at=None,
+    )
+    trainer = Trainer(tc, args, parts, max_steps=None, dist=DistInfo(), stop=stop)
+    assert asyncio.run(trainer.run()) == 3
+    assert vm.auto_settings == auto.as_dict()
+    assert [e for e, _ in vm.eta_calls] == [2, 3]
+    why = vm.eta_calls[0][1]
+    assert why is not None and why["rule"] == "up: waste over target"
+    assert why["waste_share"] > 0.01 and why["trainer_step"] == 2
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    events = [x for x in lines if x.get("event") == "eta"]
+    assert [(e["from"], e["to"]) for e in events] == [(1, 2), (2, 3)]
+    assert all("step" not in e for e in events)
+    assert [x["eta"] for x in lines if "step" in x] == [1, 1, 2]  # judged at the eta of its start
