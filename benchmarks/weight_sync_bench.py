@@ -18,6 +18,14 @@ server:
   trainer's own code: bf16 copies on the GPU, CUDA IPC handles; memory-backed files on the
   CPU), ``abort_all_requests`` on the first call, the version on the last.
 
+* ``lora``: a LoRA publication (``trainer.lora``) of each rank in ``--lora-ranks`` on every
+  linear layer: the worker's own ``weights.receive.LoraReceiver`` loads the adapter directory
+  (``/load_lora_adapter``, written as the trainer's ``weights.lora`` writes it: bf16 for
+  SGLang, fp32 for the CPU server) under the version's name while the server keeps serving,
+  then aborts the in-flight requests; the first token is a request naming the new adapter.
+  The previous adapter is unloaded after the measurement (the worker does it in the
+  background). Its rows give the adapter's bytes beside the full weights' (``fraction``).
+
 Bytes/s = weight bytes / latency. On a GPU with SGLang the same client calls apply.
 """
 
@@ -49,7 +57,7 @@ SIZES: dict[str, dict[str, Any]] = {  # name -> init_tiny_model shape
     },
 }
 # Flags for SGLang 0.5.17 on an H100/H200, CUDA graphs on (override with $SLUICE_SGLANG_ARGS).
-PATHS = ("abort_all", "pause", "distributed", "ipc")
+PATHS = ("abort_all", "pause", "distributed", "ipc", "lora")
 SGLANG_ARGS = (
     "--attention-backend triton --sampling-backend pytorch "
     "--disable-piecewise-cuda-graph --grammar-backend none --dtype bfloat16"
@@ -79,6 +87,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--bucket-mb", type=float, default=64.0, help="distributed and ipc bucket size (MiB)"
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads of the server")
+    p.add_argument(
+        "--lora-ranks",
+        nargs="+",
+        type=int,
+        default=[8, 16, 64],
+        help="lora path: adapter ranks to measure (default 8 16 64; all linear layers)",
+    )
     p.add_argument("--workdir", default=None, help="where models are written (default: a temp dir)")
     p.add_argument("--no-distributed", action="store_true", help="skip the gloo broadcast path")
     p.add_argument(
@@ -121,10 +136,14 @@ class _Broadcaster:
             self.pg.broadcast([t], opts).wait()
 
 
-def _launch(name: str, args: argparse.Namespace, model: Path, work: Path) -> tuple[Any, int]:
-    """The server under test on ``model`` and how many bytes one version of it moves."""
+def _launch(
+    name: str, args: argparse.Namespace, model: Path, work: Path, lora_rank: int = 0
+) -> tuple[Any, int]:
+    """The server under test on ``model`` (serving adapters up to ``lora_rank``) and how many
+    bytes one version of it moves."""
     from inference.launch import launch_cpu_server
 
+    lora: dict[str, Any] = {"lora_rank": lora_rank, "lora_target_modules": ["all-linear"]}
     params = _dir_bytes(model) // 4  # written in float32
     if args.engine == "sglang":
         import os
@@ -138,10 +157,11 @@ def _launch(name: str, args: argparse.Namespace, model: Path, work: Path) -> tup
             extra_args=extra,
             log_path=work / f"{name}.log",
             timeout=900,
+            **lora,
         )
         return server, params * 2  # what the server holds and moves: bfloat16
     server = launch_cpu_server(
-        model, threads=args.threads, log_path=work / f"{name}.log", timeout=300
+        model, threads=args.threads, log_path=work / f"{name}.log", timeout=300, **lora
     )
     return server, params * 4
 
@@ -165,6 +185,10 @@ class _Swaps:
         self.held: list[dict[str, Any]] = []
         """ipc: the weights this process holds, as a trainer would (on the GPU for SGLang)."""
         self.buckets: list[list[dict[str, Any]]] = []
+        self.adapters: dict[int, list[Path]] = {}
+        """lora: rank -> two adapter directories (alternated)."""
+        self.served: Any = None
+        """lora: the worker's record of the server (``weights.receive.Receiving``)."""
 
     async def join_group(self) -> None:
         """This process becomes rank 0 of a gloo group with the server (distributed path)."""
@@ -193,6 +217,36 @@ class _Swaps:
             self.held.append(state)
             self.buckets.append(plan_buckets(list(state.items()), self.args.bucket_mb, self.dtype))
 
+    def make_adapters(self, base: Path, ranks: list[int], work: Path) -> dict[int, int]:
+        """lora: two random adapters per rank over ``base``, written as the trainer publishes
+        them; returns rank -> bytes of one adapter."""
+        from types import SimpleNamespace
+
+        import torch
+
+        from trainer.config import LoraConfig
+        from trainer.lora import apply_lora
+        from trainer.model import load_model
+        from weights.lora import ADAPTER_WEIGHTS, write_adapter_dir
+
+        self.served = SimpleNamespace(
+            url="bench", version=0, group=None, mixed=False, adapter=None, adapters=set()
+        )
+        sizes: dict[int, int] = {}
+        for rank in ranks:
+            model = apply_lora(load_model(base, torch.device("cpu")), LoraConfig(rank=rank))
+            self.adapters[rank] = []
+            for i in range(2):
+                with torch.no_grad():
+                    for n, p in model.named_parameters():
+                        if ".lora_B." in n:
+                            p.normal_(0, 0.01, generator=torch.Generator().manual_seed(i))
+                d = write_adapter_dir(model, work / f"{base.name}-r{rank}-a{i}", dtype=self.dtype)
+                self.adapters[rank].append(d)
+            sizes[rank] = (self.adapters[rank][0] / ADAPTER_WEIGHTS).stat().st_size
+            del model
+        return sizes
+
     @property
     def dtype(self) -> Any:
         """What ipc sends: bf16 to SGLang (what it serves), the held fp32 to the CPU server."""
@@ -200,16 +254,26 @@ class _Swaps:
 
         return torch.bfloat16 if self.args.engine == "sglang" else None
 
-    async def first_token_on(self, v: int) -> float:
+    async def first_token_on(self, v: int, lora: bool = False) -> float:
+        from inference.lora import adapter_name
+
         while True:
-            res = await self.client.generate(self.prompt, self.one)
+            if lora:  # refused unless the adapter is loaded; labelled with its version
+                res = await self.client.generate(self.prompt, self.one, lora_path=adapter_name(v))
+            else:
+                res = await self.client.generate(self.prompt, self.one)
             if res.weight_version == v:
                 return time.perf_counter()
 
     async def _update(self, path: str) -> None:
         client, version = self.client, self.version
         target = str(self.dirs[version % 2])
-        if path == "abort_all":
+        if path.startswith("lora-r"):
+            from weights.receive import LoraReceiver
+
+            d = self.adapters[int(path.removeprefix("lora-r"))][version % 2]
+            await LoraReceiver(str(d), version).receive(client, self.served)
+        elif path == "abort_all":
             await client.update_weights_from_disk(target, version, abort_all_requests=True)
         elif path == "pause":
             await client.pause("abort")
@@ -234,20 +298,30 @@ class _Swaps:
             )
 
     async def timed(self, path: str) -> float:
+        lora = path.startswith("lora-r")
+        current = self.served.adapter if lora and self.served is not None else None
+        kw = {"lora_path": current} if current else {}
         background = [
-            asyncio.create_task(self.client.generate(self.prompt, self.long))
+            asyncio.create_task(self.client.generate(self.prompt, self.long, **kw))
             for _ in range(self.args.inflight)
         ]
         await asyncio.sleep(0.3)  # let them get going
         self.version += 1
         t0 = time.perf_counter()
         await self._update(path)
-        t1 = await self.first_token_on(self.version)
+        t1 = await self.first_token_on(self.version, lora)
         results = await asyncio.gather(*background, return_exceptions=True)
         for r in results:
             if isinstance(r, BaseException):
                 raise r
             assert r.finish_reason == "abort", r.finish_reason
+        if lora:  # the previous adapter is named by no request now: unload it (untimed)
+            for old in sorted(self.served.adapters - {self.served.adapter}):
+                await self.client.unload_lora_adapter(old)
+                self.served.adapters.discard(old)
+        elif self.served is not None and self.served.adapter is not None:
+            # a full-weight update: requests go back to the base until the next adapter
+            self.served.adapter = None
         return t1 - t0
 
 
@@ -257,12 +331,13 @@ async def _bench_size(name: str, args: argparse.Namespace, work: Path) -> list[d
     shape = SIZES[name]
     dirs = [init_tiny_model(work / f"{name}-v{i}", seed=i, **shape) for i in range(2)]
     params = _dir_bytes(dirs[0]) // 4  # written in float32
-    server, nbytes = _launch(name, args, dirs[0], work)
+    paths = list(args.paths or PATHS)
+    ranks = sorted(set(args.lora_ranks)) if "lora" in paths else []
+    server, nbytes = _launch(name, args, dirs[0], work, max(ranks, default=0))
     rows: list[dict[str, Any]] = []
     try:
         async with server.client(timeout=600, update_timeout=600) as client:
             swaps = _Swaps(client, args, dirs, shape["vocab"])
-            paths = list(args.paths or PATHS)
             if args.no_distributed or (args.engine != "cpu" and args.paths is None):
                 paths = [p for p in paths if p != "distributed"]
             if "distributed" in paths:
@@ -271,7 +346,11 @@ async def _bench_size(name: str, args: argparse.Namespace, work: Path) -> list[d
                 await swaps.join_group()
             if "ipc" in paths:
                 swaps.hold(gpu=args.engine == "sglang")
-            for path in paths:
+            sizes: dict[str, int] = {p: nbytes for p in paths if p != "lora"}
+            if ranks:
+                adapter_bytes = swaps.make_adapters(dirs[0], ranks, work)
+                sizes.update({f"lora-r{r}": adapter_bytes[r] for r in ranks})
+            for path, moved in sizes.items():
                 times = [await swaps.timed(path) for _ in range(args.trials)]
                 med = statistics.median(times)
                 rows.append(
@@ -279,11 +358,13 @@ async def _bench_size(name: str, args: argparse.Namespace, work: Path) -> list[d
                         "model": name,
                         "engine": args.engine,
                         "params": params,
-                        "weight_bytes": nbytes,
+                        "weight_bytes": moved,
+                        "full_bytes": nbytes,
+                        "fraction": moved / nbytes,
                         "path": path,
                         "latency_s": med,
                         "latency_all_s": times,
-                        "gb_per_s": nbytes / med / 1e9,
+                        "gb_per_s": moved / med / 1e9,
                     }
                 )
     finally:
@@ -331,12 +412,14 @@ def run(args: argparse.Namespace) -> int:
     print_table(
         f"weight update → first token on new weights ({args.engine} server, {args.inflight} requests in "
         f"flight, median of {args.trials})",
-        ["model", "params", "path", "latency s", "GB/s"],
+        ["model", "params", "path", "MB moved", "% of full", "latency s", "GB/s"],
         [
             [
                 r["model"],
                 f"{r['params'] / 1e6:.1f}M",
                 r["path"],
+                round(r["weight_bytes"] / 1e6, 3),
+                round(100 * r["fraction"], 2),
                 round(r["latency_s"], 4),
                 round(r["gb_per_s"], 3),
             ]

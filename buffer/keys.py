@@ -160,6 +160,12 @@ def worker_updates(run: str, worker_id: str) -> str:
     return key(run, "worker", worker_id, "updates")
 
 
+def filtered(run: str) -> str:
+    """Groups the workers dropped for zero reward variance (dynamic sampling): a hash of
+    running totals ``groups``, ``samples``, ``reward_sum`` (the trainer reads deltas)."""
+    return key(run, "filtered")
+
+
 def eval_results(run: str) -> str:
     """Eval results by version: a hash."""
     return key(run, "eval")

@@ -29,6 +29,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 
+from inference.lora import adapter_version
 from inference.protocol import (
     PAUSE_MODES,
     GenerateResult,
@@ -278,12 +279,18 @@ class SGLangClient:
         rid: str | None = None,
         *,
         timeout: float | None = None,
+        lora_path: str | None = None,
     ) -> GenerateResult:
         """Generate from ``input_ids``; returns the parsed answer (partial when aborted).
 
         ``rid`` defaults to a fresh UUID (rids must be unique among in-flight requests and
         ``/abort_request`` matches by prefix). ``timeout`` defaults to ``generate_timeout``.
+        ``lora_path``: the loaded adapter to run with (``inference.lora.adapter_name(N)``); the
+        server refuses a name it has not loaded, so every token of the answer was sampled with
+        that adapter and is labelled with its version ``N`` (the server's own
+        ``weight_version`` is the base model's, which a LoRA run never changes).
         """
+        lora_version = None if lora_path is None else adapter_version(lora_path)
         ids = await self._checked_ids(input_ids)
         if isinstance(sampling, SamplingParams):
             sp = sampling.to_dict()
@@ -302,13 +309,19 @@ class SGLangClient:
             "logprob_start_len": -1,
             "stream": False,
         }
+        if lora_path is not None:
+            payload["lora_path"] = lora_path
         body = await self._call(
             "POST",
             "/generate",
             payload,
             timeout=self.generate_timeout if timeout is None else timeout,
         )
-        return parse_generate(body, rid)
+        res = parse_generate(body, rid)
+        if lora_version is not None:
+            res.weight_version = lora_version
+            res.token_versions = np.full(res.num_tokens, lora_version, dtype=np.int32)
+        return res
 
     async def generate_with_retry(
         self,
@@ -472,6 +485,56 @@ class SGLangClient:
             "weight_version": None if version is None else str(version),
         }
         return await self._weight_call("/update_weights_from_tensor", payload, timeout)
+
+    async def _lora_call(
+        self, path: str, payload: dict[str, Any], timeout: float | None
+    ) -> dict[str, Any]:
+        body = await self._call(
+            "POST",
+            path,
+            payload,
+            timeout=self.update_timeout if timeout is None else timeout,
+            admin=True,
+        )
+        if not isinstance(body, dict) or "success" not in body:
+            raise ProtocolError(f"{path}: expected {{'success': ...}}, got {body!r:.200}")
+        if body["success"] is not True:
+            raise InferenceError(200, str(body.get("error_message") or body), path)
+        return body
+
+    async def load_lora_adapter(
+        self, name: str, path: str, *, pinned: bool = False, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """``/load_lora_adapter``: load the PEFT adapter directory ``path`` as ``name``
+        (refused when the name is taken, or the adapter does not fit the server's
+        ``--max-lora-rank`` / ``--lora-target-modules``: ``InferenceError``)."""
+        payload = {"lora_name": name, "lora_path": path, "pinned": bool(pinned)}
+        return await self._lora_call("/load_lora_adapter", payload, timeout)
+
+    async def load_lora_adapter_from_tensors(
+        self,
+        name: str,
+        config: dict[str, Any],
+        serialized_named_tensors: Sequence[str],
+        *,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """``/load_lora_adapter_from_tensors``: the adapter handed over in memory (one base64
+        ``ForkingPickler`` dump of ``[(name, tensor)]`` per TP rank, as
+        ``update_weights_from_tensor``), with its ``adapter_config.json`` as ``config``."""
+        payload = {
+            "lora_name": name,
+            "config_dict": config,
+            "serialized_named_tensors": list(serialized_named_tensors),
+            "load_format": None,
+        }
+        return await self._lora_call("/load_lora_adapter_from_tensors", payload, timeout)
+
+    async def unload_lora_adapter(
+        self, name: str, *, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """``/unload_lora_adapter``: drop ``name`` (``InferenceError`` when not loaded)."""
+        return await self._lora_call("/unload_lora_adapter", {"lora_name": name}, timeout)
 
     async def flush_cache(self, *, timeout: float | None = None) -> str:
         """``/flush_cache``; 400 (``InferenceError``) while requests are pending."""

@@ -23,6 +23,13 @@ class ModelConfig(BaseModel):
         4, ge=1, le=128, description="Tiny model attention heads (when path is empty)."
     )
     arch: Literal["llama", "qwen2"] = Field("llama", description="Tiny model architecture.")
+    alphabet: str = Field(
+        "",
+        max_length=4096,
+        description="Tiny model for a text task (when path is empty): the characters of its "
+        "character-level tokenizer ('' = printable ASCII and newline); a character outside it "
+        "encodes as <unk>.",
+    )
 
 
 class InferenceConfig(BaseModel):

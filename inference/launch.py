@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from inference.lora import lora_server_args
 from procs import (
     NotHealthy,
     ProcessExited,
@@ -249,9 +250,13 @@ def sglang_command(
     deterministic: bool = False,
     admin_api_key: str | None = None,
     extra_args: Sequence[str] = (),
+    lora_rank: int = 0,
+    lora_target_modules: Sequence[str] = ("all-linear",),
 ) -> list[str]:
     """The SGLang server command line sluice uses everywhere: token ids in and out
-    (``--skip-tokenizer-init``) and an explicit ``--weight-version``."""
+    (``--skip-tokenizer-init``) and an explicit ``--weight-version``. ``lora_rank > 0``
+    (``trainer.lora``) adds ``--enable-lora --max-lora-rank R --lora-target-modules ...``
+    (``inference.lora.lora_server_args``)."""
     args = [
         sys.executable, "-m", "sglang.launch_server",
         "--model-path", str(model_path),
@@ -267,6 +272,8 @@ def sglang_command(
         args += ["--enable-deterministic-inference"]
     if admin_api_key:
         args += ["--admin-api-key", admin_api_key]
+    if lora_rank > 0:
+        args += lora_server_args(lora_rank, list(lora_target_modules))
     return args + list(extra_args)
 
 
@@ -280,10 +287,13 @@ def cpu_server_command(
     threads: int | None = None,
     admin_api_key: str | None = None,
     extra_args: Sequence[str] = (),
+    lora_rank: int = 0,
+    lora_target_modules: Sequence[str] = ("all-linear",),
 ) -> list[str]:
     """The CPU reference server's command line (``python -m sluice serve``) sluice uses
     everywhere. ``config_path`` reads the model, threads, admin key and seed from a run config
-    (explicit flags win); a setting left None is the server's (its default or the config's)."""
+    (explicit flags win; with ``trainer.lora`` it serves adapters); a setting left None is the
+    server's (its default or the config's). ``lora_rank > 0``: SGLang's LoRA flags."""
     args = [sys.executable, "-m", "sluice", "serve"]
     if config_path is not None:
         args += ["--config", str(config_path)]
@@ -296,6 +306,8 @@ def cpu_server_command(
         args += ["--threads", str(threads)]
     if admin_api_key:
         args += ["--admin-api-key", admin_api_key]
+    if lora_rank > 0:
+        args += lora_server_args(lora_rank, list(lora_target_modules))
     return args + list(extra_args)
 
 
@@ -328,6 +340,8 @@ def launch_sglang(
     log_path: str | Path | None = None,
     timeout: float = 600,
     host: str = "127.0.0.1",
+    lora_rank: int = 0,
+    lora_target_modules: Sequence[str] = ("all-linear",),
 ) -> ServerHandle:
     """Start SGLang on ``gpu`` (``CUDA_VISIBLE_DEVICES``; with ``tp_size > 1`` an int means
     GPUs ``gpu .. gpu + tp_size - 1``) and wait for ``/health``.
@@ -356,6 +370,8 @@ def launch_sglang(
         deterministic=deterministic,
         admin_api_key=admin_api_key,
         extra_args=extra_args,
+        lora_rank=lora_rank,
+        lora_target_modules=lora_target_modules,
     )
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=devices, PYTHONUNBUFFERED="1")
     return _start(
@@ -384,6 +400,8 @@ def launch_cpu_server(
     timeout: float = 120,
     host: str = "127.0.0.1",
     extra_args: Sequence[str] = (),
+    lora_rank: int = 0,
+    lora_target_modules: Sequence[str] = ("all-linear",),
 ) -> ServerHandle:
     """Start the CPU reference server (``python -m sluice serve``) and wait for ``/health``.
     ``threads`` is its torch thread count (also ``OMP_NUM_THREADS``)."""
@@ -400,6 +418,8 @@ def launch_cpu_server(
         threads=threads,
         admin_api_key=admin_api_key,
         extra_args=extra_args,
+        lora_rank=lora_rank,
+        lora_target_modules=lora_target_modules,
     )
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     return _start(

@@ -4,6 +4,7 @@
 ``model.safetensors``, ``generation_config.json``) that transformers loads with
 ``AutoModelForCausalLM.from_pretrained`` and SGLang serves with ``--skip-tokenizer-init``
 (token ids in, token ids out: no tokenizer files are needed or written).
+``init_tiny_text_model`` adds a character-level tokenizer with a chat template (text tasks).
 
 Invariants:
 - The same arguments (seed included) write bit-identical weights.
@@ -186,6 +187,26 @@ def init_tiny_model(
     return out
 
 
+def init_tiny_text_model(
+    directory: str | Path, *, alphabet: str | None = None, **model_args: Any
+) -> Path:
+    """A tiny random-init model with a character-level tokenizer and a ChatML chat template
+    (``inference.tokenizer.build_char_tokenizer``) in ``directory``: the vocabulary is the
+    tokenizer's, BOS/EOS/PAD its ``<s>``/``<|im_end|>``/``<pad>``. ``model_args`` go to
+    ``init_tiny_model`` (layers, hidden, heads, arch, seed, ...)."""
+    from inference.tokenizer import DEFAULT_ALPHABET, build_char_tokenizer
+
+    tok = build_char_tokenizer(directory, alphabet=alphabet or DEFAULT_ALPHABET)
+    return init_tiny_model(
+        directory,
+        vocab=len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **model_args,
+    )
+
+
 def save_weights(model: Any, directory: str | Path) -> Path:
     """Write ``model``'s weights as ``directory/model.safetensors`` (contiguous float tensors)."""
     from safetensors.torch import save_file
@@ -226,6 +247,11 @@ def check_model_dir(directory: str | Path) -> list[Path]:
     if not d.is_dir():
         raise ModelDirError(f"model directory {d} does not exist")
     if not (d / "config.json").is_file():
+        if (d / "adapter_config.json").is_file() or (d / "adapter").is_dir():
+            raise ModelDirError(
+                f"{d} holds a LoRA adapter, not a model: give the base model as model.path "
+                "(a LoRA run's weights/vN and checkpoint adapter/ load over it)"
+            )
         raise ModelDirError(f"model directory {d} has no config.json")
     shards = sorted(d.glob("*.safetensors"))
     if not shards:

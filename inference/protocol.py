@@ -167,8 +167,10 @@ class InferenceClient(Protocol):
         rid: str | None = None,
         *,
         timeout: float | None = None,
+        lora_path: str | None = None,
     ) -> GenerateResult:
-        """Generate from ``input_ids``; an aborted request returns its partial output."""
+        """Generate from ``input_ids`` (with the loaded adapter ``lora_path``, if given); an
+        aborted request returns its partial output."""
         ...
 
     async def pause(
@@ -223,6 +225,18 @@ class InferenceClient(Protocol):
         timeout: float | None = None,
     ) -> dict[str, Any]:
         """Receive one bucket of the trainer's broadcast, labelled ``version``."""
+        ...
+
+    async def load_lora_adapter(
+        self, name: str, path: str, *, pinned: bool = False, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """Load the LoRA adapter directory ``path`` under ``name``."""
+        ...
+
+    async def unload_lora_adapter(
+        self, name: str, *, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """Drop the adapter ``name``."""
         ...
 
     async def weight_version(self, *, timeout: float | None = None) -> int | None:

@@ -47,6 +47,8 @@ def error_message(raw: bytes) -> str:
             msg = err
         elif "message" in body:
             msg = body["message"]
+        elif body.get("error_message"):  # SGLang's LoRA answers
+            msg = body["error_message"]
         elif "detail" in body:
             msg = body["detail"]
     return (msg if isinstance(msg, str) else json.dumps(msg))[:_MAX_MESSAGE]

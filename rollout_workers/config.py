@@ -11,7 +11,8 @@ class TaskConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     name: str = Field(
-        "reverse", description="Task: reverse | long-tail | jsonl (built in) or a registered name."
+        "reverse",
+        description="Task: reverse | long-tail | jsonl | text (built in) or a registered name.",
     )
     options: dict[str, Any] = Field(
         default_factory=dict,
@@ -76,8 +77,23 @@ class RolloutConfig(BaseModel):
     )
     reward_fn: str | None = Field(
         None,
-        description="module:function overriding the task's reward; the module is found on "
-        "PYTHONPATH, beside the run config file or in the current directory.",
+        description="module:function overriding the task's reward (for the text task also a "
+        "built-in: exact | numeric | math); the module is found on PYTHONPATH, beside the run "
+        "config file or in the current directory.",
+    )
+    reward_processes: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="Run the reward in a pool of this many processes (CPU-heavy verifiers such "
+        "as math); 0 = a thread pool in the worker (an async def reward runs on its loop).",
+    )
+    dynamic_sampling: bool | None = Field(
+        None,
+        description="Drop groups whose rewards are all equal (zero variance: no GRPO signal) "
+        "at the worker before they are pushed; their admission slots are handed back "
+        "(reason zero_variance) and they are counted per step and in `sluice status`. None = "
+        "on for tasks that score text (the text task), off for the synthetic built-ins.",
     )
     eval_every: int = Field(
         0, ge=0, description="Evaluate held-out prompts every N versions (0 = never)."

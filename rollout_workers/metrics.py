@@ -45,6 +45,9 @@ class Counters:
     cancelled_stale: int = 0
     """Groups stopped mid-generation because they could no longer be trained within eta
     (handed back as ``cancelled_stale``; the metrics field is ``doomed_groups``)."""
+    filtered_groups: int = 0
+    """Groups dropped for zero reward variance (dynamic sampling), handed back as
+    ``zero_variance``; also in ``rejected_by``."""
     rejected_by: dict[str, int] = field(default_factory=dict)
     wasted_tokens: int = 0
     """Tokens generated for groups handed back (cancelled, failed, shut down): never pushed."""
@@ -99,6 +102,7 @@ def worker_metrics(
         "resubmitted_dead": c.resubmitted_dead,
         "doomed_groups": c.cancelled_stale,
         "wasted_tokens": c.wasted_tokens,
+        "filtered_groups": c.filtered_groups,
         "evals": c.evals,
         "uptime_s": round(elapsed, 2),
         "servers": [server_metrics(s, elapsed) for s in servers],
@@ -112,6 +116,7 @@ class RedisRecords:
         self.redis = client
         self.k_metrics = keys.worker_metrics(run, worker_id)
         self.k_updates = keys.worker_updates(run, worker_id)
+        self.k_filtered = keys.filtered(run)
         self.started_wall = time.time()
 
     async def write_metrics(self, m: dict[str, Any]) -> None:
@@ -129,6 +134,21 @@ class RedisRecords:
                 return await pipe.execute()
 
         await with_retries(op, what="write worker metrics")
+
+    async def count_filtered(self, samples: int, reward_sum: float) -> None:
+        """Add one zero-variance group (``samples`` samples, rewards summing to
+        ``reward_sum``) to the run's totals (``keys.filtered``), which the trainer reads per
+        step."""
+
+        async def op() -> Any:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hincrby(self.k_filtered, "groups", 1)
+                pipe.hincrby(self.k_filtered, "samples", samples)
+                pipe.hincrbyfloat(self.k_filtered, "reward_sum", reward_sum)
+                pipe.expire(self.k_filtered, METRICS_TTL_S)
+                return await pipe.execute()
+
+        await with_retries(op, what="count a filtered group")
 
     async def store_update(self, record: dict[str, Any]) -> None:
         """Prepend one weight-update record; the newest ``UPDATES_KEPT`` are kept."""

@@ -118,6 +118,14 @@ class Server:
     busy_since: float | None = None
     restarts: int = 0
     deaths: int = 0
+    adapter: str | None = None
+    """LoRA runs: the adapter this worker's requests name (``lora_path``; None: the base)."""
+    adapters: set[str] = field(default_factory=set)
+    """LoRA runs: the adapters this worker loaded on the server and has not unloaded yet."""
+    adapter_uses: dict[str, int] = field(default_factory=dict)
+    """LoRA runs: this worker's requests running on the server, by the adapter they name."""
+    adapter_released: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    """Set whenever a request naming an adapter ends (``release_adapter``)."""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
     """Held while this worker changes its weights (``ServerPool.exclusive``)."""
     after: ServerState | None = None
@@ -144,6 +152,24 @@ class Server:
         if not self.rids and self.busy_since is not None:
             self.busy_s += time.monotonic() - self.busy_since
             self.busy_since = None
+
+    def use_adapter(self) -> str | None:
+        """The adapter a request sent now names (``adapter``), counted as in use until
+        ``release_adapter``: an adapter is unloaded only once no request names it."""
+        name = self.adapter
+        if name is not None:
+            self.adapter_uses[name] = self.adapter_uses.get(name, 0) + 1
+        return name
+
+    def release_adapter(self, name: str | None) -> None:
+        if name is None:
+            return
+        left = self.adapter_uses.get(name, 0) - 1
+        if left > 0:
+            self.adapter_uses[name] = left
+        else:
+            self.adapter_uses.pop(name, None)
+            self.adapter_released.set()
 
     def busy_total(self) -> float:
         extra = time.monotonic() - self.busy_since if self.busy_since is not None else 0.0
@@ -178,6 +204,7 @@ class ServerPool:
             s.deaths += 1
             log.warning("server %s is dead; its samples go to the other servers", s.url)
         s.group = None  # a restarted server process has joined no group
+        s.adapters.clear()  # nor loaded any adapter: bring-up loads the current one again
         self._set(s, ServerState.DEAD)
 
     def mark_up(self, s: Server, version: int | None = None) -> None:

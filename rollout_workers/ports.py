@@ -106,6 +106,8 @@ class MetricsSink(Protocol):
 
     async def store_update(self, record: dict[str, Any]) -> None: ...
 
+    async def count_filtered(self, samples: int, reward_sum: float) -> None: ...
+
 
 @runtime_checkable
 class EvalStore(Protocol):

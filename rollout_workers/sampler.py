@@ -108,6 +108,7 @@ class Sampler:
         max_new_tokens: int,
         on_interrupted: Callable[[int], None] = lambda reprefill: None,
         output_length: Callable[[Prompt, int], int | None] = lambda prompt, sample: None,
+        stop_token_ids: tuple[int, ...] | None = None,
     ) -> None:
         self.pool = pool
         self.rc = rc
@@ -115,6 +116,9 @@ class Sampler:
         self.counters = counters
         self.seed = seed
         self.eos_token_id = eos_token_id
+        self.stop_token_ids = tuple(stop_token_ids) if stop_token_ids else (eos_token_id,)
+        """Sent as ``stop_token_ids`` (``Task.stop_token_ids``: a text task's tokenizer EOS and
+        its generation-config EOS ids), except for fixed-length samples."""
         self.max_new_tokens = max_new_tokens
         self.on_interrupted = on_interrupted
         """Called with the tokens to prefill again each time a sample is interrupted."""
@@ -164,7 +168,7 @@ class Sampler:
             temperature=temperature,
             top_p=self.rc.top_p,
             top_k=self.rc.top_k,
-            stop_token_ids=() if fixed else (self.eos_token_id,),
+            stop_token_ids=() if fixed else self.stop_token_ids,
             ignore_eos=fixed or self.rc.ignore_eos,
             sampling_seed=seed,
         )
@@ -202,8 +206,14 @@ class Sampler:
             )
             rid = uuid.uuid4().hex
             s.track(rid)
+            lora = s.use_adapter()
             try:
-                res = await s.client.generate(prompt_ids + out.output_ids, sp, rid)
+                if lora is None:
+                    res = await s.client.generate(prompt_ids + out.output_ids, sp, rid)
+                else:  # every token is labelled with the adapter's version (inference.lora)
+                    res = await s.client.generate(
+                        prompt_ids + out.output_ids, sp, rid, lora_path=lora
+                    )
             except ServerDead as e:
                 attempt += 1
                 self.counters.resubmitted_dead += 1
@@ -219,6 +229,7 @@ class Sampler:
                 raise
             finally:
                 s.untrack(rid)
+                s.release_adapter(lora)
             if res.num_tokens and res.token_versions is None:
                 raise GroupRejected(
                     "no_token_versions",

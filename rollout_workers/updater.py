@@ -51,8 +51,21 @@ from rollout_workers.metrics import UPDATES_KEPT, Counters
 from rollout_workers.pool import Server, ServerPool
 from rollout_workers.ports import VersionSource
 from staleness.version_manager import WeightEvent
-from weights.plan import FMT_ANNOUNCE, FMT_IPC_ANNOUNCE, REMOTE_FMTS, IpcPlan, SyncPlan
-from weights.receive import DiskReceiver, DistributedReceiver, IpcReceiver, WeightReceiver
+from weights.plan import (
+    FMT_ANNOUNCE,
+    FMT_IPC_ANNOUNCE,
+    FMT_LORA,
+    REMOTE_FMTS,
+    IpcPlan,
+    SyncPlan,
+)
+from weights.receive import (
+    DiskReceiver,
+    DistributedReceiver,
+    IpcReceiver,
+    LoraReceiver,
+    WeightReceiver,
+)
 
 log = logging.getLogger("sluice.rollout")
 
@@ -128,6 +141,9 @@ class WeightUpdater:
         self._applying = False
         """An update is being applied (``behind`` answers no meanwhile)."""
         self._wanted = asyncio.Event()
+        self._retiring: dict[str, set[str]] = {}
+        """Adapters being unloaded, by server URL."""
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         """Take the run's latest publication (if any) as the weights to serve."""
@@ -207,6 +223,9 @@ class WeightUpdater:
         elif ev.fmt in REMOTE_FMTS:  # a transfer this worker missed: catch up from disk
             await asyncio.gather(*(self.bring_up(s) for s in live))
             ok = [s.version == ev.version for s in live]
+        elif ev.fmt == FMT_LORA:
+            lora = LoraReceiver(ev.location, ev.version)
+            ok = await asyncio.gather(*(self.transfer(s, lora) for s in live))
         else:
             receiver = DiskReceiver(ev.location, ev.version, pause=self.pause)
             ok = await asyncio.gather(*(self.transfer(s, receiver) for s in live))
@@ -269,7 +288,35 @@ class WeightUpdater:
                 self.pool.require_load(s)
                 return False
             self.pool.loaded(s, receiver.version)
-            return True
+        if isinstance(receiver, LoraReceiver):
+            self._retire_adapters(s)
+        return True
+
+    def _retire_adapters(self, s: Server) -> None:
+        """Unload, in the background, every adapter loaded on ``s`` but the one its requests
+        name now, each once no request of this worker names it (``Server.adapter_uses``)."""
+        for name in sorted(s.adapters - {s.adapter} - self._retiring.get(s.url, set())):
+            self._retiring.setdefault(s.url, set()).add(name)
+            task = asyncio.create_task(self._retire(s, name), name=f"unload-{name}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _retire(self, s: Server, name: str) -> None:
+        try:
+            while s.adapter_uses.get(name, 0) > 0:
+                s.adapter_released.clear()
+                await s.adapter_released.wait()
+            if name not in s.adapters or name == s.adapter:
+                return  # the server restarted (nothing loaded), or it is current again
+            try:
+                await s.client.unload_lora_adapter(name)
+            except SGLangClientError as e:
+                log.warning("server %s: unloading adapter %s failed: %s", s.url, name, e)
+                return
+            s.adapters.discard(name)
+            log.info("server %s: adapter %s unloaded (no request names it)", s.url, name)
+        finally:
+            self._retiring.get(s.url, set()).discard(name)
 
     # ------------------------------------------------------------------ bring-up
     def behind(self, s: Server) -> bool:
@@ -297,6 +344,13 @@ class WeightUpdater:
         except SGLangClientError as e:
             log.warning("server %s: model_info failed (%s)", s.url, e)
             self.pool.mark_dead(s)
+            return
+        if self.weights.fmt == FMT_LORA:
+            # The base never changes; the server may have lost its adapters (a restart):
+            # load the current one again, under its name, before it gets work.
+            lora = LoraReceiver(self.weights.location, self.weights.version, reload=True)
+            if await self.transfer(s, lora):
+                self.pool.mark_up(s)
             return
         if have == self.version and not s.mixed:
             self.pool.mark_up(s, have)

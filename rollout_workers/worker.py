@@ -20,7 +20,7 @@ the lease released. At most ``rollout.max_inflight_groups`` groups at a time.
 Invariants (tests/integration/test_rollout_worker.py, tests/unit/rollout_workers/test_rollout_workers_worker.py):
 
 - Every admitted slot is finished (group pushed) or handed back with a reason (reward failure,
-  inference error, ``cancelled_stale``, ``shutdown``); a SIGKILLed worker's slots come back
+  inference error, ``zero_variance`` (dynamic sampling), ``cancelled_stale``, ``shutdown``); a SIGKILLed worker's slots come back
   through ``reap`` and its prompts through lease expiry
   (``test_sigkill_worker_prompts_and_slots_come_back``, ``test_sigterm_exits_clean``).
 - The worker never admits past the gate (``test_worker_stops_at_gate_capacity``).
@@ -53,6 +53,7 @@ from typing import Any
 from buffer.schema import TrajectoryGroup
 from inference.protocol import InvalidInputError, SGLangClientError
 from rollout_workers.config import RolloutConfig
+from rollout_workers.dynamic import ZERO_VARIANCE, filtering_on, zero_variance
 from rollout_workers.evaluator import Evaluator
 from rollout_workers.inflight import InFlight
 from rollout_workers.metrics import Counters, worker_metrics
@@ -154,14 +155,22 @@ class RolloutWorker:
         self.sampler = Sampler(
             self.pool,
             rc,
-            RewardRunner(resolve_reward_fn(task, rc.reward_fn), timeout_s=rc.reward_timeout_s),
+            RewardRunner(
+                resolve_reward_fn(task, rc.reward_fn),
+                timeout_s=rc.reward_timeout_s,
+                processes=rc.reward_processes,
+                decode=task.decode,
+            ),
             self.counters,
             seed=run.seed,
             eos_token_id=task.eos_token_id,
             max_new_tokens=rc.max_new_tokens or task.max_new_tokens,
             on_interrupted=self.updater.note_interrupted,
             output_length=task.output_length,
+            stop_token_ids=task.stop_token_ids,
         )
+        self.filter_zero_variance = filtering_on(rc.dynamic_sampling, task.decode([]) is not None)
+        """Dynamic sampling (``rollout.dynamic_sampling``): drop zero-variance groups."""
         self.evaluator = Evaluator(
             parts.evals, self.sampler, task, rc, self.counters, worker_id=worker_id
         )
@@ -443,6 +452,9 @@ class RolloutWorker:
             outs, rewards = await self.sampler.group(
                 lease.prompt, group_id, admission_version, tally=tally
             )
+            if self.filter_zero_variance and zero_variance(rewards):
+                await self._filtered(lease, rewards, admission_version, tally[0])
+                return
             group = trajectory_group(
                 run=self.run_info.name,
                 worker_id=self.worker_id,
@@ -493,6 +505,24 @@ class RolloutWorker:
             sys.stderr.write(json.dumps({"event": "rollout_metrics", **self.metrics()}) + "\n")
             sys.stderr.flush()
 
+    async def _filtered(
+        self, lease: Lease, rewards: list[float], admission_version: int, tokens: int
+    ) -> None:
+        """Dynamic sampling: a zero-variance group is not pushed; its slot is handed back
+        (``zero_variance``, with its admission version and its tokens, which the gate counts
+        under that cause), its prompt is done for this epoch, and it is counted here and in
+        the run's totals (``RedisRecords.count_filtered``, read by the trainer per step)."""
+        self.counters.filtered_groups += 1
+        await self.parts.records.count_filtered(len(rewards), float(sum(rewards)))
+        await self._hand_back(
+            ZERO_VARIANCE,
+            f"all {len(rewards)} rewards are {rewards[0]}",
+            lease,
+            requeue=False,
+            version=admission_version,
+            tokens=tokens,
+        )
+
     async def _hand_back(
         self,
         reason: str,
@@ -507,8 +537,13 @@ class RolloutWorker:
         c.groups_rejected += 1
         c.wasted_tokens += tokens
         c.rejected_by[reason] = c.rejected_by.get(reason, 0) + 1
+        quiet = reason in ("shutdown", ZERO_VARIANCE)
         log.log(
-            logging.INFO if reason == "shutdown" else logging.WARNING,
+            logging.DEBUG
+            if reason == ZERO_VARIANCE
+            else logging.INFO
+            if quiet
+            else logging.WARNING,
             "worker %s: group rejected reason=%s prompt=%s detail=%s",
             self.worker_id,
             reason,

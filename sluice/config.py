@@ -131,6 +131,27 @@ def _check_task_options(cfg: SluiceConfig) -> list[str]:
     return out
 
 
+def task_options(cfg: SluiceConfig) -> dict[str, Any]:
+    """``task.options`` as the task is built with: a task that takes a ``tokenizer`` option
+    (the text task) gets ``model.path`` when the option is unset, so one model directory
+    gives both the weights and the tokenizer."""
+    from rollout_workers.tasks import task_options as options_of
+
+    opts = dict(cfg.task.options)
+    names = {o.name for o in options_of(cfg.task.name) or []}
+    if "tokenizer" in names and not opts.get("tokenizer") and cfg.model.path:
+        opts["tokenizer"] = cfg.model.path
+    return opts
+
+
+def build_task(cfg: SluiceConfig) -> Any:
+    """The run's task (``get_task`` with ``task_options(cfg)``); ``TaskError`` naming what is
+    wrong (a bad row as ``FILE:ROW: reason``)."""
+    from rollout_workers.tasks import get_task
+
+    return get_task(cfg.task.name, **task_options(cfg))
+
+
 def _parse_scalar(text: str) -> Any:
     """Parse an override value as YAML (``1e-5``, ``true``, ``[1, 2]``), else keep the string."""
     try:
@@ -190,10 +211,33 @@ def add_config_arguments(
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> SluiceConfig:
-    """Read ``path`` (YAML; None = defaults), apply dotted ``overrides``, validate."""
+    """Read ``path`` (YAML; None = defaults), apply dotted ``overrides``, validate; relative
+    dataset paths are resolved (``resolve_task_paths``)."""
     if path is None:
         return validate_config({}, overrides, "defaults")
-    return validate_config(read_config_file(path), overrides, str(path))
+    return resolve_task_paths(validate_config(read_config_file(path), overrides, str(path)), path)
+
+
+TASK_PATH_OPTIONS = ("path", "eval_path", "tokenizer")
+"""Task options that name files or directories."""
+
+
+def resolve_task_paths(cfg: SluiceConfig, config_path: str | Path | None) -> SluiceConfig:
+    """Make the task's relative file options (``TASK_PATH_OPTIONS``) absolute: against the
+    current directory when the path exists there, else against the config file's directory
+    (``examples/text-task.yaml`` names ``data/reverse-text.jsonl`` beside it). A path found in
+    neither is left as it is, for the task to report."""
+    opts = dict(cfg.task.options)
+    for k in TASK_PATH_OPTIONS:
+        v = opts.get(k)
+        if not isinstance(v, str) or not v or Path(v).is_absolute():
+            continue
+        for base in [Path.cwd(), *([Path(config_path).resolve().parent] if config_path else [])]:
+            if (base / v).exists():
+                opts[k] = str((base / v).resolve())
+                break
+    cfg.task.options = opts
+    return cfg
 
 
 def validate_config(data: dict[str, Any], overrides: list[str] | None, source: str) -> SluiceConfig:

@@ -310,8 +310,22 @@ def _weight_updates(run_dir: Path) -> dict[str, Any] | None:
     }
 
 
+def _update_bytes(steps: list[dict[str, Any]]) -> dict[str, Any]:
+    """``weight_update_bytes``: the median bytes one weight update moved (a LoRA run: the
+    adapter); ``model_bytes``: one full-weight update's bytes (the base model in the published
+    dtype). None when the trainer did not log them."""
+    sent = [int(r["weight_update_bytes"]) for r in steps if r.get("weight_update_bytes")]
+    full = [int(r["model_bytes"]) for r in steps if r.get("model_bytes")]
+    return {
+        "weight_update_bytes": int(statistics.median(sent)) if sent else None,
+        "model_bytes": full[-1] if full else None,
+    }
+
+
 def _rewards(steps: list[dict[str, Any]], target: Any) -> dict[str, Any]:
-    rewards = [_num(r.get("reward_mean")) for r in steps]
+    # With dynamic sampling the trained mean leaves out the filtered (all-equal) groups:
+    # reward_mean_all counts them too (trainer.metrics.filtered_fields).
+    rewards = [_num(r.get("reward_mean_all", r.get("reward_mean"))) for r in steps]
     known = [x for x in rewards if x is not None]
     final = rewards[-1]
     return {
@@ -352,6 +366,7 @@ def summarize(run_dir: str | Path, *, eta: int | None = None) -> dict[str, Any]:
         **_throughput(steps, wall),
         "replayed_steps": sum(1 for r in rows if r.get("replay") is True),
         "weight_updates": _weight_updates(run_dir),
+        **_update_bytes(steps),
         "restarts": _restarts(run_dir),
         **_eval_summary(eval_rows(rows)),
         "malformed_lines": bad,
@@ -587,6 +602,12 @@ def _markdown(s: dict[str, Any], plots: list[str]) -> str:
         lines.append(
             f"| weight updates | {wu['count']}: median {wu['p50_s'] * 1000:.1f} ms, "
             f"max {wu['max_s'] * 1000:.1f} ms |"
+        )
+    if s.get("weight_update_bytes") and s.get("model_bytes"):
+        sent, full = s["weight_update_bytes"], s["model_bytes"]
+        lines.append(
+            f"| bytes per weight update | {sent / 1e6:.3f} MB (median; full weights "
+            f"{full / 1e6:.3f} MB: {100 * sent / full:.1f}%) |"
         )
     if s.get("restarts"):
         lines.append(

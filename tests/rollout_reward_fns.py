@@ -20,3 +20,13 @@ def flaky(prompt: Prompt, output_ids: list[int]) -> float:
     if kind == 2:
         time.sleep(1.0)
     return _TASK.reward(prompt, output_ids)
+
+
+def text_length(prompt: Prompt, output_ids: list[int], text: str) -> float:
+    """A text reward: the decoded answer's length in tenths, capped at 1."""
+    return min(1.0, len(text) / 10)
+
+
+def text_constant(prompt: Prompt, output_ids: list[int], text: str) -> float:
+    """A text reward that never varies: every group has zero variance."""
+    return 0.5

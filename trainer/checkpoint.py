@@ -13,6 +13,9 @@ Layout of a checkpoint ``RUN_DIR/checkpoints/step-{step:08d}/``::
     model/                 a Hugging Face model dir (config.json, *.safetensors, and the
                            starting model's tokenizer and other non-weight files): servable
                            and usable as ``model.path`` (the checkpoint dir itself is too)
+    adapter/               instead of model/ with ``trainer.lora``: the adapter only, as PEFT
+                           writes it (adapter_model.safetensors, adapter_config.json); the
+                           base model is ``model.path``
     optimizer.safetensors  flattened optimizer tensors
     rng.safetensors        torch CPU (and CUDA) RNG states
     state.json             step, version, optimizer param groups and scalars, scheduler,
@@ -97,6 +100,9 @@ class CheckpointSnapshot:
     state: dict[str, Any]
     """``state.json``: the caller's part, optimizer metadata, scheduler, python RNG."""
     model_files: list[Path]
+    adapter_config: dict[str, Any] | None = None
+    """With LoRA: the adapter's ``adapter_config.json``, and ``model_state`` is the adapter's
+    tensors only (``trainer.lora.adapter_state``)."""
 
 
 def _host_copy(t: torch.Tensor) -> torch.Tensor:
@@ -137,10 +143,17 @@ def snapshot_checkpoint(
         "scheduler": _jsonable(scheduler.state_dict()) if scheduler is not None else None,
         "python_random": _jsonable(random.getstate()),
     }
-    if gathered is not None:
+    adapter_cfg = None
+    if gathered is not None:  # a sharded model's state, already host copies
         model_state, optimizer_state = gathered[0], tensors
     else:
-        model_state = {k: _host_copy(v) for k, v in raw.state_dict().items()}
+        if hasattr(raw, "peft_config"):
+            from trainer.lora import adapter_config, adapter_state
+
+            adapter_cfg = adapter_config(raw)
+            model_state = {k: _host_copy(v) for k, v in adapter_state(raw).items()}
+        else:
+            model_state = {k: _host_copy(v) for k, v in raw.state_dict().items()}
         optimizer_state = {k: _host_copy(v) for k, v in tensors.items()}
     if torch.cuda.is_available():
         torch.cuda.synchronize()  # the asynchronous device -> host copies have landed
@@ -151,6 +164,7 @@ def snapshot_checkpoint(
         rng=rng,
         state=full,
         model_files=list(model_files),
+        adapter_config=adapter_cfg,
     )
 
 
@@ -170,17 +184,22 @@ def write_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    snap.model.save_pretrained(
-        str(tmp / "model"), state_dict=snap.model_state, safe_serialization=True
-    )
-    copy_model_files(snap.model_files, tmp / "model")
+    if snap.adapter_config is not None:
+        from weights.lora import write_adapter_files
+
+        write_adapter_files(tmp / "adapter", snap.model_state, snap.adapter_config)
+    else:
+        snap.model.save_pretrained(
+            str(tmp / "model"), state_dict=snap.model_state, safe_serialization=True
+        )
+        copy_model_files(snap.model_files, tmp / "model")
     if crash_hook is not None:
         crash_hook("mid_checkpoint")
     save_file(snap.optimizer, str(tmp / "optimizer.safetensors"))
     save_file(snap.rng, str(tmp / "rng.safetensors"))
     (tmp / "state.json").write_text(json.dumps(snap.state, indent=1, allow_nan=False))
     fsync_dir(tmp)
-    fsync_dir(tmp / "model")
+    fsync_dir(tmp / ("adapter" if snap.adapter_config is not None else "model"))
     replace_dir(tmp, dest)
     return dest
 

@@ -10,14 +10,67 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from staleness.auto_eta import AutoEtaSettings
 from staleness.config import LossConfig
 
+Tracker = Literal["jsonl", "tensorboard", "wandb"]
+
+
+def _jsonl_only() -> list[Tracker]:
+    return ["jsonl"]
+
+
+class LoraConfig(BaseModel):
+    """``trainer.lora``: train a LoRA adapter on the frozen base model (``peft``) instead of
+    every weight. ``rank: 0`` (the default) is full fine-tuning."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    rank: int = Field(
+        0,
+        ge=0,
+        le=1024,
+        description="LoRA rank r (0: off, full fine-tuning). With r > 0 only the adapter is "
+        "trained, checkpointed and published (docs/weight-sync.md, LoRA).",
+    )
+    alpha: int | None = Field(
+        None,
+        gt=0,
+        description="LoRA alpha (an int, as PEFT's lora_alpha): the update is scaled by "
+        "alpha / rank (None: 2 * rank).",
+    )
+    dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Dropout on the adapter's input, in the gradient pass only (the proximal "
+        "recompute and the servers see none).",
+    )
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["all-linear"],
+        min_length=1,
+        description="Module names (suffixes) that get an adapter, e.g. [q_proj, v_proj]; "
+        "all-linear: every linear layer but the output head.",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def scale_alpha(self) -> int:
+        """The alpha used: ``alpha``, or ``2 * rank`` when unset."""
+        return self.alpha if self.alpha is not None else 2 * self.rank
+
 
 class TrainerConfig(LossConfig):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    lora: LoraConfig = Field(
+        default_factory=LoraConfig, description="LoRA adapter training (rank 0: off)."
+    )
 
     lr: float = Field(1e-3, gt=0, le=1, description="AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
@@ -119,6 +172,20 @@ class TrainerConfig(LossConfig):
     )
     sync_port: int = Field(
         0, ge=0, le=65535, description="distributed: rendezvous port (0: pick a free one)."
+    )
+    trackers: list[Tracker] = Field(
+        default_factory=_jsonl_only,
+        description="Metrics sinks, all named after run.name: jsonl (RUN_DIR/metrics.jsonl, "
+        "always written: the report reads it), tensorboard (RUN_DIR/tensorboard), wandb "
+        "(RUN_DIR/wandb; needs `pip install 'sluice[tracking]'`). The trainer writes its step "
+        "rows, the workers' summed counters and the evals (trainer/, rollout/, eval/).",
+    )
+    wandb_project: str = Field("sluice", min_length=1, description="W&B project.")
+    wandb_entity: str | None = Field(None, description="W&B entity (None: your default).")
+    wandb_mode: Literal["offline", "online"] = Field(
+        "offline",
+        description="W&B mode: offline (no network; `wandb sync RUN_DIR/wandb/offline-run-*` "
+        "uploads later) or online.",
     )
     sync_timeout_s: float = Field(
         60.0,

@@ -55,6 +55,7 @@ from trainer.metrics import (
     StepRecord,
     device_peak_flops,
     eval_event,
+    filtered_fields,
     hist_bucket,
     perf_fields,
     progress_record,
@@ -63,9 +64,11 @@ from trainer.metrics import (
     write_event,
     write_step,
 )
-from trainer.parts import TrainerParts, open_parts
+from trainer.parts import TrainerParts, open_parts, publish_dtype
 from trainer.step import DistInfo, StepStats, train_step
+from trainer.tracking import Trackers
 from weights.disk import model_files, prune
+from weights.publish import model_bytes
 
 __all__ = ["Trainer", "TrainerError", "open_trainer", "run_trainer"]
 
@@ -115,8 +118,12 @@ class Trainer:
         self._ckpt_task: asyncio.Task[None] | None = None
         self.phases = Phases()
         self.params = sum(p.numel() for p in self.model.parameters())
+        self.model_bytes = model_bytes(self.model, publish_dtype(tc.publish_dtype, self.device))
+        """One full-weight update's bytes (base weights, in the published dtype)."""
         self.peak_flops = device_peak_flops(self.device, tc.peak_tflops)
         self.records = parts.records if dist.rank == 0 else None
+        self._filtered_base: tuple[float, float, float] | None = None
+        """The run's filtered totals at the previous step (``_filtered_since_last``)."""
         self.model_files = model_files(parts.model_dir)
         """The starting model's non-weight files, copied into every checkpoint's ``model/``."""
         self.last_row: dict[str, Any] | None = None
@@ -130,8 +137,32 @@ class Trainer:
         the measurements behind it, the version admission narrowed at)."""
         self._lowering_bound = args.eta
         """The bound when the lowering began (another value later: someone ran set-eta)."""
+        self.trackers = Trackers([])
+        """TensorBoard / W&B (``trainer.trackers``), opened on rank 0 by ``open_trackers``."""
+
+    def open_trackers(self) -> None:
+        """Rank 0: start the sinks ``trainer.trackers`` names (``trainer.tracking``)."""
+        if self.dist.rank != 0:
+            return
+        self.trackers = Trackers.open(
+            list(self.tc.trackers),
+            self.args.run_dir,
+            self.args.run_name,
+            wandb_project=self.tc.wandb_project,
+            wandb_mode=self.tc.wandb_mode,
+            wandb_entity=self.tc.wandb_entity,
+            config={"trainer": self.tc.model_dump(mode="json"), "run": self.args.run_name},
+        )
+
+    async def _track(self, row: dict[str, Any]) -> None:
+        """Rank 0: the step's row and the workers' summed counters to the sinks."""
+        if not self.trackers.sinks or self.records is None:
+            return
+        workers = await self.clock(self.records.worker_metrics())
+        self.trackers.log_step(row, workers)
 
     async def close(self) -> None:
+        self.trackers.close()
         await self.buf.close()
         await self.vm.close()
 
@@ -166,7 +197,8 @@ class Trainer:
                 model, publish_dtype(self.tc.publish_dtype, self.device), self.dist.rank
             )
         if self.dist.rank == 0:
-            await self.publisher.publish(v, model)
+            sent = await self.publisher.publish(v, model)
+            self.phases.publish_bytes = sent if isinstance(sent, int) else None
         self.st.version = v
         self.st.weights_version = v
 
@@ -389,7 +421,8 @@ class Trainer:
         """Whether this trainer ended the run (``max_steps``, or its last step reached
         ``reward_target``) rather than stopped (SIGTERM, no more data)."""
         target, row = self.tc.reward_target, self.last_row
-        reached = target is not None and row is not None and row["reward_mean"] >= target
+        reward = None if row is None else row.get("reward_mean_all", row["reward_mean"])
+        reached = target is not None and reward is not None and reward >= target
         return reached or self.st.step >= self.max_steps
 
     async def _step(self, batch: StepBatch, train_model: Any, t_start: float) -> float | None:
@@ -438,14 +471,30 @@ class Trainer:
         if self.dist.rank == 0:
             await self.clock(self.vm.reap())
             waste = await self.clock(self.vm.waste())
+        filtered = await self._filtered_since_last()
+        reward_all = filtered_fields(filtered, stats.metrics["reward_mean"], stats.samples)
         step_s = time.monotonic() - t0
-        row = self._log_step(stats, batch, judged, step_s, t_start, eta, waste)
+        row = self._log_step(stats, batch, judged, step_s, t_start, eta, waste, extra=reward_all)
         await self._tune_eta(step_s, batch, waste)
         if row is not None:
             self.last_row = row
+            await self._track(row)
             await self._copy_evals()
             await self._progress("running")
-        return stats.metrics["reward_mean"]
+        return float(reward_all["reward_mean_all"])
+
+    async def _filtered_since_last(self) -> tuple[float, float, float]:
+        """Zero-variance groups the workers filtered since the previous step (rank 0 reads
+        the run's totals; every rank gets the same numbers, so every rank takes the same
+        ``reward_target`` decision). The first step of a process counts from its start."""
+        now = (0.0, 0.0, 0.0)
+        if self.records is not None:
+            now = await self.clock(self.records.filtered_totals())
+        if self._filtered_base is None:
+            self._filtered_base = now
+        base, self._filtered_base = self._filtered_base, now
+        delta = [a - b for a, b in zip(now, base, strict=True)]
+        return tuple(self._reduce(delta))  # type: ignore[return-value]
 
     async def _progress(self, state: str) -> None:
         """Rank 0: the trainer's summary (``trainer.metrics.progress_record``) into Redis."""
@@ -461,6 +510,7 @@ class Trainer:
         for rec in await self.clock(self.records.new_evals()):
             event = eval_event(rec, self.st.step)
             write_event(self.metrics_path, event)
+            self.trackers.log_eval(event)
             log.info(
                 "eval v%s: greedy reward %s, sampled reward %s (%s prompts)",
                 event.get("version"),
@@ -478,6 +528,7 @@ class Trainer:
         t_start: float,
         eta: int,
         waste: Waste | None,
+        extra: dict[str, Any] | None = None,
     ) -> dict[str, Any] | None:
         """Rank 0: the step's metrics row, written and logged (None on other ranks)."""
         arrived, dead = self.reader.take_arrivals()
@@ -536,8 +587,9 @@ class Trainer:
         )
         perf = perf_fields(self.phases, stats.tokens, self.params, self.peak_flops)
         perf["weights_via"] = getattr(self.publisher, "last_via", None)
+        perf["model_bytes"] = self.model_bytes
         self.phases = Phases()
-        row = step_row(rec, stats, summed, buffer_s, perf)
+        row = step_row(rec, stats, summed, buffer_s, {**perf, **(extra or {})})
         write_step(self.metrics_path, row)
         return row
 
@@ -597,6 +649,7 @@ async def run_trainer(
             tc, args, resume=resume, max_steps=max_steps, dist=dist, stop=stop
         )
         try:
+            trainer.open_trackers()
             if on_started is not None and dist.rank == 0:
                 on_started()
             return await trainer.run()

@@ -167,6 +167,8 @@ class Phases:
     train_s: float = 0.0
     """``train_step``: proximal forward, forward/backward of every micro-batch, optimizer."""
     publish_s: float = 0.0
+    publish_bytes: int | None = None
+    """Bytes the step's weight update moved (None: no publication in the step)."""
     checkpoint_s: float = 0.0
     """Checkpoints written since the previous row (a step's checkpoint follows its row)."""
     seq_tokens: int = 0
@@ -183,6 +185,7 @@ def perf_fields(
     return {
         "train_s": phases.train_s,
         "publish_s": phases.publish_s,
+        "weight_update_bytes": phases.publish_bytes,
         "checkpoint_s": phases.checkpoint_s,
         "seq_tokens": phases.seq_tokens,
         "train_tokens_per_s": out_tokens / train_s,
@@ -198,6 +201,21 @@ def steps_text(step: int, max_steps: int | None) -> str:
 def is_step_row(row: dict[str, Any]) -> bool:
     """A step's row of ``metrics.jsonl`` (not an event line such as an eval result)."""
     return "event" not in row and "step" in row
+
+
+def filtered_fields(
+    delta: tuple[float, float, float], reward_mean: float, samples: int
+) -> dict[str, Any]:
+    """The row's dynamic-sampling fields from ``delta`` = (groups, samples, reward sum) the
+    workers filtered since the previous row: ``filtered_groups``, and ``reward_mean_all``, the
+    mean reward over the samples trained *and* filtered (the trained mean alone is biased
+    down once all-correct groups are dropped; this is the policy's reward, what
+    ``reward_target`` and the report read). E.g. 32 trained samples of mean 0.5 and 16
+    filtered ones summing to 16: (16 + 16) / 48 = 0.667."""
+    groups, f_samples, f_sum = delta
+    total = samples + f_samples
+    mean_all = (reward_mean * samples + f_sum) / total if f_samples > 0 else reward_mean
+    return {"filtered_groups": int(groups), "reward_mean_all": mean_all}
 
 
 def step_row(
@@ -406,6 +424,8 @@ class RunRecords:
         self.redis = client
         self.k_progress = keys.trainer_progress(run, consumer)
         self.k_eval = keys.eval_results(run)
+        self.k_filtered = keys.filtered(run)
+        self.run = run
         self.seen: set[int] = set(logged)
         """Eval versions already in ``metrics.jsonl``."""
 
@@ -414,6 +434,23 @@ class RunRecords:
         await with_retries(
             lambda: self.redis.set(self.k_progress, text, ex=PROGRESS_TTL_S),
             what="write trainer progress",
+        )
+
+    async def filtered_totals(self) -> tuple[float, float, float]:
+        """The run's running totals of groups the workers dropped for zero reward variance
+        (``keys.filtered``): ``(groups, samples, reward_sum)``."""
+        raw: dict[Any, Any] = await with_retries(
+            lambda: self.redis.hgetall(self.k_filtered), what="read filtered totals"
+        )
+        get = {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in raw.items()}
+        return get.get("groups", 0.0), get.get("samples", 0.0), get.get("reward_sum", 0.0)
+
+    async def worker_metrics(self) -> list[dict[str, Any]]:
+        """Every worker's metrics hash of the run (``trainer.tracking`` sums them)."""
+        from trainer.tracking import read_worker_metrics
+
+        return await with_retries(
+            lambda: read_worker_metrics(self.redis, self.run), what="read worker metrics"
         )
 
     async def new_evals(self) -> list[dict[str, Any]]:

@@ -45,6 +45,11 @@ def check_model_dir(model_path: str) -> Path:
         )
     path = resolve_model_dir(model_path)
     if not (path / "config.json").is_file():
+        if (path / "adapter_config.json").is_file() or (path / "adapter").is_dir():
+            raise TrainerError(
+                f"model.path={path} holds a LoRA adapter, not a model: give the base model "
+                "as model.path"
+            )
         raise TrainerError(f"model.path={path} has no config.json")
     if not list(path.glob("*.safetensors")):
         raise TrainerError(f"model.path={path} has no *.safetensors weights")

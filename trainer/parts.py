@@ -21,7 +21,7 @@ import torch
 from buffer import RedisTrajectoryBuffer
 from staleness import VersionManager
 from staleness.checks import settings_differ
-from trainer.config import TrainerArgs, TrainerConfig
+from trainer.config import TrainerArgs, TrainerConfig, TrainerError
 from trainer.crash import CRASH_ENV, crash_if, parse_crash_at
 from trainer.data import GroupReader
 from trainer.ledger import StepLedger
@@ -190,6 +190,17 @@ def _publisher(
         "model_dir": model_dir,
         "dtype": dtype,
     }
+    if tc.lora.enabled:
+        from weights.lora import LoraPublisher
+
+        if tc.weight_sync != "disk":
+            raise TrainerError(
+                f"trainer.lora with trainer.weight_sync={tc.weight_sync} is not supported: "
+                "adapters are published as files (weight_sync=disk; a few MB per version)"
+            )
+        return LoraPublisher(
+            vm, weights_dir, keep=tc.keep_weights, timed=clock, crash_hook=crash_hook, dtype=dtype
+        )
     if tc.weight_sync == "ipc":
         from weights.ipc import IpcSync
 

@@ -155,7 +155,7 @@ def _load(
     st = TrainState()
     if ptr:
         path = Path(ptr["path"])
-        model = _model(tc, path / "model", device)
+        model = _load_checkpoint_model(tc, path, model_path, device)
         optimizer, scheduler = build_optimizer(model, tc)
         state = restore_training_state(path, optimizer, scheduler, _place(tc))
         st.step = st.ckpt_step = int(state["step"])
@@ -167,6 +167,10 @@ def _load(
     else:
         torch.manual_seed(args.seed)
         model = _model(tc, model_path, device)
+        if tc.lora.enabled:
+            from trainer.lora import apply_lora
+
+            model = apply_lora(model, tc.lora)
         optimizer, scheduler = build_optimizer(model, tc)
         st.weights_version = 0
         if resume:
@@ -179,6 +183,13 @@ def _model(tc: TrainerConfig, path: Path, device: torch.device) -> Any:
     and sharded (``trainer.fsdp``): a device never holds the whole fp32 model."""
     if tc.parallel != "fsdp":
         return load_model(path, device)
+    if tc.lora.enabled:
+        from trainer.config import TrainerError
+
+        raise TrainerError(
+            "trainer.parallel=fsdp with trainer.lora is not supported: a LoRA run trains few "
+            "parameters; use trainer.parallel=ddp"
+        )
     from trainer.fsdp import shard_model
 
     return shard_model(load_model(path, torch.device("cpu")), device)
@@ -191,3 +202,31 @@ def _place(tc: TrainerConfig) -> Any:
     from trainer.fsdp import place_optimizer_state
 
     return place_optimizer_state
+
+
+def _load_checkpoint_model(
+    tc: TrainerConfig, path: Path, model_path: Path, device: torch.device
+) -> Any:
+    """The model of checkpoint ``path``: its ``model/``, or with ``trainer.lora`` the base at
+    ``model_path`` wrapped with the checkpoint's ``adapter/``. A checkpoint of the other kind
+    is refused (``TrainerError`` naming both)."""
+    from trainer.config import TrainerError
+
+    has_adapter = (path / "adapter").is_dir()
+    if tc.lora.enabled != has_adapter:
+        kind = "a LoRA adapter" if has_adapter else "full weights"
+        want = f"trainer.lora.rank={tc.lora.rank}"
+        raise TrainerError(
+            f"checkpoint {path} holds {kind} but the run has {want}: resume with the "
+            "settings it was written with"
+        )
+    if not has_adapter:
+        return _model(tc, path / "model", device)
+    from safetensors.torch import load_file
+
+    from trainer.lora import apply_lora, load_adapter_state
+
+    model = apply_lora(load_model(model_path, device), tc.lora)
+    tensors = load_file(str(path / "adapter" / "adapter_model.safetensors"), device=str(device))
+    load_adapter_state(model, tensors)
+    return model

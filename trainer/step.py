@@ -201,6 +201,7 @@ def _accumulate_gradients(
     seen (0-dim, on the device). A rank without micro-batches backwards an exact zero so it
     joins the all-reduce."""
     from staleness import LossInputs, decoupled_ppo_loss
+    from trainer.lora import adapter_dropout
 
     w_max = torch.zeros((), dtype=torch.float64, device=device)
     for i, (mb, p, local_denom) in enumerate(zip(mbs, prox, denoms, strict=True)):
@@ -210,7 +211,7 @@ def _accumulate_gradients(
         defer = dist.enabled and not sync and hasattr(model, "no_sync")
         ctx = model.no_sync() if defer else contextlib.nullcontext()
         with ctx:
-            with _autocast(device):
+            with _autocast(device), adapter_dropout(model):
                 logp = token_logprobs(model, mb, temperature)
             out = decoupled_ppo_loss(
                 LossInputs(logp, p, mb.behav_logp, mb.advantages, mb.mask, settings=tc)

@@ -30,6 +30,9 @@ FMT_IPC_DONE = "ipc-done"
 """Fmt of the publication after an ipc transfer; its location is not loadable."""
 IPC_FMTS = frozenset({FMT_IPC_ANNOUNCE, FMT_IPC_DONE})
 REMOTE_FMTS = DISTRIBUTED_FMTS | IPC_FMTS
+FMT_LORA = "lora"
+"""A LoRA adapter directory (``weights.lora``): servers load it with ``/load_lora_adapter``
+over their unchanged base model, and requests name it."""
 """Weight events whose location is not a directory: the catch-up source is the disk copy."""
 
 

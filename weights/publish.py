@@ -41,12 +41,14 @@ into place (the trainer's fault-injection hook)."""
 
 
 class WeightPublisher(Protocol):
-    """Makes the weights of ``version`` reachable by the servers, then the run's version."""
+    """Makes the weights of ``version`` reachable by the servers, then the run's version;
+    returns the bytes the update moved (written to disk or sent), None when unknown."""
 
     last_via: str
-    """How the last version reached the servers: ``disk``, ``distributed`` or ``ipc``."""
+    """How the last version reached the servers: ``disk``, ``distributed``, ``ipc`` or
+    ``lora``."""
 
-    async def publish(self, version: int, model: torch.nn.Module) -> None: ...
+    async def publish(self, version: int, model: torch.nn.Module) -> int | None: ...
 
 
 class WeightRecords(Protocol):
@@ -82,6 +84,24 @@ async def untimed(call: Awaitable[R]) -> R:
     return await call
 
 
+def weight_bytes(directory: Path) -> int:
+    """Bytes of the ``*.safetensors`` files in ``directory``."""
+    return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
+
+
+def model_bytes(model: torch.nn.Module, dtype: torch.dtype | None = None) -> int:
+    """Bytes of ``model``'s parameters in ``dtype`` (None: their own), LoRA adapter tensors
+    (``lora_`` in the name) left out: the size of one full-weight update."""
+    raw = getattr(model, "module", model)
+    total = 0
+    for name, p in raw.named_parameters():
+        if "lora_" in name:
+            continue
+        size = p.element_size() if dtype is None else torch.empty((), dtype=dtype).element_size()
+        total += p.numel() * size
+    return total
+
+
 class DiskPublisher:
     """``weight_sync=disk``: every version as ``weights_dir/v{N}``, the newest ``keep`` kept;
     each carries the non-weight files of ``model_dir`` (the starting model), when given."""
@@ -108,12 +128,14 @@ class DiskPublisher:
 
     last_via = "disk"
 
-    async def publish(self, version: int, model: torch.nn.Module) -> None:
+    async def publish(self, version: int, model: torch.nn.Module) -> int | None:
         dest = write_model_dir(
             model, self.weights_dir / f"v{version}", self.crash_hook, self.files, self.dtype
         )
         await self.timed(self.records.publish_weights(version, str(dest.resolve()), "safetensors"))
+        sent = weight_bytes(dest)
         prune(self.weights_dir, "v", self.keep)
+        return sent
 
 
 class DistributedPublisher:
@@ -159,7 +181,7 @@ class DistributedPublisher:
         prune(self.weights_dir, "v", self.keep)
         return dest
 
-    async def publish(self, version: int, model: torch.nn.Module) -> None:
+    async def publish(self, version: int, model: torch.nn.Module) -> int | None:
         dest: Path | None = None
         if version % self.disk_every == 0:
             dest = await self._disk_copy(version, model)
@@ -170,11 +192,12 @@ class DistributedPublisher:
                 )
             )
             self.last_via = self.via
-            return
+            return model_bytes(model, self.dtype)
         if dest is None:
             dest = await self._disk_copy(version, model)
         await self.timed(self.records.publish_weights(version, str(dest.resolve()), "safetensors"))
         self.last_via = "disk"
+        return weight_bytes(dest)
 
 
 class IpcPublisher(DistributedPublisher):

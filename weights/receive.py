@@ -11,6 +11,8 @@ and decides what a failure means (``ServerDead``: the server is gone; ``Inferenc
   with their partial output labelled with the old version.
 - ``DistributedReceiver``: pause(abort), join the trainer's group when the plan opens one
   (``SyncPlan.init``), receive every bucket, continue (docs/weight-sync.md).
+- ``LoraReceiver``: load a LoRA adapter of the version, switch the requests to it, interrupt
+  the in-flight ones (``trainer.lora``; docs/weight-sync.md, LoRA).
 - ``IpcReceiver``: the trainer itself fills the server (``weights.ipc``); the receiver only
   holds it: with the server's new requests held by its caller, it acknowledges
   (``ack_sync``), then waits until the server reports the new version (the trainer's last
@@ -30,10 +32,12 @@ Invariants (tests/integration/test_weight_sync.py::test_distributed_sync_worker_
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from inference.lora import adapter_name
 from inference.protocol import (
     InferenceClient,
     InferenceError,
@@ -58,6 +62,10 @@ class Receiving(Protocol):
     """The broadcast group the server process has joined (None: none)."""
     mixed: bool
     """A transfer failed part-way: its weights are a mix of two versions."""
+    adapter: str | None
+    """LoRA runs: the adapter the worker's requests name (None: the base model)."""
+    adapters: set[str]
+    """LoRA runs: the adapters the worker loaded on the server and has not unloaded."""
 
 
 class WeightReceiver(Protocol):
@@ -196,6 +204,58 @@ class DistributedReceiver:
         except SGLangClientError:
             server.group = None
             raise
+
+
+@dataclass(frozen=True)
+class LoraReceiver:
+    """Load the adapter of a LoRA publication (``weights.lora``) and switch to it.
+
+    ``/abort_request`` (all) interrupts the in-flight requests: they come back with their
+    partial output labelled with their adapter's (older) version and are resubmitted, as a
+    full-weight update interrupts them; then ``/load_lora_adapter(adapter_name(version),
+    location)``, and the worker's requests name the new adapter (``server.adapter``). The
+    previous adapter is unloaded by the caller once no request names it. A failed load leaves
+    ``server.adapter`` as it was: the caller marks the server NEEDS_LOAD, so it gets no
+    request of this version.
+    """
+
+    location: str
+    version: int
+    reload: bool = False
+    """Unload the name first if the server has it (a server brought up again may still hold
+    an adapter of that name, or have lost it in a restart)."""
+
+    @property
+    def name(self) -> str:
+        return adapter_name(self.version)
+
+    @property
+    def during(self) -> str:
+        return f"the adapter update to v{self.version}"
+
+    @property
+    def action(self) -> str:
+        return f"loading adapter v{self.version} from {self.location}"
+
+    @property
+    def fallback(self) -> str:
+        return "retried by the health loop"
+
+    def refusal(self, server: Receiving) -> str | None:
+        return None
+
+    async def receive(self, client: InferenceClient, server: Receiving) -> None:
+        name = self.name
+        if self.reload or name in server.adapters:
+            with contextlib.suppress(InferenceError):  # not loaded there: nothing to replace
+                await client.unload_lora_adapter(name)
+            server.adapters.discard(name)
+        # As a full-weight update with abort_all_requests: interrupt, then load (the load then
+        # waits for no engine step); the caller holds the worker's new requests throughout.
+        await client.abort()
+        await client.load_lora_adapter(name, self.location)
+        server.adapters.add(name)
+        server.adapter = name
 
 
 class IpcRun(Protocol):

@@ -82,6 +82,9 @@ ADMIN_PATHS = frozenset(
         "/init_weights_update_group",
         "/update_weights_from_distributed",
         "/update_weights_from_tensor",
+        "/load_lora_adapter",
+        "/load_lora_adapter_from_tensors",
+        "/unload_lora_adapter",
     }
 )
 
@@ -117,6 +120,10 @@ class CPUServer:
             return error_response(400, str(e))
         if parsed.rid in self.scheduler.inflight:
             return error_response(400, f"Duplicate request ID: {parsed.rid}")
+        if parsed.lora is not None:
+            why = self.control.lora_refusal(parsed.lora)
+            if why is not None:
+                return error_response(400, why)
         self.scheduler.requests += 1
         sampling = parsed.sampling
         seed = sampling.sampling_seed
@@ -131,6 +138,7 @@ class CPUServer:
             generator=gen,
             future=asyncio.get_running_loop().create_future(),
             created=created,
+            lora=parsed.lora,
         )
         try:
             done = await self.scheduler.submit(req)
@@ -171,6 +179,9 @@ class CPUServer:
             ("POST", "/init_weights_update_group", c.init_weights_update_group),
             ("POST", "/update_weights_from_distributed", c.update_weights_from_distributed),
             ("POST", "/update_weights_from_tensor", c.update_weights_from_tensor),
+            ("POST", "/load_lora_adapter", c.load_lora_adapter),
+            ("POST", "/load_lora_adapter_from_tensors", c.load_lora_adapter_from_tensors),
+            ("POST", "/unload_lora_adapter", c.unload_lora_adapter),
             ("GET", "/model_info", c.model_info),
             ("POST", "/get_weights_by_name", c.get_weights_by_name),
             ("GET", "/get_weights_by_name", c.get_weights_by_name),
@@ -199,6 +210,8 @@ def serve(
     threads: int = 1,
     seed: int = 0,
     dtype: str = "float32",
+    max_lora_rank: int | None = None,
+    lora_target_modules: list[str] | None = None,
 ) -> None:
     """Load ``model`` (in ``dtype``: float32, or float64 for bit-tight checks) and serve it
     until SIGTERM/SIGINT (blocking)."""
@@ -208,6 +221,8 @@ def serve(
     check_can_listen(host, port)
     torch.set_num_threads(threads)
     engine = Engine(model, weight_version, max_batch, dtype=dtype)
+    if max_lora_rank is not None:
+        engine.enable_lora(max_lora_rank, lora_target_modules)
     server = CPUServer(engine, admin_api_key=admin_api_key, seed=seed, threads=threads)
     log.info(
         "serving %s (%s, vocab %d) on http://%s:%d, weight version %s",

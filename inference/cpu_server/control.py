@@ -70,6 +70,8 @@ class Control:
         self.scheduler = scheduler
         self.engine = scheduler.engine
         self.groups: dict[str, Any] = {}
+        self.unloading: set[str] = set()
+        """Adapters being unloaded: new requests naming them are refused."""
 
     # ---- generation control
 
@@ -250,6 +252,119 @@ class Control:
             return f"{n} tensors handed over in memory"
 
         return await self._update(request, load)
+
+    # ---- LoRA adapters (SGLang's LoRAUpdateOutput: success, error_message, loaded_adapters)
+
+    def lora_refusal(self, name: str) -> str | None:
+        """Why a request naming the adapter ``name`` cannot run (None: it can)."""
+        lora = self.engine.lora
+        if lora is None:
+            return "LoRA is not enabled on this server: start it with --enable-lora"
+        if name not in lora.adapters or name in self.unloading:
+            return f"LoRA adapter {name!r} is not loaded (loaded: {sorted(lora.adapters)})"
+        return None
+
+    def _lora_answer(self, error: str | None) -> web.Response:
+        lora = self.engine.lora
+        body = {
+            "success": error is None,
+            "error_message": error,
+            "loaded_adapters": lora.loaded() if lora is not None else {},
+        }
+        return web.json_response(body, status=200 if error is None else 400)
+
+    async def _load_lora(
+        self,
+        request: web.Request,
+        read: Callable[[dict[str, Any]], Any],
+        path: Callable[[dict[str, Any]], str],
+    ) -> web.Response:
+        from inference.cpu_server.lora import LoraRefused
+
+        body = await json_body(request, allow_empty=False)
+        lora = self.engine.lora
+        if lora is None:
+            return self._lora_answer(
+                "LoRA is not enabled on this server: start it with --enable-lora"
+            )
+        name = body.get("lora_name")
+        if not isinstance(name, str) or not name:
+            return self._lora_answer(f"lora_name must be a non-empty string, got {name!r}")
+        try:
+            config, tensors = await asyncio.to_thread(read, body)
+            async with self.scheduler.lock:  # between two engine steps
+                lora.load(name, path(body), config, tensors)
+        except (LoraRefused, ValueError, OSError, KeyError, TypeError) as e:
+            log.warning("LoRA adapter %s not loaded: %s", name, e)
+            return self._lora_answer(f"Failed to load LoRA adapter {name}: {e}")
+        log.info("LoRA adapter %s loaded from %s", name, path(body))
+        return self._lora_answer(None)
+
+    async def load_lora_adapter(self, request: web.Request) -> web.Response:
+        """``{"lora_name", "lora_path", "pinned"}``: a PEFT adapter directory."""
+        from inference.cpu_server.lora import adapter_from_files
+
+        def read(body: dict[str, Any]) -> Any:
+            p = body.get("lora_path")
+            if not isinstance(p, str) or not p:
+                raise ValueError(f"lora_path must be a directory, got {p!r}")
+            return adapter_from_files(p)
+
+        return await self._load_lora(request, read, lambda body: str(body["lora_path"]))
+
+    async def load_lora_adapter_from_tensors(self, request: web.Request) -> web.Response:
+        """``{"lora_name", "config_dict", "serialized_named_tensors": [B64 per TP rank]}``
+        (newer SGLang) or ``"serialized_tensors": B64`` (older): a hand-over payload of
+        ``[(name, tensor)]`` in PEFT's names, read as ``/update_weights_from_tensor``'s."""
+        from inference.cpu_server.engine import unpickle_named_tensors
+
+        def read(body: dict[str, Any]) -> Any:
+            config = body.get("config_dict")
+            if not isinstance(config, dict):
+                raise ValueError("config_dict must be the adapter's adapter_config.json object")
+            if body.get("load_format") not in (None, "default"):
+                raise ValueError(f"load_format {body.get('load_format')!r} is not supported")
+            payloads = body.get("serialized_named_tensors")
+            if payloads is None and isinstance(body.get("serialized_tensors"), str):
+                payloads = [body["serialized_tensors"]]
+            if not (isinstance(payloads, list) and len(payloads) == 1 and payloads[0]):
+                raise ValueError(
+                    "serialized_named_tensors must be a list of one base64 string (the CPU "
+                    "server has one TP rank)"
+                )
+            return config, unpickle_named_tensors(str(payloads[0]))
+
+        return await self._load_lora(request, read, lambda body: "__tensor__")
+
+    async def unload_lora_adapter(self, request: web.Request) -> web.Response:
+        """``{"lora_name"}``: new requests naming it are refused at once; it is dropped once
+        no running or waiting request uses it (as SGLang waits for them)."""
+        from inference.cpu_server.lora import LoraRefused
+
+        body = await json_body(request, allow_empty=False)
+        lora = self.engine.lora
+        if lora is None:
+            return self._lora_answer(
+                "LoRA is not enabled on this server: start it with --enable-lora"
+            )
+        name = body.get("lora_name")
+        if not isinstance(name, str) or name not in lora.adapters or name in self.unloading:
+            return self._lora_answer(f"LoRA adapter {name!r} is not loaded")
+        sched = self.scheduler
+        self.unloading.add(name)
+        try:
+            while True:
+                async with sched.lock:
+                    if not any(r.lora == name for r in sched.inflight.values()):
+                        lora.unload(name)
+                        break
+                await asyncio.sleep(0.005)
+        except LoraRefused as e:
+            return self._lora_answer(str(e))
+        finally:
+            self.unloading.discard(name)
+        log.info("LoRA adapter %s unloaded", name)
+        return self._lora_answer(None)
 
     # ---- information
 

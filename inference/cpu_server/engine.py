@@ -47,6 +47,7 @@ from typing import Any
 
 import torch
 
+from inference.cpu_server.lora import AdapterSet
 from inference.cpu_server.sampling import Req, sample_rows
 from inference.models import eos_token_ids, load_model, load_state_dict
 
@@ -74,9 +75,15 @@ class Engine:
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self.weight_version = weight_version
         self.max_batch = max_batch
+        self.lora: AdapterSet | None = None
+        """The LoRA adapters served (None: LoRA not enabled, ``enable_lora``)."""
         self.rows: list[Req] = []
         self.kv: KV = []
         self.mask = torch.zeros(0, 0, dtype=torch.long)
+
+    def enable_lora(self, max_rank: int, targets: list[str] | None) -> None:
+        """Serve LoRA adapters of rank <= ``max_rank`` on ``targets`` (None: any linear)."""
+        self.lora = AdapterSet(self.model, max_rank, targets)
 
     # ---- forward helpers
 
@@ -175,6 +182,8 @@ class Engine:
             [[len(r.input_ids) + len(r.output_ids) - 1] for r in self.rows], dtype=torch.long
         )
         mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
+        if self.lora is not None:
+            self.lora.rows = [r.lora for r in self.rows]
         logits, self.kv = self._forward(last, mask, pos, self.kv)
         self.mask = mask
         tokens, lps = sample_rows(logits, self.rows)
@@ -191,6 +200,8 @@ class Engine:
             ids[i, width - n :] = torch.tensor(r.input_ids, dtype=torch.long)
             mask[i, width - n :] = 1
         pos = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        if self.lora is not None:
+            self.lora.rows = [r.lora for r in admitted]
         logits, kv = self._forward(ids, mask, pos, [])
         tokens, lps = sample_rows(logits, admitted)
         keep, finished = self._append_all(admitted, tokens, lps)

@@ -46,6 +46,7 @@ GENERATE_KEYS = frozenset(
         "logprob_start_len",
         "stream",
         "top_logprobs_num",
+        "lora_path",
         "return_text_in_logprobs",
     }
 )
@@ -153,6 +154,8 @@ class GenerateRequest(NamedTuple):
     input_ids: list[int]
     sampling: Sampling
     return_logprob: bool
+    lora: str | None = None
+    """The adapter the request names (``lora_path``; None: the base model)."""
 
 
 def _input_ids(body: dict[str, Any], vocab: int) -> list[int]:
@@ -212,7 +215,10 @@ def parse_generate(body: dict[str, Any], *, vocab_size: int, max_positions: int)
         rid = uuid.uuid4().hex
     if not isinstance(rid, str) or not rid:
         raise BadRequest(f"rid must be a non-empty string, got {rid!r}")
-    return GenerateRequest(rid, ids, sampling, ret)
+    lora = body.get("lora_path")
+    if lora is not None and (not isinstance(lora, str) or not lora):
+        raise BadRequest(f"lora_path must be the name of a loaded adapter, got {lora!r}")
+    return GenerateRequest(rid, ids, sampling, ret, lora)
 
 
 @dataclass(eq=False)
@@ -235,6 +241,8 @@ class Req:
     versions: list[str] = field(default_factory=list)
     finish_reason: dict[str, Any] | None = None
     weight_version: str = ""
+    lora: str | None = None
+    """The adapter this request runs with (None: the base model)."""
 
 
 def generate_response(r: Req) -> dict[str, Any]:

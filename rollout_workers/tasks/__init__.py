@@ -1,8 +1,9 @@
 """Tasks: vocabulary, prompts and reward, looked up by name with ``get_task(name, **options)``.
 
 Built in: ``reverse`` (the demo: reverse N digits, partial credit), ``long-tail`` (long outputs
-with heavy-tailed lengths, for throughput benchmarks) and ``jsonl`` (a user JSONL file plus a
-``module:function`` reward). ``register_task`` adds more.
+with heavy-tailed lengths, for throughput benchmarks), ``jsonl`` (a user JSONL file of token ids
+plus a ``module:function`` reward) and ``text`` (a text dataset, the model's tokenizer and chat
+template, a reward on the decoded answer). ``register_task`` adds more.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from rollout_workers.tasks.base import Prompt, Split, Task, TaskError, TaskOptio
 from rollout_workers.tasks.jsonl import JsonlTask
 from rollout_workers.tasks.long_tail import LongTailTask
 from rollout_workers.tasks.reverse import ReverseTask
+from rollout_workers.tasks.text import TextTask
 
 TASKS: dict[str, Callable[..., Task]] = {
     "reverse": ReverseTask,
     "long-tail": LongTailTask,
     "jsonl": JsonlTask,
+    "text": TextTask,
 }
 
 
@@ -103,6 +106,7 @@ __all__ = [
     "Task",
     "TaskError",
     "TaskOption",
+    "TextTask",
     "get_task",
     "register_task",
     "task_options",

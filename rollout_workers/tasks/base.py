@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 Split = Literal["train", "eval"]
@@ -55,6 +55,11 @@ class Prompt:
     id: str
     input_ids: list[int]
     answer: Any
+    text: str | None = None
+    """The prompt as the user wrote it (a text task's prompt field, or its last user message);
+    None for token-id tasks."""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    """A text task's metadata fields of the row (JSON-able), for the reward."""
 
 
 class Task(ABC):
@@ -77,6 +82,18 @@ class Task(ABC):
     @abstractmethod
     def reward(self, prompt: Prompt, output_ids: list[int]) -> float:
         """Score ``output_ids`` (the generated tokens, EOS included if any) in [0, 1]."""
+
+    @property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        """The ids generation stops on (a text task: the tokenizer's EOS and the model's
+        generation-config EOS ids); the default is ``(eos_token_id,)``."""
+        return (self.eos_token_id,)
+
+    def decode(self, output_ids: list[int]) -> str | None:
+        """The text of ``output_ids`` (a text task: decoded up to the first stop token, special
+        tokens skipped), or None for a task without a tokenizer. When it is a string, the
+        reward is called as ``fn(prompt, output_ids, text)``."""
+        return None
 
     def output_length(self, prompt: Prompt, sample: int) -> int | None:
         """The fixed output length of sample ``sample`` (0-based) of a group of ``prompt``, or

@@ -4,9 +4,9 @@ Each non-blank line is an object with ``prompt_ids`` (or ``prompt``): a non-empt
 token ids; optional ``answer`` (any JSON), ``id`` (string, unique; default ``<split>-<line>``)
 and ``split`` ("train" default, or "eval"). The reward function is called as
 ``fn(prompt: Prompt, output_ids: list[int]) -> float`` and must return a number in [0, 1]
-(else ``ValueError`` naming the function). Text prompts are refused: sluice is tokenizer-free
-(token ids in, token ids out). Every problem with the file raises ``TaskError`` naming it:
-``FILE:LINE: ...`` for a malformed line or a token id outside ``vocab_size``, and the file for
+(else ``ValueError`` naming the function). Text prompts are refused: this task is
+tokenizer-free (token ids in, token ids out); the ``text`` task takes text. Every problem with
+the file raises ``TaskError`` naming it: ``FILE:LINE: ...`` for a malformed line or a token id outside ``vocab_size``, and the file for
 one that is missing, a directory, Parquet or otherwise not UTF-8 text (JSONL only).
 """
 
@@ -159,7 +159,8 @@ class JsonlTask(Task):
                 raise TaskError(f"{where}: missing 'prompt_ids' (a list of token ids)")
             if isinstance(ids, str):
                 raise TaskError(
-                    f"{where}: '{key}' is text; sluice is tokenizer-free, give token ids"
+                    f"{where}: '{key}' is text; the jsonl task is tokenizer-free, give token ids "
+                    "(or use task.name=text: the model's tokenizer and chat template)"
                 )
             if (
                 not isinstance(ids, list)

@@ -3,7 +3,7 @@
 # Needs the carried folder .sgl/ (see scripts/gpu/README.md): sglang_site312.tar.xz (SGLang
 # 0.5.17 trimmed for H100/H200), *.deb (redis-server), whl/*.whl (sluice's own dependencies).
 # Usage: bash scripts/gpu/run.sh STAGE...
-#   stages: tests trainer weight-sync demo demo-det pipeline pipeline-quick
+#   stages: tests trainer weight-sync lora text demo demo-det pipeline pipeline-quick
 # Results go to $OUT (default /tmp/sluice-gpu-out).
 set -uo pipefail
 OUT=${OUT:-/tmp/sluice-gpu-out}; mkdir -p "$OUT"
@@ -42,6 +42,27 @@ for stage in "$@"; do
       python3 -m sluice bench trainer --shapes 167M --lengths long-tail --output-tokens 512 \
         --no-io --steps 5 --json "$OUT/trainer/trainer-longtail512.json" 2>&1 | tail -8 || rc=1
       cp /tmp/sluice-prof/profile-*.txt "$OUT/trainer/" 2>/dev/null || true ;;
+    lora)
+      # The adapter path beside full weights on SGLang (0.5B shape, rank 16): bytes and latency.
+      python3 -m sluice bench weight-sync --engine sglang --sizes ${SLUICE_LORA_SIZES:-0.5B} \
+        --paths abort_all lora --lora-ranks ${SLUICE_LORA_RANKS:-16} --trials 3 --inflight 8 \
+        --json "$OUT/weight-sync-lora-sglang.json" 2>&1 | tail -25 || rc=1 ;;
+    text)
+      # The text path (dataset -> chat template -> tokens -> SGLang -> decoded text -> reward)
+      # on a larger random-init Qwen2 shape with a character-level tokenizer (head size 64).
+      mkdir -p "$OUT/text"; rm -rf /tmp/sluice-text /tmp/text-gpu
+      python3 -m sluice model init /tmp/text-gpu --tokenizer chars --arch qwen2 --layers 8 \
+        --hidden 512 --heads 8 > /dev/null || rc=1
+      timeout "${SLUICE_TEXT_TIMEOUT:-240}" python3 -m sluice demo --config examples/text-task.yaml \
+        --engine sglang --no-live --run-dir /tmp/sluice-text --set model.path=/tmp/text-gpu \
+        --set trainer.device=cuda --set inference.mem_fraction=0.3 \
+        --set "inference.extra_args=[$(echo ${SLUICE_SGLANG_ARGS:-$SGL_DEFAULT} | tr ' ' ',')]" \
+        ${SLUICE_TEXT_ARGS:-} > /tmp/sluice-text.log 2>&1 || rc=1
+      tail -12 /tmp/sluice-text.log
+      { tail -60 /tmp/sluice-text.log; for f in server worker trainer; do
+          echo "=== $f"; tail -30 "/tmp/sluice-text/logs/$f.log"; done; } > "$OUT/text/logs.txt" 2>&1
+      cp /tmp/sluice-text/report/summary.json /tmp/sluice-text/metrics.jsonl "$OUT/text/" \
+        2>/dev/null || true ;;
     demo|demo-det)
       # The demo's task and trainer on the GPU; one head of 64 so that SGLang's attention
       # kernels get a head size they support (the CPU demo uses 4 heads of 16).

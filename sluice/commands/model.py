@@ -1,7 +1,9 @@
 """Model utilities: ``sluice model init DIR`` writes a tiny random-init HF model (safetensors).
 
 With ``--task NAME`` the vocabulary size and the BOS/EOS/PAD ids come from the task, so the
-model stops on the task's EOS.
+model stops on the task's EOS. With ``--tokenizer chars`` the directory also gets a
+character-level tokenizer with a ChatML chat template (built locally with the ``tokenizers``
+library) and the vocabulary is the tokenizer's: a model for the ``text`` task.
 """
 
 from __future__ import annotations
@@ -21,11 +23,44 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     init.add_argument("--arch", choices=("llama", "qwen2"), default="llama", help="architecture")
     init.add_argument("--max-positions", type=int, default=4096, help="context length")
     init.add_argument("--seed", type=int, default=0, help="init seed (same seed, same weights)")
+    init.add_argument(
+        "--tokenizer",
+        choices=("none", "chars"),
+        default="none",
+        help="chars: also write a character-level tokenizer with a chat template (text tasks)",
+    )
+    init.add_argument(
+        "--alphabet",
+        default=None,
+        help="--tokenizer chars: its characters (default: printable ASCII and newline)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from inference.models import init_tiny_model
 
+    if args.tokenizer == "chars":
+        from inference.models import init_tiny_text_model
+
+        if args.task or args.vocab:
+            raise SystemExit("sluice model init: --tokenizer chars sets the vocabulary itself")
+        try:
+            out = init_tiny_text_model(
+                args.dir,
+                alphabet=args.alphabet,
+                layers=args.layers,
+                hidden=args.hidden,
+                arch=args.arch,
+                heads=args.heads,
+                max_positions=args.max_positions,
+                seed=args.seed,
+            )
+        except ValueError as e:
+            raise SystemExit(f"sluice model init: {e}") from None
+        print(
+            f"wrote {args.arch} model with a char tokenizer ({args.layers}x{args.hidden}) to {out}"
+        )
+        return 0
     special: dict[str, int] = {}
     vocab = args.vocab
     if args.task:

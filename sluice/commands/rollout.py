@@ -99,11 +99,11 @@ def run(args: argparse.Namespace) -> int:
     # A checkpoint (RUN_DIR/checkpoints/step-N) stands for its model/ dir: servers load that.
     cfg.model.path = str(resolve_model_dir(cfg.model.path))
     from rollout_workers.rewards import resolve_reward_fn
-    from rollout_workers.tasks import get_task
+    from sluice.config import build_task
 
-    # A bad task (a malformed dataset line: FILE:LINE), reward module or engine fails here,
+    # A bad task (a malformed dataset row: FILE:ROW), reward module or engine fails here,
     # before any launch: TaskError exits 2, EngineUnavailable 1 (sluice.errors).
-    resolve_reward_fn(get_task(cfg.task.name, **cfg.task.options), cfg.rollout.reward_fn)
+    resolve_reward_fn(build_task(cfg), cfg.rollout.reward_fn)
     if not cfg.inference.servers and cfg.inference.launch < 1:
         raise InputError("no servers: give --servers URL,... or --launch N")
     if not cfg.inference.servers:
@@ -132,8 +132,8 @@ async def open_worker(
     """A connected worker for the run ``cfg`` describes, over ``servers``: its own ``rollout``
     section, the task, and what it needs of the other sections (``RunInfo``)."""
     from rollout_workers.parts import RunInfo
-    from rollout_workers.tasks import get_task
     from rollout_workers.worker import RolloutWorker
+    from sluice.config import build_task
 
     run = RunInfo(
         name=cfg.run.name,
@@ -146,7 +146,7 @@ async def open_worker(
         ipc=cfg.trainer.weight_sync == "ipc",
         tp_size=cfg.inference.tp_size,
     )
-    task = get_task(cfg.task.name, **cfg.task.options)
+    task = build_task(cfg)
     return await RolloutWorker.open(
         servers, cfg.rollout, task, run, worker_id=worker_id, max_groups=max_groups
     )
@@ -173,6 +173,9 @@ def _launcher(cfg: SluiceConfig) -> Callable[[int | None, int], ServerHandle]:
     inf = cfg.inference
     engine = choose_engine(inf.engine)
     kw: dict[str, Any] = {"admin_api_key": inf.admin_api_key}
+    lora = cfg.trainer.lora
+    if lora.enabled:  # the trainer publishes adapters: the servers must serve them
+        kw.update(lora_rank=lora.rank, lora_target_modules=list(lora.target_modules))
     if engine == "cpu":
         kw["threads"] = inf.threads
         kw["extra_args"] = list(inf.extra_args)

@@ -47,6 +47,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "batching order)",
     )
     p.add_argument(
+        "--enable-lora",
+        action="store_true",
+        help="serve LoRA adapters (/load_lora_adapter, lora_path), as SGLang's flag; on by "
+        "itself with --config when trainer.lora.rank > 0",
+    )
+    p.add_argument(
+        "--max-lora-rank",
+        type=int,
+        default=None,
+        help="largest adapter rank accepted (default: trainer.lora.rank of --config, else 64)",
+    )
+    p.add_argument(
+        "--lora-target-modules",
+        nargs="+",
+        default=None,
+        help="module names adapters may touch, or 'all' (default all)",
+    )
+    p.add_argument(
         "--seed",
         type=int,
         default=None,
@@ -75,6 +93,16 @@ def _from_config(args: argparse.Namespace) -> None:
             args.admin_api_key = cfg.inference.admin_api_key
         if args.seed is None:
             args.seed = cfg.run.seed
+        lora = cfg.trainer.lora
+        if lora.enabled:  # the trainer publishes adapters: serve them
+            args.enable_lora = True
+            if args.max_lora_rank is None:
+                args.max_lora_rank = lora.rank
+            if args.lora_target_modules is None:
+                from inference.lora import lora_server_args
+
+                flags = lora_server_args(lora.rank, list(lora.target_modules))
+                args.lora_target_modules = flags[flags.index("--lora-target-modules") + 1 :]
     if args.model is None:
         raise InputError("give --model DIR or --config RUN.yaml (with model.path)")
     args.threads = 1 if args.threads is None else args.threads
@@ -90,6 +118,10 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.port > 65535:
         raise InputError(f"--port must be <= 65535, got {args.port}")
+    if args.max_lora_rank is not None and args.max_lora_rank < 1:
+        raise InputError(f"--max-lora-rank must be >= 1, got {args.max_lora_rank}")
+    if args.enable_lora and args.max_lora_rank is None:
+        args.max_lora_rank = 64
     from inference.cpu_server.app import serve
     from inference.models import check_model_dir
 
@@ -106,5 +138,7 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         seed=args.seed,
         dtype=args.dtype,
+        max_lora_rank=args.max_lora_rank if args.enable_lora else None,
+        lora_target_modules=args.lora_target_modules,
     )
     return 0

@@ -140,6 +140,7 @@ async def collect(client: aioredis.Redis, run: str, url: str) -> dict[str, Any]:
         "gate_refusals": w.refused,
     }
     snap["eta_changes"] = await vm.eta_changes(count=ETA_CHANGES_SHOWN)
+    snap["filtered"] = filtered_summary(snap.get("rejected_by") or {})
     return snap
 
 
@@ -177,6 +178,19 @@ def waste_text(w: dict[str, Any] | None) -> str:
     return f"{w['share']:.2%} of {w['generated_tokens']:,} generated tokens" + (
         f" ({by})" if by else ""
     )
+
+
+REWARD_FAILURES = ("reward_error", "reward_timeout", "reward_nonfinite")
+"""The reasons a group is handed back with when its reward failed (``rollout_workers.rewards``)."""
+
+
+def filtered_summary(rejected_by: dict[str, Any]) -> dict[str, int]:
+    """From the gate's hand-back counts: ``zero_variance`` (groups dynamic sampling dropped)
+    and ``reward_errors`` (groups whose reward raised, timed out or was not finite)."""
+    return {
+        "zero_variance": int(rejected_by.get("zero_variance", 0)),
+        "reward_errors": sum(int(rejected_by.get(r, 0)) for r in REWARD_FAILURES),
+    }
 
 
 DEAD_LETTERS_READ = 1000
@@ -312,6 +326,13 @@ def _gate_table(d: dict[str, Any]) -> Any:
     gate.add_row("finished", str(d["finished"]))
     by = ", ".join(f"{k}={v}" for k, v in sorted(d["rejected_by"].items()))
     gate.add_row("rejected", f"{d['rejected']}" + (f"  ({by})" if by else ""))
+    f = d.get("filtered") or {}
+    if f.get("zero_variance") or f.get("reward_errors"):
+        gate.add_row(
+            "filtered / reward errors",
+            f"{f.get('zero_variance', 0)} zero-variance groups dropped (dynamic sampling), "
+            f"{f.get('reward_errors', 0)} groups whose reward failed",
+        )
     gate.add_row("in flight", str(d["inflight"]))
     if d["late"]:
         gate.add_row("late (after reap)", str(d["late"]))

@@ -56,13 +56,22 @@ def test_weight_sync_bench_every_path_reaches_the_new_version(tmp_path: Path) ->
         "2",
         "--workdir",
         str(tmp_path / "models"),
+        "--lora-ranks",
+        "4",
     ]
     assert main(argv) == 0
     doc = json.loads(out.read_text())
-    assert [r["path"] for r in doc["results"]] == ["abort_all", "pause", "distributed", "ipc"]
+    paths = ["abort_all", "pause", "distributed", "ipc", "lora-r4"]
+    assert [r["path"] for r in doc["results"]] == paths
     for r in doc["results"]:
         assert 0 < r["latency_s"] < 60
         assert r["weight_bytes"] > 0 and r["gb_per_s"] > 0
+    full, lora = doc["results"][0], doc["results"][-1]
+    # rank 4 on every linear layer of the tiny llama (d=64, intermediate 256, 2 layers), fp32:
+    # q, k, v, o: 4*64 + 64*4 = 512 each; gate, up: 4*64 + 256*4 = 1280; down: 4*256 + 64*4 =
+    # 1280 -> 5888 per layer, 11776 parameters, 47104 bytes plus the safetensors header.
+    assert 47104 < lora["weight_bytes"] < 47104 + 8192
+    assert lora["fraction"] == pytest.approx(lora["weight_bytes"] / full["weight_bytes"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -12,7 +12,14 @@ from typing import Any
 import numpy as np
 
 from buffer.schema import TrajectoryGroup
-from inference.protocol import FinishReason, GenerateResult, SamplingParams, ServerDead
+from inference.lora import adapter_version
+from inference.protocol import (
+    FinishReason,
+    GenerateResult,
+    InferenceError,
+    SamplingParams,
+    ServerDead,
+)
 from rollout_workers.pool import Server, ServerState
 from rollout_workers.prompts import Lease
 from rollout_workers.tasks.base import Prompt
@@ -73,6 +80,10 @@ class FakeClient:
         self.closed = False
         self.generate_gate: asyncio.Event | None = None
         """When set, ``generate`` waits for it before answering (a long generation)."""
+        self.loras: dict[str, str] = {}
+        """LoRA adapters loaded: name -> path."""
+        self.lora_requests: list[str | None] = []
+        """The ``lora_path`` of each generate call."""
 
     async def generate(
         self,
@@ -81,9 +92,13 @@ class FakeClient:
         rid: str | None = None,
         *,
         timeout: float | None = None,
+        lora_path: str | None = None,
     ) -> GenerateResult:
         assert isinstance(sampling, SamplingParams)
         self.requests.append(Request([int(i) for i in input_ids], sampling))
+        self.lora_requests.append(lora_path)
+        if lora_path is not None and lora_path not in self.loras:
+            raise InferenceError(400, f"LoRA adapter {lora_path!r} is not loaded", "/generate")
         if self.generate_gate is not None:
             await self.generate_gate.wait()
         if self.answers:
@@ -93,7 +108,8 @@ class FakeClient:
             return a
         if self.dead:
             raise ServerDead("gone")
-        return answer(self.default, [self.version] * len(self.default))
+        label = self.version if lora_path is None else adapter_version(lora_path)
+        return answer(self.default, [label] * len(self.default))
 
     async def pause(self, mode: Any = "abort", *, timeout: float | None = None) -> dict[str, Any]:
         self.calls.append(f"pause:{mode}")
@@ -158,6 +174,26 @@ class FakeClient:
         self.version = version
         return {"success": True}
 
+    async def load_lora_adapter(
+        self, name: str, path: str, *, pinned: bool = False, timeout: float | None = None
+    ) -> dict[str, Any]:
+        self.calls.append(f"load_lora:{name}")
+        if self.fail_load is not None:
+            e, self.fail_load = self.fail_load, None
+            raise e
+        if name in self.loras:
+            raise InferenceError(200, f"The LoRA adapter with the name {name} already exists.")
+        self.loras[name] = path
+        return {"success": True, "error_message": None, "loaded_adapters": dict(self.loras)}
+
+    async def unload_lora_adapter(
+        self, name: str, *, timeout: float | None = None
+    ) -> dict[str, Any]:
+        self.calls.append(f"unload_lora:{name}")
+        if self.loras.pop(name, None) is None:
+            raise InferenceError(200, f"LoRA adapter {name} is not loaded")
+        return {"success": True, "error_message": None, "loaded_adapters": dict(self.loras)}
+
     async def weight_version(self, *, timeout: float | None = None) -> int | None:
         if self.dead:
             raise ServerDead("gone")
@@ -177,6 +213,11 @@ def reward_failing_on_p0(prompt: Prompt, output_ids: list[int]) -> float:
     if prompt.id.endswith("0"):
         raise RuntimeError("reward service down")
     return 1.0
+
+
+def reward_by_length(prompt: Prompt, output_ids: list[int]) -> float:
+    """A ``rollout.reward_fn`` that scores a sample by its length (tenths of a token)."""
+    return len(output_ids) / 10
 
 
 def server(
@@ -320,12 +361,16 @@ class FakePrompts:
 class FakeRecords:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     updates: list[dict[str, Any]] = field(default_factory=list)
+    filtered: list[tuple[int, float]] = field(default_factory=list)
 
     async def write_metrics(self, m: dict[str, Any]) -> None:
         self.metrics.append(m)
 
     async def store_update(self, record: dict[str, Any]) -> None:
         self.updates.append(record)
+
+    async def count_filtered(self, samples: int, reward_sum: float) -> None:
+        self.filtered.append((samples, reward_sum))
 
 
 @dataclass

@@ -78,6 +78,8 @@ def test_the_inference_protocol_is_what_the_worker_calls() -> None:
         "update_weights_from_disk",
         "init_weights_update_group",
         "update_weights_from_distributed",
+        "load_lora_adapter",
+        "unload_lora_adapter",
         "weight_version",
         "health",
         "close",

@@ -17,6 +17,7 @@ from rollout_fakes import (
     FakePrompts,
     FakeRecords,
     FakeVersions,
+    answer,
     client_of,
     server,
 )
@@ -265,3 +266,37 @@ def test_loopback_urls() -> None:
     lo = worker_module._loopback
     assert lo("http://127.0.0.1:1") and lo("http://localhost:2") and lo("http://[::1]:3")
     assert not lo("http://10.0.0.1:1") and not lo("http://example.com:1")
+
+
+async def test_dynamic_sampling_hands_zero_variance_groups_back_and_counts_them() -> None:
+    # Every sample answers [5, 2]: equal rewards, no GRPO signal -> never pushed.
+    r = rig(
+        dynamic_sampling=True,
+        n_samples=2,
+        max_inflight_groups=1,
+        reward_fn="rollout_fakes:reward_by_length",
+    )
+    run = asyncio.create_task(r.worker.run())
+    await until(lambda: r.worker.counters.filtered_groups >= 3)
+    # Then a group whose two samples differ in length, so in reward: pushed.
+    c = client_of(r.worker.servers[0])
+    c.answers = [answer([5, 2], [0, 0]), answer([5, 5, 2], [0, 0, 0])]
+    await until(lambda: r.worker.counters.groups_pushed >= 1)
+    r.worker.request_stop()
+    await run
+    vs, cnt = r.versions, r.worker.counters
+    filtered = vs.rejected.count("zero_variance")
+    assert filtered == cnt.filtered_groups == cnt.rejected_by["zero_variance"] >= 3
+    assert len(r.records.filtered) == filtered
+    assert all(n == 2 for n, _ in r.records.filtered)
+    # Every admitted slot is finished or handed back (shutdown ones included).
+    assert vs.admitted == vs.finished + len(vs.rejected)
+    assert vs.finished == len(r.buffer.groups) == cnt.groups_pushed
+    assert len({s.reward for s in r.buffer.groups[0].samples}) == 2
+    assert r.records.metrics[-1]["filtered_groups"] == filtered
+
+
+async def test_dynamic_sampling_off_pushes_equal_reward_groups() -> None:
+    r = rig(dynamic_sampling=False, max_groups=2)
+    assert await r.worker.run() == 2
+    assert r.worker.counters.filtered_groups == 0 and r.versions.rejected == []

@@ -114,7 +114,10 @@ def test_examples_validate(name: str) -> None:
     # Every value written in the example is the one the config holds.
     for section, fields in raw.items():
         for k, v in fields.items():
-            assert getattr(getattr(cfg, section), k) == v, f"{section}.{k}"
+            got = getattr(getattr(cfg, section), k)
+            if hasattr(got, "model_dump"):  # a nested section (trainer.lora): the fields given
+                got = {kk: vv for kk, vv in got.model_dump().items() if kk in v}
+            assert got == v, f"{section}.{k}"
 
 
 @pytest.mark.timeout(30)

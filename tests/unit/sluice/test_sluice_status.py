@@ -137,3 +137,11 @@ def test_gate_table_shows_eta_auto_trained_staleness_waste_and_eta_changes() -> 
     assert "step 40: admission -> 2" in out
     line = trainer_line(d["trainer"]["trainer-0"])
     assert "stale trained max 3 (eta 3)" in line and "waste 0.12%" in line
+
+
+def test_filtered_summary_counts_zero_variance_drops_and_reward_failures() -> None:
+    from sluice.commands.status import filtered_summary
+
+    by = {"zero_variance": 3, "reward_error": 2, "reward_timeout": 1, "shutdown": 4}
+    assert filtered_summary(by) == {"zero_variance": 3, "reward_errors": 3}
+    assert filtered_summary({}) == {"zero_variance": 0, "reward_errors": 0}
