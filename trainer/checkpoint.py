@@ -123,12 +123,15 @@ def snapshot_checkpoint(
     scheduler: Any,
     state: dict[str, Any],
     model_files: Iterable[Path] = (),
+    gathered: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
 ) -> CheckpointSnapshot:
     """Copy the model, optimizer, scheduler and RNG states to host memory now (a device ->
     host copy; no file is written). ``state`` is the JSON part owned by the caller (step,
-    version, group ids, ...)."""
+    version, group ids, ...). ``gathered``: the model and optimizer state dicts already as
+    host copies (a sharded model's, ``trainer.fsdp.checkpoint_tensors``), taken as they are."""
     raw = model.module if hasattr(model, "module") else model
-    tensors, opt_meta = flatten_optimizer(optimizer.state_dict())
+    opt_sd = gathered[1] if gathered is not None else optimizer.state_dict()
+    tensors, opt_meta = flatten_optimizer(opt_sd)
     rng = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -141,14 +144,17 @@ def snapshot_checkpoint(
         "python_random": _jsonable(random.getstate()),
     }
     adapter_cfg = None
-    if hasattr(raw, "peft_config"):
-        from trainer.lora import adapter_config, adapter_state
-
-        adapter_cfg = adapter_config(raw)
-        model_state = {k: _host_copy(v) for k, v in adapter_state(raw).items()}
+    if gathered is not None:  # a sharded model's state, already host copies
+        model_state, optimizer_state = gathered[0], tensors
     else:
-        model_state = {k: _host_copy(v) for k, v in raw.state_dict().items()}
-    optimizer_state = {k: _host_copy(v) for k, v in tensors.items()}
+        if hasattr(raw, "peft_config"):
+            from trainer.lora import adapter_config, adapter_state
+
+            adapter_cfg = adapter_config(raw)
+            model_state = {k: _host_copy(v) for k, v in adapter_state(raw).items()}
+        else:
+            model_state = {k: _host_copy(v) for k, v in raw.state_dict().items()}
+        optimizer_state = {k: _host_copy(v) for k, v in tensors.items()}
     if torch.cuda.is_available():
         torch.cuda.synchronize()  # the asynchronous device -> host copies have landed
     return CheckpointSnapshot(
@@ -232,14 +238,20 @@ def read_checkpoint_state(path: str | Path) -> dict[str, Any]:
 
 
 def restore_training_state(
-    path: str | Path, optimizer: torch.optim.Optimizer, scheduler: Any
+    path: str | Path,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    place: Callable[[dict[str, Any], torch.optim.Optimizer], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Load optimizer, scheduler and RNG states of checkpoint ``path`` (the model is loaded
-    from ``path/model`` by the caller); returns its ``state.json``."""
+    from ``path/model`` by the caller); returns its ``state.json``. ``place`` maps the full
+    optimizer state dict to what ``optimizer`` takes (``trainer.fsdp.place_optimizer_state``:
+    this rank's shards)."""
     path = Path(path)
     data = read_checkpoint_state(path)
     tensors = load_file(str(path / "optimizer.safetensors"))
-    optimizer.load_state_dict(unflatten_optimizer(tensors, data["optimizer"]))
+    opt_sd = unflatten_optimizer(tensors, data["optimizer"])
+    optimizer.load_state_dict(place(opt_sd, optimizer) if place is not None else opt_sd)
     if scheduler is not None and data.get("scheduler") is not None:
         scheduler.load_state_dict(data["scheduler"])
     rng = load_file(str(path / "rng.safetensors"))

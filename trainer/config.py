@@ -99,6 +99,12 @@ class TrainerConfig(LossConfig):
         60_000, ge=1, description="Reclaim groups pending on a consumer idle this long."
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Training device.")
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="Data parallelism under torchrun: ddp (every rank holds the full weights, "
+        "gradients and AdamW state) or fsdp (FSDP2: each rank holds 1/N of them; bf16 compute "
+        "on CUDA; trainer/fsdp.py). fsdp also runs as one process, on a one-rank group.",
+    )
     cudnn_attention: bool = Field(
         False,
         description="Let torch's attention use cuDNN on CUDA. Off by default: cuDNN builds a plan "

@@ -188,8 +188,16 @@ class Trainer:
     async def _publish(self) -> None:
         """Rank 0 publishes ``V+1``; every rank bumps its version."""
         v = self.st.version + 1
+        model: Any = self.model
+        if self.tc.parallel == "fsdp":  # every rank gathers; rank 0 keeps the full weights
+            from trainer.fsdp import full_weights
+            from trainer.parts import publish_dtype
+
+            model = full_weights(
+                model, publish_dtype(self.tc.publish_dtype, self.device), self.dist.rank
+            )
         if self.dist.rank == 0:
-            sent = await self.publisher.publish(v, self.model)
+            sent = await self.publisher.publish(v, model)
             self.phases.publish_bytes = sent if isinstance(sent, int) else None
         self.st.version = v
         self.st.weights_version = v
@@ -205,12 +213,17 @@ class Trainer:
     async def _checkpoint_now(self) -> None:
         n = self.st.step
         self._barrier()  # every rank has recorded (and trained) step n
+        gathered = None
+        if self.tc.parallel == "fsdp":  # every rank gathers; rank 0 keeps the full state
+            from trainer.fsdp import checkpoint_tensors
+
+            gathered = checkpoint_tensors(self.model, self.optimizer, self.dist.rank)
         if self.dist.rank == 0:
-            await self._commit_checkpoint(n)
+            await self._commit_checkpoint(n, gathered)
         self.st.ckpt_step = n
         self._barrier()
 
-    async def _commit_checkpoint(self, n: int) -> None:
+    async def _commit_checkpoint(self, n: int, gathered: Any = None) -> None:
         """Snapshot step ``n`` to host memory, then write it and commit it in the ledger: in
         the background with ``trainer.async_checkpoint`` on one rank (training goes on while
         the files are written; the groups are acked only once the checkpoint is durable, so a
@@ -237,6 +250,7 @@ class Trainer:
                 "time": time.time(),
             },
             model_files=self.model_files,
+            gathered=gathered,
         )
         write = self._write_and_commit(snap, dest, covered, n, version)
         if self.tc.async_checkpoint and not self.dist.enabled:
@@ -276,7 +290,7 @@ class Trainer:
         if self.tc.threads:
             torch.set_num_threads(self.tc.threads)
         train_model: Any = self.model
-        if self.dist.enabled:
+        if self.dist.enabled and self.tc.parallel == "ddp":  # fsdp: sharded when loaded
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             cuda = self.device.type == "cuda"

@@ -157,7 +157,7 @@ def _load(
         path = Path(ptr["path"])
         model = _load_checkpoint_model(tc, path, model_path, device)
         optimizer, scheduler = build_optimizer(model, tc)
-        state = restore_training_state(path, optimizer, scheduler)
+        state = restore_training_state(path, optimizer, scheduler, _place(tc))
         st.step = st.ckpt_step = int(state["step"])
         st.version = int(state["version"])
         st.weights_version = state.get("weights_version")
@@ -166,7 +166,7 @@ def _load(
         log.info("resumed from %s (step %d, version %d)", path, st.step, st.version)
     else:
         torch.manual_seed(args.seed)
-        model = load_model(model_path, device)
+        model = _model(tc, model_path, device)
         if tc.lora.enabled:
             from trainer.lora import apply_lora
 
@@ -176,6 +176,32 @@ def _load(
         if resume:
             log.info("no checkpoint for run %s: starting from %s", args.run_name, model_path)
     return Restored(model, optimizer, scheduler, st)
+
+
+def _model(tc: TrainerConfig, path: Path, device: torch.device) -> Any:
+    """The model at ``path`` on ``device``; with ``trainer.parallel=fsdp`` loaded on the CPU
+    and sharded (``trainer.fsdp``): a device never holds the whole fp32 model."""
+    if tc.parallel != "fsdp":
+        return load_model(path, device)
+    if tc.lora.enabled:
+        from trainer.config import TrainerError
+
+        raise TrainerError(
+            "trainer.parallel=fsdp with trainer.lora is not supported: a LoRA run trains few "
+            "parameters; use trainer.parallel=ddp"
+        )
+    from trainer.fsdp import shard_model
+
+    return shard_model(load_model(path, torch.device("cpu")), device)
+
+
+def _place(tc: TrainerConfig) -> Any:
+    """How a checkpoint's full optimizer state reaches the optimizer (None: as it is)."""
+    if tc.parallel != "fsdp":
+        return None
+    from trainer.fsdp import place_optimizer_state
+
+    return place_optimizer_state
 
 
 def _load_checkpoint_model(
@@ -195,7 +221,7 @@ def _load_checkpoint_model(
             "settings it was written with"
         )
     if not has_adapter:
-        return load_model(path / "model", device)
+        return _model(tc, path / "model", device)
     from safetensors.torch import load_file
 
     from trainer.lora import apply_lora, load_adapter_state

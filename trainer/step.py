@@ -129,6 +129,8 @@ def train_step(
         model, mbs, prox, tc, temperature, g_denom, denoms, sums, device, dist, crash_hook
     )
     grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), tc.max_grad_norm)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: the norm of sharded gradients is a DTensor
+        grad_norm = grad_norm.full_tensor()
     lr = float(optimizer.param_groups[0]["lr"])
     optimizer.step()
     if scheduler is not None:
@@ -204,7 +206,10 @@ def _accumulate_gradients(
     w_max = torch.zeros((), dtype=torch.float64, device=device)
     for i, (mb, p, local_denom) in enumerate(zip(mbs, prox, denoms, strict=True)):
         sync = i == len(mbs) - 1
-        ctx = model.no_sync() if (dist.enabled and not sync) else contextlib.nullcontext()
+        # DDP: one all-reduce, after the last micro-batch. FSDP2 (no ``no_sync``) reduce-
+        # scatters after each one: deferring would hold the unsharded gradients.
+        defer = dist.enabled and not sync and hasattr(model, "no_sync")
+        ctx = model.no_sync() if defer else contextlib.nullcontext()
         with ctx:
             with _autocast(device), adapter_dropout(model):
                 logp = token_logprobs(model, mb, temperature)
@@ -212,7 +217,8 @@ def _accumulate_gradients(
                 LossInputs(logp, p, mb.behav_logp, mb.advantages, mb.mask, settings=tc)
             )
             scale = local_denom / g_denom if g_denom > 0 else 0.0
-            # DDP averages gradients over ranks; undo it so ranks sum like micro-batches do.
+            # DDP (and FSDP2's reduce-scatter) average gradients over ranks; undo it so ranks
+            # sum like micro-batches do.
             loss = out.loss * (scale * dist.world_size)
             torch.autograd.backward(loss)
         if crash_hook is not None and i == 0:

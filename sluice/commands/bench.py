@@ -28,6 +28,10 @@ BENCHES: dict[str, tuple[str, str]] = {
         "benchmarks.trainer_bench",
         "sluice's train step vs a plain PyTorch step, same model and batch; publish, checkpoint",
     ),
+    "fsdp": (
+        "benchmarks.fsdp_bench",
+        "trainer.parallel=fsdp vs ddp: parameter + gradient + AdamW bytes per rank, tok/s",
+    ),
 }
 
 

@@ -106,3 +106,19 @@ def test_trainer_bench_measures_both_steps_and_the_io(tmp_path: Path) -> None:
     assert r["ratio"] == r["sluice"]["tok_per_s"] / r["plain"]["tok_per_s"]
     for k in ("publish_fp32_s", "publish_bf16_s", "checkpoint_s", "checkpoint_snapshot_s"):
         assert r["sluice"][k] > 0, k
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_fsdp_bench_measures_both_variants_on_two_ranks(tmp_path: Path) -> None:
+    out = tmp_path / "fsdp.json"
+    argv = ["bench", "fsdp", "--shape", "tiny", "--world", "2", "--samples", "4"]
+    argv += ["--output-tokens", "8", "--steps", "1", "--warmup", "1", "--json", str(out)]
+    assert main(argv) == 0
+    r = json.loads(out.read_text())["results"]
+    for v in ("ddp", "fsdp"):
+        assert len(r[v]["ranks"]) == 2 and r[v]["tok_per_s"] > 0
+        for rank in r[v]["ranks"]:
+            assert all(rank["held_bytes"][k] > 0 for k in ("params", "grads", "optimizer"))
+    assert r["held_ratio"] == r["fsdp"]["held_total_max"] / r["ddp"]["held_total_max"]
+    assert r["held_ratio"] < 0.75  # sharded over 2 ranks (tiny shape: padding weighs more)
