@@ -355,7 +355,9 @@ class Trainer:
             await self.clock(self.vm.reap())
         filtered = await self._filtered_since_last()
         reward_all = filtered_fields(filtered, stats.metrics["reward_mean"], stats.samples)
-        row = self._log_step(stats, batch, judged, time.monotonic() - t0, t_start, extra=reward_all)
+        turns, episodes = self._reduce([float(sum(s.turns for s in samples)), len(samples)])
+        extra = {**reward_all, "turns_mean": turns / episodes}  # model turns per episode
+        row = self._log_step(stats, batch, judged, time.monotonic() - t0, t_start, extra=extra)
         if row is not None:
             self.last_row = row
             await self._track(row)
