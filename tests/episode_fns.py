@@ -8,12 +8,18 @@ import zlib
 from typing import Any
 
 SEEN: list[dict[str, Any]] = []
+BETWEEN: asyncio.Event | None = None
+"""When set by a test: ``two_turns`` waits on it between its turns (counted in ``WAITING``)."""
+WAITING: list[str] = []
 APPENDED = [5, 6, 7]  # "tool output" token ids (the reverse task's vocabulary)
 
 
 async def two_turns(ctx: Any, row: Any) -> float:
     """Turn, three appended tokens, turn; the reward is the second turn's length parity."""
     first = await ctx.generate()
+    if BETWEEN is not None:
+        WAITING.append(row.id)
+        await BETWEEN.wait()
     appended = ctx.append(APPENDED)
     second = await ctx.generate()
     SEEN.append(
