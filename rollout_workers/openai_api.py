@@ -28,6 +28,7 @@ yields the same trajectory (ids, mask, turns, log-probs, versions) as the same e
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -60,10 +61,15 @@ class OpenAIEndpoint:
         self.episodes: dict[str, EpisodeContext] = {}
         self.completions = 0
         self._runner: web.AppRunner | None = None
+        self._starting = asyncio.Lock()
 
     async def start(self) -> None:
-        if self._runner is not None:
-            return
+        """Listen (once: concurrent episodes of a group all call it)."""
+        async with self._starting:
+            if self._runner is None:
+                await self._listen()
+
+    async def _listen(self) -> None:
         app = web.Application(client_max_size=16 << 20)
         app.router.add_post("/episodes/{eid}/v1/chat/completions", self._chat)
         app.router.add_get("/episodes/{eid}/v1/models", self._models)

@@ -13,19 +13,19 @@ from cpu_server_fixture import cpu_server_factory  # noqa: F401
 
 from inference.launch import ServerHandle
 from inference.models import init_tiny_text_model
-from rollout_workers.episodes import EpisodeRunner, resolve_episode_fn
+from rollout_workers.episodes import EpisodeRunner, episode_runner, resolve_episode_fn
+from rollout_workers.metrics import Counters
 from rollout_workers.openai_api import OpenAIEndpoint
-from rollout_workers.pool import make_servers
-from sluice.commands.rollout import open_worker
-from sluice.config import load_config
+from rollout_workers.pool import ServerPool, make_servers
+from rollout_workers.rewards import RewardRunner
+from rollout_workers.sampler import Sampler
+from sluice.config import build_task, load_config
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 @pytest.mark.timeout(120)
 async def test_endpoint_episode_equals_ctx_episode(
-    redis_url: str,
-    run_name: str,
     tmp_path: Path,
     cpu_server_factory: Callable[..., ServerHandle],  # noqa: F811
 ) -> None:
@@ -36,8 +36,6 @@ async def test_endpoint_episode_equals_ctx_episode(
     cfg = load_config(
         None,
         [
-            f"redis.url={redis_url}",
-            f"run.name={run_name}",
             f"model.path={model}",
             "task.name=text",
             f"task.options.path={EXAMPLES / 'data' / 'tool-arith.jsonl'}",
@@ -48,15 +46,26 @@ async def test_endpoint_episode_equals_ctx_episode(
             "rollout.temperature=1.0",
         ],
     )
-    worker = await open_worker(cfg, make_servers([srv.url]), worker_id="w-oa")
-    worker.pool.mark_up(worker.pool.servers[0], 0)
-    through_ctx = worker.episodes
+    task = build_task(cfg)
+    pool = ServerPool(make_servers([srv.url]))
+    pool.mark_up(pool.servers[0], 0)  # the server serves the model it was started with: v0
+    sampler = Sampler(
+        pool,
+        cfg.rollout,
+        RewardRunner(task.reward, timeout_s=10),
+        Counters(),
+        seed=cfg.run.seed,
+        eos_token_id=task.eos_token_id,
+        max_new_tokens=task.max_new_tokens,
+        stop_token_ids=task.stop_token_ids,
+    )
+    through_ctx = episode_runner(task, cfg.rollout, sampler)
     assert through_ctx is not None
     endpoint = OpenAIEndpoint()
     through_api = EpisodeRunner(
         resolve_episode_fn("tool_task_openai:episode"),
-        worker.sampler,
-        worker.task,
+        sampler,
+        task,
         through_ctx.limits,
         timeout_s=60,
         n_samples=3,
@@ -64,7 +73,7 @@ async def test_endpoint_episode_equals_ctx_episode(
         endpoint=endpoint,
     )
     try:
-        for prompt in worker.task.prompts("train")[:2]:
+        for prompt in task.prompts("train")[:2]:
             a, ra = await through_ctx.group(prompt, "g-same", 0)
             b, rb = await through_api.group(prompt, "g-same", 0)
             assert ra == rb
@@ -78,5 +87,5 @@ async def test_endpoint_episode_equals_ctx_episode(
         assert endpoint.episodes == {}  # every episode unregistered at its end
     finally:
         await through_api.close()
-        await worker.pool.close_clients()
-        await worker.parts.close()
+        await pool.close_clients()
+        sampler.rewards.close()
