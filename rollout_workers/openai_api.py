@@ -77,7 +77,7 @@ class OpenAIEndpoint:
         await runner.setup()
         site = web.TCPSite(runner, self.host, self.port)
         await site.start()
-        sockets = site._server.sockets if site._server is not None else []  # type: ignore[union-attr]
+        sockets = getattr(site._server, "sockets", None) or []
         self.port = int(sockets[0].getsockname()[1])
         self._runner = runner
         log.info("episodes' OpenAI-compatible endpoint on http://%s:%d", self.host, self.port)

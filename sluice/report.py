@@ -273,10 +273,13 @@ def _weight_updates(run_dir: Path) -> dict[str, Any] | None:
 
 def _turns_mean(steps: list[dict[str, Any]]) -> float | None:
     """Sample-weighted mean of the steps' ``turns_mean`` (None when no step has one)."""
-    pairs = [(_num(r.get("turns_mean")), _num(r.get("samples")) or 0) for r in steps]
-    pairs = [(t, n) for t, n in pairs if t is not None and n]
-    total = sum(n for _, n in pairs)
-    return sum(t * n for t, n in pairs) / total if total else None
+    total = weighted = 0.0
+    for r in steps:
+        t, n = _num(r.get("turns_mean")), _num(r.get("samples"))
+        if t is not None and n:
+            total += n
+            weighted += t * n
+    return weighted / total if total else None
 
 
 def _rewards(steps: list[dict[str, Any]], target: Any) -> dict[str, Any]:
