@@ -366,6 +366,11 @@ def episode_runner(task: Task, rc: Any, sampler: Sampler) -> EpisodeRunner | Non
     when the run has no episode function."""
     if not rc.episode:
         return None
+    if rc.eval_every:
+        raise TaskError(
+            "rollout.eval_every: held-out evals are single-turn and do not run episodes yet; "
+            "set it to 0 with rollout.episode"
+        )
     return EpisodeRunner(
         resolve_episode_fn(rc.episode),
         sampler,

@@ -69,3 +69,12 @@ def test_resolve_episode_fn_names_the_field() -> None:
     with pytest.raises(TaskError, match="must be an async def"):
         resolve_episode_fn("json:dumps")
     assert resolve_episode_fn("episode_fns:two_turns").__name__ == "two_turns"
+
+
+def test_evals_are_refused_with_episodes() -> None:
+    from rollout_workers.config import RolloutConfig
+    from rollout_workers.episodes import episode_runner
+
+    rc = RolloutConfig(episode="episode_fns:two_turns", eval_every=5)
+    with pytest.raises(TaskError, match=r"rollout\.eval_every: .* set it to 0"):
+        episode_runner(None, rc, None)  # type: ignore[arg-type]
