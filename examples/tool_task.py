@@ -14,8 +14,8 @@ The reward is 0.5 x (how much of the call is right) + 0.5 x (how much of the fin
 right), each the fraction of characters in the right place over the longer of the two strings:
 partial credit is what lets a random-init model learn with GRPO (an all-or-nothing reward is
 almost never hit at random, and a group of equal rewards teaches nothing). A perfect episode
-scores 1.0; a policy that skips the calculator can score at most 0.5 (it would have to know
-the product).
+scores 1.0; after a wrong call the tool answers "?" (or another product) and the policy would
+have to know the product itself.
 """
 
 from __future__ import annotations
