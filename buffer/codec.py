@@ -1,9 +1,10 @@
 """msgpack codec for ``TrajectoryGroup`` — never pickle.
 
-A payload (schema version 2) is a msgpack header followed by the arrays' raw bytes::
+A payload (schema version 3) is a msgpack header followed by the arrays' raw bytes::
 
     b"SLTG"  u32 little-endian H  header (msgpack map, H bytes)  zero padding to a multiple of 8
-    array data: p, len, o, l, v — each n x itemsize raw little-endian bytes, back to back
+    array data: p, len, o, l, v, mk, nt, ts — each n x itemsize raw little-endian bytes, back
+    to back
 
 The header's keys are short and part of the wire format (they never change; the Python names
 are the ``TrajectoryGroup`` fields): ``sv`` schema version, ``run`` run id, ``pid`` *prompt* id
@@ -11,7 +12,8 @@ are the ``TrajectoryGroup`` fields): ``sv`` schema version, ``run`` run id, ``pi
 created / finished unix time, ``m`` metadata, and per sample ``r`` rewards, ``f`` finish
 reasons, ``i`` indices. Every array is ``{"t": dtype, "n": length}`` under its key (``p``
 prompt token ids, ``len`` sample lengths, ``o`` output ids, ``l`` behaviour log-probs, ``v``
-token versions); its bytes are found by position (the arrays tile the data area in that
+token versions, ``mk`` loss mask (0/1, one per output token), ``nt`` turns per sample, ``ts``
+turn starts, ``nt[i]`` of them for sample ``i``); its bytes are found by position (the arrays tile the data area in that
 order, exactly: nothing missing, nothing extra). The decoder reads the small header with
 msgpack and returns the arrays as read-only ``numpy.frombuffer`` views of the payload, 8-byte
 aligned: a group of 200 KB is not copied again after Redis handed it over (a msgpack ``bin``
@@ -58,6 +60,9 @@ _ARRAYS = (
     ("o", "<i4", _MAX_TOKENS_PER_GROUP),
     ("l", "<f4", _MAX_TOKENS_PER_GROUP),
     ("v", "<i4", _MAX_TOKENS_PER_GROUP),
+    ("mk", "<i4", _MAX_TOKENS_PER_GROUP),
+    ("nt", "<i4", MAX_SAMPLES_PER_GROUP),
+    ("ts", "<i4", _MAX_TOKENS_PER_GROUP),
 )
 _ALIGN = 8
 
@@ -78,10 +83,17 @@ def encode_group(g: TrajectoryGroup) -> bytes:
     straight from the samples' arrays into the payload.
     """
     for s in g.samples:
-        if not (s.output_ids.shape == s.behaviour_logp.shape == s.token_versions.shape):
+        assert s.loss_mask is not None and s.turn_starts is not None
+        if not (
+            s.output_ids.shape
+            == s.behaviour_logp.shape
+            == s.token_versions.shape
+            == s.loss_mask.shape
+        ):
             raise CodecError(
                 f"sample {s.index}: output_ids {s.output_ids.shape}, behaviour_logp "
-                f"{s.behaviour_logp.shape} and token_versions {s.token_versions.shape} differ"
+                f"{s.behaviour_logp.shape}, token_versions {s.token_versions.shape} and "
+                f"loss_mask {s.loss_mask.shape} differ"
             )
     lens = np.fromiter((s.num_tokens for s in g.samples), dtype="<i4", count=len(g.samples))
     pieces = [
@@ -90,6 +102,9 @@ def encode_group(g: TrajectoryGroup) -> bytes:
         [_arr(s.output_ids, "<i4") for s in g.samples],
         [_arr(s.behaviour_logp, "<f4") for s in g.samples],
         [_arr(s.token_versions, "<i4") for s in g.samples],
+        [_arr(s.loss_mask, "<i4") for s in g.samples],  # type: ignore[arg-type]
+        [np.fromiter((s.num_turns for s in g.samples), dtype="<i4", count=len(g.samples))],
+        [_arr(s.turn_starts, "<i4") for s in g.samples],  # type: ignore[arg-type]
     ]
     # The wire keys (module docstring): "pid" is the prompt id, never a process id.
     doc: dict[str, Any] = {
@@ -195,7 +210,7 @@ def _header(payload: bytes | bytearray | memoryview) -> tuple[dict[str, Any], in
 def _arrays(
     payload: bytes | bytearray | memoryview, doc: dict[str, Any], start: int
 ) -> list[npt.NDArray[Any]]:
-    """The five arrays (p, len, o, l, v) as read-only views of the payload: they tile the data
+    """The eight arrays (p, len, o, l, v, mk, nt, ts) as read-only views of the payload: they tile the data
     area from ``start`` in ``_ARRAYS`` order, exactly."""
     spans = []
     off = start
@@ -244,6 +259,31 @@ def _sample_lengths(
             f"behaviour_logp {lp.shape[0]}, token_versions {tv.shape[0]})"
         )
     return lens
+
+
+def _episode_arrays(
+    lens: list[int], mk: npt.NDArray[Any], nt: npt.NDArray[Any], ts: npt.NDArray[Any]
+) -> list[int]:
+    """Loss mask (0/1, one per output token) and turns (per-sample counts, starts within
+    ``0..len`` and non-decreasing), checked; returns the per-sample turn counts."""
+    if mk.shape[0] != sum(lens):
+        raise CodecError(f"group: loss_mask has {mk.shape[0]} entries for {sum(lens)} tokens")
+    if mk.size and (int(mk.min()) < 0 or int(mk.max()) > 1):
+        raise CodecError("group: loss_mask values must be 0 or 1")
+    turns: list[int] = nt.tolist()
+    if len(turns) != len(lens):
+        raise CodecError(f"group: {len(turns)} turn counts for {len(lens)} samples")
+    if (turns and min(turns) < 0) or sum(turns) != ts.shape[0]:
+        raise CodecError(
+            f"group: turn counts (sum {sum(turns)}) disagree with turn_starts ({ts.shape[0]})"
+        )
+    a = 0
+    for length, k in zip(lens, turns, strict=True):
+        t = ts[a : a + k]
+        if k and (int(t[0]) < 0 or int(t[-1]) > length or (k > 1 and bool((t[1:] < t[:-1]).any()))):
+            raise CodecError(f"group: turn_starts {t.tolist()} not non-decreasing in 0..{length}")
+        a += k
+    return turns
 
 
 def _per_sample(doc: dict[str, Any], n: int) -> tuple[list[float], list[str], list[int]]:
@@ -329,16 +369,22 @@ def decode_group(payload: bytes) -> TrajectoryGroup:
     sv = doc.get("sv")
     if sv != SCHEMA_VERSION:
         raise CodecError(f"unknown schema version {sv!r} (this build reads {SCHEMA_VERSION})")
-    p_ids, lens_arr, o, lp, tv = _arrays(payload, doc, start)
+    p_ids, lens_arr, o, lp, tv, mk, nt, ts = _arrays(payload, doc, start)
     metadata = _metadata(doc)
     lens = _sample_lengths(lens_arr, o, lp, tv)
+    turns = _episode_arrays(lens, mk, nt, ts)
     rewards, finishes, indices = _per_sample(doc, len(lens))
     samples = []
-    a = 0
-    for length, reward, finish, index in zip(lens, rewards, finishes, indices, strict=True):
+    a = c = 0
+    for length, k, reward, finish, index in zip(
+        lens, turns, rewards, finishes, indices, strict=True
+    ):
         b = a + length
-        samples.append(Sample(o[a:b], lp[a:b], tv[a:b], reward, finish, index))
+        samples.append(
+            Sample(o[a:b], lp[a:b], tv[a:b], reward, finish, index, mk[a:b], ts[c : c + k])
+        )
         a = b
+        c += k
     run_id, prompt_id, group_id, worker_id = _ids(doc)
     av, ct, ft = _versions_and_times(doc)
     return TrajectoryGroup(

@@ -3,6 +3,12 @@
 Every array travels as raw little-endian bytes with its dtype and length (see ``codec``).
 ``SCHEMA_VERSION`` is bumped on any incompatible change; decoders refuse versions they do not
 know.
+
+Version 3 (agentic episodes, docs/agents.md): a sample is one *episode*, the tokens after the
+prompt in the order they entered the context: the model's sampled tokens and the tokens the
+environment appended (tool output, the next user message). ``loss_mask`` tells them apart and
+``turn_starts`` marks where each model turn begins. A single-turn sample is the one-turn case:
+mask all ones, ``turn_starts == [0]``.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Scalars allowed in ``TrajectoryGroup.metadata`` values.
 MetaValue = str | int | float | bool | None
@@ -24,7 +30,13 @@ MetaValue = str | int | float | bool | None
 class Sample:
     """One completion of the group's prompt.
 
-    Invariant: ``len(output_ids) == len(behaviour_logp) == len(token_versions)``.
+    Invariants (tests/unit/buffer/test_buffer_codec.py): ``len(output_ids) ==
+    len(behaviour_logp) == len(token_versions) == len(loss_mask)``; ``turn_starts`` is
+    non-decreasing within ``0..len(output_ids)``. An appended (``loss_mask == 0``) token carries
+    behaviour log-prob 0 and the version of the last sampled token before it (the first sampled
+    token after it when there is none before; the admission version when the episode sampled
+    nothing), so the oldest of ``token_versions`` is always the oldest *trained* token's: the
+    staleness rule reads it unchanged.
     """
 
     output_ids: npt.NDArray[np.int32]
@@ -41,6 +53,30 @@ class Sample:
     """"stop" | "length" | "abort" (the last only for samples a worker gave up on)."""
     index: int
     """Position of the sample within its group, 0..n-1."""
+    loss_mask: npt.NDArray[np.int32] | None = None
+    """int32[T]: 1 on tokens the policy sampled (trained), 0 on tokens the environment appended
+    (never trained, context only). None at construction = all ones (a single-turn sample)."""
+    turn_starts: npt.NDArray[np.int32] | None = None
+    """int32[K]: offset in ``output_ids`` of the first token of each of the K model turns (one
+    per generate call of the episode). None at construction = ``[0]`` (one turn; ``[]`` for a
+    sample without tokens)."""
+
+    def __post_init__(self) -> None:
+        if self.loss_mask is None:
+            self.loss_mask = np.ones(self.output_ids.shape[0], dtype=np.int32)
+        if self.turn_starts is None:
+            self.turn_starts = np.zeros(1 if self.output_ids.shape[0] else 0, dtype=np.int32)
+
+    @property
+    def num_turns(self) -> int:
+        """Model turns of the episode (generate calls that produced tokens)."""
+        assert self.turn_starts is not None
+        return int(self.turn_starts.shape[0])
+
+    @property
+    def num_trained_tokens(self) -> int:
+        assert self.loss_mask is not None
+        return int(self.loss_mask.sum())
 
     @property
     def num_tokens(self) -> int:

@@ -95,6 +95,34 @@ class RolloutConfig(BaseModel):
         "(reason zero_variance) and they are counted per step and in `sluice status`. None = "
         "on for tasks that score text (the text task), off for the synthetic built-ins.",
     )
+    episode: str | None = Field(
+        None,
+        description="module:function of an `async def episode(ctx, row) -> reward` that drives "
+        "a multi-turn, tool-using episode (docs/agents.md); None = one sample per row, scored "
+        "by the task's reward.",
+    )
+    episode_max_turns: int = Field(
+        8, ge=1, le=10_000, description="Model turns (ctx.generate calls) per episode."
+    )
+    episode_max_tokens: int = Field(
+        2048,
+        ge=1,
+        le=1 << 20,
+        description="Tokens an episode may add after the prompt, sampled and appended together.",
+    )
+    episode_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="Wall time of one episode; past it the group is handed back (episode_timeout).",
+    )
+    openai_endpoint: bool = Field(
+        False,
+        description="Serve an OpenAI-compatible /v1/chat/completions for the worker's episodes "
+        "(ctx.openai_base_url; docs/agents.md): an agent written against the OpenAI client "
+        "is trained unchanged.",
+    )
+    openai_host: str = Field("127.0.0.1", description="Address the endpoint listens on.")
+    openai_port: int = Field(0, ge=0, le=65535, description="Its port (0 = a free one).")
     eval_every: int = Field(
         0, ge=0, description="Evaluate held-out prompts every N versions (0 = never)."
     )

@@ -67,6 +67,10 @@ class SampleOut:
     finish_reason: str = "length"
     segments: int = 0
     """Times the sample was interrupted by an abort and resubmitted."""
+    loss_mask: list[int] | None = None
+    """An episode's (``rollout_workers.episodes``): 1 sampled, 0 appended; None = all 1."""
+    turn_starts: list[int] | None = None
+    """An episode's model-turn offsets; None = one turn."""
 
 
 def seed_for(*parts: object) -> int:
@@ -182,12 +186,15 @@ class Sampler:
         min_version: int = 0,
         length: int | None = None,
         tally: list[int] | None = None,
+        max_new_tokens: int | None = None,
     ) -> SampleOut:
         """One sample, resubmitted as ``prompt + partial`` after every abort or dead server;
-        with ``length`` exactly ``min(length, max_new_tokens)`` tokens, EOS ignored."""
+        with ``length`` exactly ``min(length, max_new_tokens)`` tokens, EOS ignored;
+        ``max_new_tokens`` overrides the rollout's budget (an episode's turn)."""
         if length is not None and length < 1:
             raise ValueError(f"a fixed output length must be >= 1, got {length}")
-        budget = self.max_new_tokens if length is None else min(length, self.max_new_tokens)
+        cap = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        budget = cap if length is None else min(length, cap)
         out = SampleOut()
         attempt = 0
         while True:
@@ -279,6 +286,8 @@ def trajectory_group(
                 reward=r,
                 finish_reason=o.finish_reason,
                 index=i,
+                loss_mask=None if o.loss_mask is None else np.asarray(o.loss_mask, np.int32),
+                turn_starts=None if o.turn_starts is None else np.asarray(o.turn_starts, np.int32),
             )
             for i, (o, r) in enumerate(zip(outs, rewards, strict=True))
         ],

@@ -54,6 +54,7 @@ from buffer.schema import TrajectoryGroup
 from inference.protocol import InvalidInputError, SGLangClientError
 from rollout_workers.config import RolloutConfig
 from rollout_workers.dynamic import ZERO_VARIANCE, filtering_on, zero_variance
+from rollout_workers.episodes import episode_runner
 from rollout_workers.evaluator import Evaluator
 from rollout_workers.inflight import InFlight
 from rollout_workers.metrics import Counters, worker_metrics
@@ -169,6 +170,8 @@ class RolloutWorker:
             output_length=task.output_length,
             stop_token_ids=task.stop_token_ids,
         )
+        self.episodes = episode_runner(task, rc, self.sampler)
+        """``rollout.episode``'s runner, or None: one sample per row (``Sampler.group``)."""
         self.filter_zero_variance = filtering_on(rc.dynamic_sampling, task.decode([]) is not None)
         """Dynamic sampling (``rollout.dynamic_sampling``): drop zero-variance groups."""
         self.evaluator = Evaluator(
@@ -366,6 +369,8 @@ class RolloutWorker:
             json.dumps(final),
         )
         self.sampler.rewards.close()
+        if self.episodes is not None:
+            await self.episodes.close()
         if self.run_info.distributed or self.run_info.ipc:
             with contextlib.suppress(Exception):
                 await self.parts.versions.unregister_sync_servers(self.pool.urls())
@@ -449,9 +454,12 @@ class RolloutWorker:
         try:
             lease = await self.parts.prompts.lease()
             group_id = uuid.uuid4().hex
-            outs, rewards = await self.sampler.group(
-                lease.prompt, group_id, admission_version, tally=tally
-            )
+            if self.episodes is not None:  # its tokens are not tallied as waste (yet)
+                outs, rewards = await self.episodes.group(lease.prompt, group_id, admission_version)
+            else:
+                outs, rewards = await self.sampler.group(
+                    lease.prompt, group_id, admission_version, tally=tally
+                )
             if self.filter_zero_variance and zero_variance(rewards):
                 await self._filtered(lease, rewards, admission_version)
                 return

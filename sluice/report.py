@@ -24,6 +24,8 @@ Invariants (tests/unit/sluice/test_sluice_report.py):
 - A step logged more than once (a resumed trainer replays the steps whose updates a crash lost)
   counts once: its last row wins.
 - ``initial_reward`` is the reward of the first step, ``final_reward`` that of the last;
+  ``turns_mean`` the model turns per trained episode over the run (the steps' ``turns_mean``
+  weighted by their ``samples``; 1 for single-turn tasks);
   ``wall_s`` runs from the first trainer start (``time - wall_s`` of the earliest row) to the
   last row's ``time``; ``groups_per_s`` = groups the trainer received / ``wall_s``.
 - ``max_staleness_trained`` comes from the steps' ``staleness_max_trained`` only and is never
@@ -322,6 +324,17 @@ def _update_bytes(steps: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _turns_mean(steps: list[dict[str, Any]]) -> float | None:
+    """Sample-weighted mean of the steps' ``turns_mean`` (None when no step has one)."""
+    total = weighted = 0.0
+    for r in steps:
+        t, n = _num(r.get("turns_mean")), _num(r.get("samples"))
+        if t is not None and n:
+            total += n
+            weighted += t * n
+    return weighted / total if total else None
+
+
 def _rewards(steps: list[dict[str, Any]], target: Any) -> dict[str, Any]:
     # With dynamic sampling the trained mean leaves out the filtered (all-equal) groups:
     # reward_mean_all counts them too (trainer.metrics.filtered_fields).
@@ -331,6 +344,8 @@ def _rewards(steps: list[dict[str, Any]], target: Any) -> dict[str, Any]:
     return {
         "initial_reward": rewards[0],
         "final_reward": final,
+        # Model turns per trained episode (1 for single-turn tasks), over the whole run.
+        "turns_mean": _turns_mean(steps),
         "best_reward": max(known) if known else None,
         "reward_target": target,
         "reached_target": (final >= target) if (target is not None and final is not None) else None,

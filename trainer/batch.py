@@ -7,8 +7,11 @@ sequence of the micro-batch, right-padded): position ``j`` holds the log-prob of
 Output token ``i`` (0-based) of a sample sits at ``j = P - 1 + i``.
 
 Invariants (``tests/integration/test_trainer.py::test_batch_logprobs_match_direct_forward``):
-- ``mask[b, j] == 1`` exactly on the ``T_b`` output tokens of row ``b``; prompt tokens and
-  padding are 0, so nothing but generated tokens is trained on.
+- ``mask[b, j] == 1`` exactly on the output tokens of row ``b`` that the policy sampled (the
+  sample's ``loss_mask``); prompt tokens, tokens an episode's environment appended and padding
+  are 0, so nothing but sampled tokens is trained on: an appended token gets exactly zero
+  gradient (``tests/unit/trainer/test_trainer_episode_mask.py``) while it is still read as
+  context by the tokens after it.
 - ``behav_logp`` and ``versions`` are the sample's per-output-token arrays placed at the same
   positions; padding holds 0 (behav) and -1 (versions), never read under the mask.
 - ``token_logprobs`` returns ``log_softmax(logits / T)`` of the target token in this frame,
@@ -43,6 +46,10 @@ class TrainSample:
     """int32[T]."""
     advantage: float
     reward: float
+    loss_mask: np.ndarray | None = None
+    """float32[T]: 1 on sampled tokens, 0 on appended ones (None = all sampled)."""
+    turns: int = 1
+    """Model turns of the episode (``Sample.num_turns``)."""
 
     @property
     def length(self) -> int:
@@ -88,6 +95,8 @@ def samples_from_groups(
                 token_versions=np.array(s.token_versions, dtype=np.int64),
                 advantage=float(a),
                 reward=float(s.reward),
+                loss_mask=np.array(s.loss_mask, dtype=np.float32),
+                turns=s.num_turns,
             )
         )
     return out
@@ -102,7 +111,7 @@ class MicroBatch:
     attention_mask: torch.Tensor
     """long[B, L]: 1 on real tokens."""
     mask: torch.Tensor
-    """float32[B, L-1]: 1 on output tokens (shifted frame)."""
+    """float32[B, L-1]: 1 on sampled output tokens (shifted frame), 0 on appended ones."""
     behav_logp: torch.Tensor
     """float32[B, L-1]."""
     versions: torch.Tensor
@@ -148,7 +157,7 @@ def make_micro_batch(samples: Sequence[TrainSample], pad_id: int = 0) -> MicroBa
         ids[r, :p] = torch.from_numpy(s.prompt_ids)
         ids[r, p : p + t] = torch.from_numpy(s.output_ids)
         att[r, : p + t] = 1
-        mask[r, p - 1 : p - 1 + t] = 1.0
+        mask[r, p - 1 : p - 1 + t] = 1.0 if s.loss_mask is None else torch.from_numpy(s.loss_mask)
         behav[r, p - 1 : p - 1 + t] = torch.from_numpy(s.behaviour_logp)
         vers[r, p - 1 : p - 1 + t] = torch.from_numpy(s.token_versions)
     return MicroBatch(

@@ -473,8 +473,10 @@ class Trainer:
             waste = await self.clock(self.vm.waste())
         filtered = await self._filtered_since_last()
         reward_all = filtered_fields(filtered, stats.metrics["reward_mean"], stats.samples)
+        turns, episodes = self._reduce([float(sum(s.turns for s in samples)), len(samples)])
+        extra = {**reward_all, "turns_mean": turns / episodes}  # model turns per episode
         step_s = time.monotonic() - t0
-        row = self._log_step(stats, batch, judged, step_s, t_start, eta, waste, extra=reward_all)
+        row = self._log_step(stats, batch, judged, step_s, t_start, eta, waste, extra=extra)
         await self._tune_eta(step_s, batch, waste)
         if row is not None:
             self.last_row = row

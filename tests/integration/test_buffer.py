@@ -77,6 +77,8 @@ def assert_same(a: TrajectoryGroup, b: TrajectoryGroup) -> None:
         np.testing.assert_array_equal(x.output_ids, y.output_ids)
         np.testing.assert_array_equal(x.behaviour_logp, y.behaviour_logp)
         np.testing.assert_array_equal(x.token_versions, y.token_versions)
+        np.testing.assert_array_equal(x.loss_mask, y.loss_mask)  # type: ignore[arg-type]
+        np.testing.assert_array_equal(x.turn_starts, y.turn_starts)  # type: ignore[arg-type]
         assert (y.output_ids.dtype, y.behaviour_logp.dtype, y.token_versions.dtype) == (
             np.int32,
             np.float32,
@@ -150,14 +152,14 @@ def test_encode_refuses_mismatched_lengths() -> None:
 
 
 def _parts(g: TrajectoryGroup) -> tuple[dict, list[np.ndarray]]:
-    """A group's payload taken apart by hand (header, the five arrays), to break one thing."""
+    """A group's payload taken apart by hand (header, the eight arrays), to break one thing."""
     payload = encode_group(g)
     magic, hlen = struct.unpack_from("<4sI", payload)
     assert magic == MAGIC
     head = msgpack.unpackb(payload[8 : 8 + hlen], raw=False)
     off = 8 + hlen + (-(8 + hlen) % 8)
     arrays = []
-    for k in ("p", "len", "o", "l", "v"):
+    for k in ("p", "len", "o", "l", "v", "mk", "nt", "ts"):
         dt = np.dtype(head[k]["t"])
         arrays.append(np.frombuffer(payload, dt, head[k]["n"], off).copy())
         off += head[k]["n"] * dt.itemsize

@@ -260,3 +260,17 @@ def test_trained_staleness_over_eta_is_reported_as_is(tmp_path: Path) -> None:
     assert s["max_staleness_arrived"] == 4
     build_report(run)
     assert "trained max 4 · arrived max 4 (eta 2)" in (run / "report" / "report.md").read_text()
+
+
+def test_turns_mean_is_weighted_by_the_steps_samples(tmp_path: Path) -> None:
+    # 8 episodes of 1 turn and 24 of 3 turns: (8 * 1 + 24 * 3) / 32 = 2.5; a row without
+    # turns_mean (a single-turn run before the field existed) counts for nothing.
+    rows = [
+        {"step": 1, "reward_mean": 0.1, "samples": 8, "turns_mean": 1.0},
+        {"step": 2, "reward_mean": 0.2, "samples": 24, "turns_mean": 3.0},
+        {"step": 3, "reward_mean": 0.3, "samples": 8},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert summarize(tmp_path)["turns_mean"] == 2.5
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(rows[2]) + "\n")
+    assert summarize(tmp_path)["turns_mean"] is None
