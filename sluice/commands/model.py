@@ -9,6 +9,7 @@ library) and the vocabulary is the tokenizer's: a model for the ``text`` task.
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,29 +40,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from inference.models import init_tiny_model
 
+    shape: dict[str, Any] = dict(
+        layers=args.layers,
+        hidden=args.hidden,
+        arch=args.arch,
+        heads=args.heads,
+        max_positions=args.max_positions,
+        seed=args.seed,
+    )
     if args.tokenizer == "chars":
         from inference.models import init_tiny_text_model
 
         if args.task or args.vocab:
             raise SystemExit("sluice model init: --tokenizer chars sets the vocabulary itself")
         try:
-            out = init_tiny_text_model(
-                args.dir,
-                alphabet=args.alphabet,
-                layers=args.layers,
-                hidden=args.hidden,
-                arch=args.arch,
-                heads=args.heads,
-                max_positions=args.max_positions,
-                seed=args.seed,
-            )
+            out = init_tiny_text_model(args.dir, alphabet=args.alphabet, **shape)
         except ValueError as e:
             raise SystemExit(f"sluice model init: {e}") from None
         print(
             f"wrote {args.arch} model with a char tokenizer ({args.layers}x{args.hidden}) to {out}"
         )
         return 0
-    special: dict[str, int] = {}
+    special: dict[str, Any] = {}
     vocab = args.vocab
     if args.task:
         from rollout_workers.tasks import get_task
@@ -80,17 +80,7 @@ def run(args: argparse.Namespace) -> int:
     if vocab is None:
         raise SystemExit("sluice model init: give --vocab V or --task NAME")
     try:
-        out = init_tiny_model(
-            args.dir,
-            vocab=vocab,
-            layers=args.layers,
-            hidden=args.hidden,
-            arch=args.arch,
-            heads=args.heads,
-            max_positions=args.max_positions,
-            seed=args.seed,
-            **special,
-        )
+        out = init_tiny_model(args.dir, vocab=vocab, **shape, **special)
     except ValueError as e:
         raise SystemExit(f"sluice model init: {e}") from None
     print(f"wrote {args.arch} model (vocab {vocab}, {args.layers}x{args.hidden}) to {out}")
