@@ -10,7 +10,8 @@ The header's keys are short and part of the wire format (they never change; the 
 are the ``TrajectoryGroup`` fields): ``sv`` schema version, ``run`` run id, ``pid`` *prompt* id
 (not a process id), ``gid`` group id, ``w`` worker id, ``av`` admission version, ``ct`` / ``ft``
 created / finished unix time, ``m`` metadata, and per sample ``r`` rewards, ``f`` finish
-reasons, ``i`` indices. Every array is ``{"t": dtype, "n": length}`` under its key (``p``
+reasons, ``i`` indices; ``tr`` (optional: only when an episode scored its turns) per sample
+``None`` or one finite float per model turn (the sample's ``nt``), summing to its ``r``. Every array is ``{"t": dtype, "n": length}`` under its key (``p``
 prompt token ids, ``len`` sample lengths, ``o`` output ids, ``l`` behaviour log-probs, ``v``
 token versions, ``mk`` loss mask (0/1, one per output token), ``nt`` turns per sample, ``ts``
 turn starts, ``nt[i]`` of them for sample ``i``); its bytes are found by position (the arrays tile the data area in that
@@ -84,6 +85,10 @@ def encode_group(g: TrajectoryGroup) -> bytes:
     """
     for s in g.samples:
         assert s.loss_mask is not None and s.turn_starts is not None
+        if s.turn_rewards is not None and s.turn_rewards.shape[0] != s.num_turns:
+            raise CodecError(
+                f"sample {s.index}: {s.turn_rewards.shape[0]} turn rewards for {s.num_turns} turns"
+            )
         if not (
             s.output_ids.shape
             == s.behaviour_logp.shape
@@ -121,6 +126,11 @@ def encode_group(g: TrajectoryGroup) -> bytes:
         "f": [s.finish_reason for s in g.samples],
         "i": [int(s.index) for s in g.samples],
     }
+    if any(s.turn_rewards is not None for s in g.samples):
+        doc["tr"] = [
+            None if s.turn_rewards is None else [float(x) for x in s.turn_rewards]
+            for s in g.samples
+        ]
     for (k, dtype, _), arr in zip(_ARRAYS, pieces, strict=True):
         doc[k] = {"t": dtype, "n": sum(int(a.shape[0]) for a in arr)}
     return pack(doc, [a for arr in pieces for a in arr])
@@ -317,6 +327,31 @@ def _per_sample(doc: dict[str, Any], n: int) -> tuple[list[float], list[str], li
     return rewards, finishes, indices
 
 
+def _turn_rewards(
+    doc: dict[str, Any], turns: list[int], rewards: list[float]
+) -> list[npt.NDArray[np.float32] | None]:
+    """The optional per-turn rewards (``tr``): per sample None or ``turns[i]`` finite floats
+    whose sum is the sample's reward (to float rounding)."""
+    tr = doc.get("tr")
+    if tr is None:
+        return [None] * len(turns)
+    if type(tr) is not list or len(tr) != len(turns):
+        raise CodecError(f"group: turn rewards must be a list of {len(turns)} entries")
+    out: list[npt.NDArray[np.float32] | None] = []
+    for k, r, x in zip(turns, rewards, tr, strict=True):
+        if x is None:
+            out.append(None)
+            continue
+        if type(x) is not list or len(x) != k or not all(type(v) is float for v in x):
+            raise CodecError(f"group: turn rewards {x!r} are not {k} floats (one per turn)")
+        if not all(map(math.isfinite, x)):
+            raise CodecError(f"group: turn rewards {x!r} hold a non-finite number")
+        if not math.isclose(sum(x), r, rel_tol=1e-5, abs_tol=1e-5):
+            raise CodecError(f"group: turn rewards {x!r} do not sum to the reward {r!r}")
+        out.append(np.asarray(x, dtype=np.float32))
+    return out
+
+
 def _ids(doc: dict[str, Any]) -> tuple[str, str, str, str]:
     """Run id, prompt id (wire key ``pid``), group id and worker id."""
     run_id = doc.get("run")
@@ -374,14 +409,15 @@ def decode_group(payload: bytes) -> TrajectoryGroup:
     lens = _sample_lengths(lens_arr, o, lp, tv)
     turns = _episode_arrays(lens, mk, nt, ts)
     rewards, finishes, indices = _per_sample(doc, len(lens))
+    turn_rewards = _turn_rewards(doc, turns, rewards)
     samples = []
     a = c = 0
-    for length, k, reward, finish, index in zip(
-        lens, turns, rewards, finishes, indices, strict=True
+    for length, k, reward, finish, index, tr in zip(
+        lens, turns, rewards, finishes, indices, turn_rewards, strict=True
     ):
         b = a + length
         samples.append(
-            Sample(o[a:b], lp[a:b], tv[a:b], reward, finish, index, mk[a:b], ts[c : c + k])
+            Sample(o[a:b], lp[a:b], tv[a:b], reward, finish, index, mk[a:b], ts[c : c + k], tr)
         )
         a = b
         c += k

@@ -9,6 +9,12 @@ prompt in the order they entered the context: the model's sampled tokens and the
 environment appended (tool output, the next user message). ``loss_mask`` tells them apart and
 ``turn_starts`` marks where each model turn begins. A single-turn sample is the one-turn case:
 mask all ones, ``turn_starts == [0]``.
+
+Per-turn rewards (optional within version 3): an episode may score each model turn;
+``turn_rewards`` then holds them and ``reward`` is their sum (the episode's return). The
+trainer credits a turn's tokens with the rewards from that turn on (``staleness.advantages.
+turn_advantages``). A decoder of version 3 that predates the field reads such a group as an
+episode-level one (its ``reward``), which is still a sound signal.
 """
 
 from __future__ import annotations
@@ -60,6 +66,10 @@ class Sample:
     """int32[K]: offset in ``output_ids`` of the first token of each of the K model turns (one
     per generate call of the episode). None at construction = ``[0]`` (one turn; ``[]`` for a
     sample without tokens)."""
+    turn_rewards: npt.NDArray[np.float32] | None = None
+    """float32[K] or None: the reward of each model turn when the episode scored its turns
+    (one per ``turn_starts`` entry, finite; ``reward`` is then their sum); None when the
+    episode has one reward."""
 
     def __post_init__(self) -> None:
         if self.loss_mask is None:

@@ -11,10 +11,10 @@ Needs the ``openai`` package (``pip install openai``).
 from __future__ import annotations
 
 import openai
-from tool_task import ANSWER_TOKENS, CALL_TOKENS, calculator, partial
+from tool_task import ANSWER_TOKENS, CALL_TOKENS, calculator, turn_rewards
 
 
-async def episode(ctx, row) -> float:
+async def episode(ctx, row) -> list[float]:
     async with openai.AsyncOpenAI(
         base_url=ctx.openai_base_url, api_key="unused", max_retries=0
     ) as client:
@@ -31,4 +31,4 @@ async def episode(ctx, row) -> float:
             model="policy", messages=messages, max_tokens=ANSWER_TOKENS
         )
         answer = r.choices[0].message.content or ""
-    return 0.5 * partial(row.text, call) + 0.5 * partial(row.answer, answer)
+    return turn_rewards(row, call, answer)

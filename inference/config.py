@@ -30,6 +30,13 @@ class ModelConfig(BaseModel):
         "character-level tokenizer ('' = printable ASCII and newline); a character outside it "
         "encodes as <unk>.",
     )
+    chat_template: Literal["chatml", "compact"] = Field(
+        "chatml",
+        description="Tiny model for a text task (when path is empty): its chat template. chatml: "
+        "<|im_start|>ROLE\\nCONTENT<|im_end|>\\n per message; compact: <|im_start|>CONTENT"
+        "<|im_end|> (no roles, no newlines: what a turn copies sits a few tokens back, which a "
+        "random-init model learns much sooner).",
+    )
 
 
 class InferenceConfig(BaseModel):

@@ -188,15 +188,28 @@ def init_tiny_model(
 
 
 def init_tiny_text_model(
-    directory: str | Path, *, alphabet: str | None = None, **model_args: Any
+    directory: str | Path,
+    *,
+    alphabet: str | None = None,
+    chat_template: str = "chatml",
+    **model_args: Any,
 ) -> Path:
-    """A tiny random-init model with a character-level tokenizer and a ChatML chat template
-    (``inference.tokenizer.build_char_tokenizer``) in ``directory``: the vocabulary is the
+    """A tiny random-init model with a character-level tokenizer and a chat template
+    (``inference.tokenizer.build_char_tokenizer``; ``chat_template`` names one of
+    ``CHAT_TEMPLATES``: chatml or compact) in ``directory``: the vocabulary is the
     tokenizer's, BOS/EOS/PAD its ``<s>``/``<|im_end|>``/``<pad>``. ``model_args`` go to
     ``init_tiny_model`` (layers, hidden, heads, arch, seed, ...)."""
-    from inference.tokenizer import DEFAULT_ALPHABET, build_char_tokenizer
+    from inference.tokenizer import CHAT_TEMPLATES, DEFAULT_ALPHABET, build_char_tokenizer
 
-    tok = build_char_tokenizer(directory, alphabet=alphabet or DEFAULT_ALPHABET)
+    if chat_template not in CHAT_TEMPLATES:
+        raise ValueError(
+            f"chat_template must be one of {sorted(CHAT_TEMPLATES)}, got {chat_template!r}"
+        )
+    tok = build_char_tokenizer(
+        directory,
+        alphabet=alphabet or DEFAULT_ALPHABET,
+        chat_template=CHAT_TEMPLATES[chat_template],
+    )
     return init_tiny_model(
         directory,
         vocab=len(tok),

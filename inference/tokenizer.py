@@ -36,6 +36,20 @@ CHATML_TEMPLATE = (
 """ChatML: ``<|im_start|>ROLE\\nCONTENT<|im_end|>\\n`` per message, then the assistant's
 header when a generation prompt is asked for (what Qwen2.5's template does without tools)."""
 
+COMPACT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['content'] + '<|im_end|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>' }}{% endif %}"
+)
+"""``<|im_start|>CONTENT<|im_end|>`` per message, then ``<|im_start|>`` for a generation
+prompt: no role names, no newlines. For tiny random-init models: the tokens a turn must copy
+(an expression from the prompt, a tool's answer) sit 2-5 positions back instead of 12-16, and
+such a model learns to copy much sooner (examples/tool-task.yaml)."""
+
+CHAT_TEMPLATES = {"chatml": CHATML_TEMPLATE, "compact": COMPACT_TEMPLATE}
+"""The chat templates a tiny model can be written with, by name (``model.chat_template``)."""
+
 
 class TokenizerError(ValueError):
     """A model directory without a usable tokenizer; the message names the directory."""

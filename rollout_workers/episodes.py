@@ -10,7 +10,10 @@ by every token the episode added, in order:
   per-token versions come from the server); the tokens are *sampled*: trained.
 - ``ctx.append(ids_or_text)`` adds environment tokens (tool output, the next user turn,
   template tokens); they are context for what follows and never trained (loss mask 0).
-- the return value is the episode's reward (a finite float).
+- the return value is the episode's reward (a finite float), or one reward per model turn
+  (a list of ``ctx.turns`` finite floats): the episode's reward is then their sum and the
+  trainer credits each turn's tokens with the rewards from that turn on
+  (``staleness.turn_advantages``).
 
 Token ids are never re-derived from text: the trajectory is exactly the ids sampled and
 appended (``buffer.schema``, version 3: ``loss_mask``, ``turn_starts``). A single-turn task is
@@ -45,7 +48,7 @@ from rollout_workers.openai_api import OpenAIEndpoint
 from rollout_workers.sampler import GroupRejected, SampleOut, Sampler, all_or_nothing
 from rollout_workers.tasks.base import Prompt, Task, TaskError
 
-EpisodeFn = Callable[["EpisodeContext", Prompt], Awaitable[float]]
+EpisodeFn = Callable[["EpisodeContext", Prompt], Awaitable[float | Sequence[float]]]
 
 
 class EpisodeLimit(Exception):
@@ -236,6 +239,21 @@ class EpisodeContext:
         )
 
 
+def _is_reward(x: Any) -> bool:
+    return not isinstance(x, bool) and isinstance(x, int | float) and math.isfinite(x)
+
+
+def _turn_rewards(rewards: Sequence[Any], ctx: EpisodeContext) -> list[float]:
+    """An episode's per-turn rewards, checked: one finite number per model turn."""
+    if len(rewards) != ctx.turns or not all(map(_is_reward, rewards)):
+        raise GroupRejected(
+            "episode_error",
+            f"episode of {ctx.prompt.id} returned {list(rewards)!r}: per-turn rewards must be "
+            f"{ctx.turns} finite numbers, one per model turn (ctx.turns)",
+        )
+    return [float(x) for x in rewards]
+
+
 def fill_versions(versions: Sequence[int | None], default: int) -> list[int]:
     """Versions for appended tokens (None): the previous sampled token's, else the next
     one's, else ``default``. The minimum over the result is the minimum over the sampled
@@ -337,15 +355,15 @@ class EpisodeRunner:
             raise GroupRejected("episode_error", f"episode of {ctx.prompt.id}: {e!r}") from None
         if ctx.internal_error is not None:
             raise ctx.internal_error
-        if (
-            isinstance(reward, bool)
-            or not isinstance(reward, int | float)
-            or not math.isfinite(reward)
-        ):
+        out = ctx.sample_out()
+        if isinstance(reward, list | tuple):
+            out.turn_rewards = _turn_rewards(reward, ctx)
+            return out, math.fsum(out.turn_rewards)
+        if not _is_reward(reward):
             raise GroupRejected(
                 "episode_error", f"episode of {ctx.prompt.id} returned {reward!r}, not a reward"
             )
-        return ctx.sample_out(), float(reward)
+        return out, float(reward)
 
     async def group(
         self, prompt: Prompt, group_id: str, admission_version: int

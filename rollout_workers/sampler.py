@@ -71,6 +71,8 @@ class SampleOut:
     """An episode's (``rollout_workers.episodes``): 1 sampled, 0 appended; None = all 1."""
     turn_starts: list[int] | None = None
     """An episode's model-turn offsets; None = one turn."""
+    turn_rewards: list[float] | None = None
+    """An episode's per-turn rewards when it scored its turns (summing to its reward)."""
 
 
 def seed_for(*parts: object) -> int:
@@ -288,6 +290,9 @@ def trajectory_group(
                 index=i,
                 loss_mask=None if o.loss_mask is None else np.asarray(o.loss_mask, np.int32),
                 turn_starts=None if o.turn_starts is None else np.asarray(o.turn_starts, np.int32),
+                turn_rewards=(
+                    None if o.turn_rewards is None else np.asarray(o.turn_rewards, np.float32)
+                ),
             )
             for i, (o, r) in enumerate(zip(outs, rewards, strict=True))
         ],

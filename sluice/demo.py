@@ -263,6 +263,7 @@ class Demo:
                 init_tiny_text_model(
                     mdir,
                     alphabet=cfg.model.alphabet or None,
+                    chat_template=cfg.model.chat_template,
                     layers=cfg.model.layers,
                     hidden=cfg.model.hidden,
                     heads=cfg.model.heads,

@@ -18,7 +18,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from staleness.advantages import grpo_advantages
+    from staleness.advantages import grpo_advantages, turn_advantages
     from staleness.gate import admission_capacity, group_staleness, past_eta, staleness
     from staleness.loss import AGGREGATIONS, LossInputs, LossOutputs, decoupled_ppo_loss
     from staleness.records import (
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
 _WHERE: dict[str, str] = {
     "grpo_advantages": "staleness.advantages",
+    "turn_advantages": "staleness.advantages",
     "admission_capacity": "staleness.gate",
     "staleness": "staleness.gate",
     "group_staleness": "staleness.gate",
@@ -91,6 +92,7 @@ __all__ = [
     "logprob_gap",
     "past_eta",
     "staleness",
+    "turn_advantages",
 ]
 
 

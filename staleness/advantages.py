@@ -1,4 +1,4 @@
-"""GRPO group-normalised advantages as a pure function."""
+"""GRPO group-normalised advantages as pure functions: per sample, and per model turn of\nmulti-turn episodes that score their turns."""
 
 from __future__ import annotations
 
@@ -59,3 +59,54 @@ def grpo_advantages(
         var = torch.zeros_like(counts).index_add_(0, idx, centred * centred) / counts
         centred = centred / (var.sqrt()[idx] + eps)
     return torch.where(constant, torch.zeros_like(centred), centred)
+
+
+def turn_advantages(
+    turn_rewards: Sequence[Sequence[float]],
+    group_ids: Sequence[Hashable],
+    normalize_std: bool = True,
+    eps: float = 1e-6,
+) -> list[list[float]]:
+    """Per-turn advantages of episodes whose turns are scored separately.
+
+    ``turn_rewards[i]`` holds the ``K_i`` turn rewards of episode ``i`` (an episode with one
+    reward is ``[0, ..., 0, R]``: its reward at its last turn); ``group_ids[i]`` its group.
+    Turn ``k`` of episode ``i`` is credited with its *return*, the rewards from that turn on
+    (a turn's tokens cannot change the rewards before it)::
+
+        G_ik = sum_{j >= k} r_ij
+        A_ik = grpo_advantages over the episodes of the same group that have a turn k
+
+    i.e. the baseline of turn ``k`` is the mean return from turn ``k`` of the group's episodes
+    that reached it (and the spread their std when ``normalize_std``). With episode-level
+    rewards and equal turn counts every turn gets the episode's ``grpo_advantages``; with turn
+    rewards a turn's tokens no longer carry the noise of the turns before it. A turn index
+    whose returns are all equal within the group gets exactly 0. Returns one list of ``K_i``
+    floats per episode.
+    """
+    if len(turn_rewards) != len(group_ids):
+        raise ValueError(
+            f"turn_advantages: {len(group_ids)} group ids for {len(turn_rewards)} episodes"
+        )
+    returns: list[float] = []
+    keys: list[tuple[Hashable, int]] = []
+    for g, rs in zip(group_ids, turn_rewards, strict=True):
+        acc = 0.0
+        tail = []
+        for r in reversed(rs):
+            acc += float(r)
+            tail.append(acc)
+        for k, ret in enumerate(reversed(tail)):
+            returns.append(ret)
+            keys.append((g, k))
+    if not returns:
+        return [[] for _ in turn_rewards]
+    flat = grpo_advantages(
+        torch.tensor(returns, dtype=torch.float64), keys, normalize_std=normalize_std, eps=eps
+    ).tolist()
+    out: list[list[float]] = []
+    at = 0
+    for rs in turn_rewards:
+        out.append(flat[at : at + len(rs)])
+        at += len(rs)
+    return out

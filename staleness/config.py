@@ -106,3 +106,11 @@ class LossConfig(BaseModel):
     aggregation: Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"] = Field(
         "token_mean", description="Loss aggregation."
     )
+    entropy_coef: float = Field(
+        0.0,
+        ge=0,
+        description="Entropy bonus: the loss subtracts entropy_coef x the policy's entropy over "
+        "the sampled tokens' positions (aggregated as the loss is). 0 = off (the trainer then "
+        "does not compute the entropy). Keeps a small policy from collapsing onto one answer "
+        "per prompt before it learns the task (examples/tool-task.yaml uses 0.02).",
+    )

@@ -9,6 +9,9 @@ inference server, possibly from several policy versions)::
     w = exp(p - b)                      # behaviour correction, truncated or masked, no gradient
     loss_t = -w * min(r * A, clip(r, 1 - eps_low, 1 + eps_high) * A)
     with dual clip c (A < 0 only):  loss_t = -w * max(min(...), c * A)
+
+With an entropy bonus (``entropy_coef`` = β > 0 and the policy's entropy ``H_t`` at each token's
+position given), ``loss_t`` gains ``- β * H_t`` on the valid tokens, aggregated like the rest.
 """
 
 from __future__ import annotations
@@ -46,6 +49,9 @@ class LossInputs:
     (``is_mode``, ``is_level``, ``is_cap``, ``is_lo``, ``is_hi``) and the ``aggregation``:
     ``staleness.config.LossConfig``, the one declaration of these settings and their defaults
     (the trainer passes its ``TrainerConfig``, which extends it)."""
+    entropy: torch.Tensor | None = None
+    """[B, T] float: the policy's entropy at each token's position (differentiable, the same
+    forward as ``logp``); required when ``settings.entropy_coef > 0``, ignored otherwise."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,14 @@ def _check(inp: LossInputs) -> None:
             f"LossInputs.advantages has shape {tuple(a.shape)}; expected [B, T]={tuple(m.shape)} "
             f"or [B]={tuple(m.shape[:1])}"
         )
+    if inp.settings.entropy_coef > 0:
+        if inp.entropy is None:
+            raise ValueError("LossInputs.entropy is required when entropy_coef > 0")
+        if inp.entropy.shape != m.shape:
+            raise ValueError(
+                f"LossInputs.entropy has shape {tuple(inp.entropy.shape)}, expected "
+                f"{tuple(m.shape)}"
+            )
     # The settings were validated when the LossConfig was built (bounds and allowed values
     # are declared there, once).
 
@@ -136,6 +150,11 @@ def decoupled_ppo_loss(inp: LossInputs) -> LossOutputs:
         dual_active = (adv < 0) & (floor > objective) & valid
         objective = torch.where(dual_active, floor, objective)
     per_token = -bw.weights * objective * m
+    ent = None
+    if c.entropy_coef > 0:
+        assert inp.entropy is not None
+        ent = torch.where(valid, inp.entropy, torch.zeros_like(inp.entropy))
+        per_token = per_token - c.entropy_coef * ent * m
 
     if c.aggregation == "token_mean":
         loss = per_token.sum() / m.sum().clamp_min(1.0)
@@ -162,6 +181,8 @@ def decoupled_ppo_loss(inp: LossInputs) -> LossOutputs:
             "ratio_max": ratio_max,
             **bw.stats,
         }
+        if ent is not None:
+            stats["entropy"] = ent.detach().sum() / n.clamp_min(1.0)
     return LossOutputs(
         loss=loss, per_token_loss=per_token, weights=bw.weights, mask=bw.mask, stats=stats
     )

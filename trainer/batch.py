@@ -50,6 +50,10 @@ class TrainSample:
     """float32[T]: 1 on sampled tokens, 0 on appended ones (None = all sampled)."""
     turns: int = 1
     """Model turns of the episode (``Sample.num_turns``)."""
+    token_advantages: np.ndarray | None = None
+    """float32[T]: per-token advantages when the episode's group scored its turns (each model
+    turn's tokens get that turn's advantage, ``staleness.turn_advantages``); None = every
+    token gets ``advantage``."""
 
     @property
     def length(self) -> int:
@@ -62,8 +66,12 @@ def samples_from_groups(
     """Flatten groups into samples with GRPO group-normalised advantages.
 
     Advantages use every sample of the group (``staleness.grpo_advantages``); samples without
-    output tokens carry no loss and are then left out. Raises ``ValueError`` on a group with
-    an empty prompt (the first output token would have no context to be predicted from).
+    output tokens carry no loss and are then left out. A group in which an episode scored its
+    turns (``Sample.turn_rewards``) gets per-turn advantages instead
+    (``staleness.turn_advantages``; its other samples count their reward at their last turn):
+    ``token_advantages`` then holds each token's, and ``advantage`` that of the first turn.
+    Raises ``ValueError`` on a group with an empty prompt (the first output token would have
+    no context to be predicted from).
     """
     from staleness import grpo_advantages
 
@@ -82,10 +90,16 @@ def samples_from_groups(
     adv = grpo_advantages(
         torch.tensor(rewards, dtype=torch.float64), gids, normalize_std=normalize_std
     )
+    per_turn = _per_turn_advantages(groups, normalize_std)
     out = []
     for (g, s), a in zip(flat, adv.tolist(), strict=True):
         if s.num_tokens == 0:
             continue
+        tok_adv = None
+        if g.group_id in per_turn:
+            turn_adv = per_turn[g.group_id][s.index]
+            tok_adv = _spread_over_turns(turn_adv, s.turn_starts, s.num_tokens)
+            a = turn_adv[0] if turn_adv else 0.0
         out.append(
             TrainSample(
                 group_id=g.group_id,
@@ -97,8 +111,46 @@ def samples_from_groups(
                 reward=float(s.reward),
                 loss_mask=np.array(s.loss_mask, dtype=np.float32),
                 turns=s.num_turns,
+                token_advantages=tok_adv,
             )
         )
+    return out
+
+
+def _per_turn_advantages(
+    groups: Sequence[TrajectoryGroup], normalize_std: bool
+) -> dict[str, dict[int, list[float]]]:
+    """For the groups with scored turns: group id -> sample index -> per-turn advantages."""
+    from staleness import turn_advantages
+
+    scored = [g for g in groups if any(s.turn_rewards is not None for s in g.samples)]
+    rewards: list[list[float]] = []
+    gids: list[str] = []
+    keys: list[tuple[str, int]] = []
+    for g in scored:
+        for s in g.samples:
+            if s.turn_rewards is not None:
+                rewards.append([float(x) for x in s.turn_rewards])
+            else:  # one reward: at the episode's last turn
+                rewards.append([0.0] * (s.num_turns - 1) + [float(s.reward)] if s.num_turns else [])
+            gids.append(g.group_id)
+            keys.append((g.group_id, s.index))
+    out: dict[str, dict[int, list[float]]] = {}
+    for (gid, i), a in zip(
+        keys, turn_advantages(rewards, gids, normalize_std=normalize_std), strict=True
+    ):
+        out.setdefault(gid, {})[i] = a
+    return out
+
+
+def _spread_over_turns(turn_adv: list[float], starts: Any, length: int) -> np.ndarray:
+    """float32[length]: turn ``k``'s advantage on the tokens from its start to the next
+    turn's (the environment's tokens in between are masked out of the loss anyway); 0 before
+    the first turn."""
+    out = np.zeros(length, dtype=np.float32)
+    bounds = [int(x) for x in starts] + [length]
+    for k, a in enumerate(turn_adv):
+        out[bounds[k] : bounds[k + 1]] = a
     return out
 
 
@@ -117,7 +169,8 @@ class MicroBatch:
     versions: torch.Tensor
     """long[B, L-1]: version of each output token, -1 elsewhere."""
     advantages: torch.Tensor
-    """float32[B]."""
+    """float32[B] (one per sample), or float32[B, L-1] in the shifted frame when a sample has
+    per-token advantages (episodes that scored their turns)."""
     rewards: torch.Tensor
     """float32[B]."""
 
@@ -160,13 +213,21 @@ def make_micro_batch(samples: Sequence[TrainSample], pad_id: int = 0) -> MicroBa
         mask[r, p - 1 : p - 1 + t] = 1.0 if s.loss_mask is None else torch.from_numpy(s.loss_mask)
         behav[r, p - 1 : p - 1 + t] = torch.from_numpy(s.behaviour_logp)
         vers[r, p - 1 : p - 1 + t] = torch.from_numpy(s.token_versions)
+    adv = torch.tensor([s.advantage for s in samples], dtype=torch.float32)
+    if any(s.token_advantages is not None for s in samples):
+        per_token = adv[:, None].expand(b, width - 1).clone()
+        for r, s in enumerate(samples):
+            if s.token_advantages is not None:
+                p, t = int(s.prompt_ids.shape[0]), int(s.output_ids.shape[0])
+                per_token[r, p - 1 : p - 1 + t] = torch.from_numpy(s.token_advantages)
+        adv = per_token
     return MicroBatch(
         input_ids=ids,
         attention_mask=att,
         mask=mask,
         behav_logp=behav,
         versions=vers,
-        advantages=torch.tensor([s.advantage for s in samples], dtype=torch.float32),
+        advantages=adv,
         rewards=torch.tensor([s.reward for s in samples], dtype=torch.float32),
     )
 
@@ -194,11 +255,8 @@ def pack_micro_batches(
     return out
 
 
-def token_logprobs(model: Any, mb: MicroBatch, temperature: float = 1.0) -> torch.Tensor:
-    """float32[B, L-1]: ``log_softmax(logits / T)`` of each next token (0 where masked out).
-
-    ``temperature <= 0`` (greedy sampling) is treated as 1, as the inference servers do.
-    """
+def _log_softmax(model: Any, mb: MicroBatch, temperature: float) -> torch.Tensor:
+    """float32[B, L, V]: ``log_softmax(logits / T)`` at every position of ``mb``."""
     t = float(temperature) if temperature > 0 else 1.0
     out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False)
     # Over the whole [B, L, V] logits (the last position's row is computed and not read): a
@@ -206,8 +264,30 @@ def token_logprobs(model: Any, mb: MicroBatch, temperature: float = 1.0) -> torc
     # upcasts bf16 logits to float32 inside its kernel (dtype=), not through a float32 copy of
     # them; the result is the same float32 math.
     if t != 1.0:
-        logp = torch.log_softmax(out.logits.float() / t, dim=-1)
-    else:
-        logp = torch.log_softmax(out.logits, dim=-1, dtype=torch.float32)
+        return torch.log_softmax(out.logits.float() / t, dim=-1)
+    return torch.log_softmax(out.logits, dim=-1, dtype=torch.float32)
+
+
+def _picked(logp: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
     picked = logp[:, :-1].gather(-1, mb.input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     return torch.where(mb.mask > 0, picked, torch.zeros_like(picked))
+
+
+def token_logprobs(model: Any, mb: MicroBatch, temperature: float = 1.0) -> torch.Tensor:
+    """float32[B, L-1]: ``log_softmax(logits / T)`` of each next token (0 where masked out).
+
+    ``temperature <= 0`` (greedy sampling) is treated as 1, as the inference servers do.
+    """
+    return _picked(_log_softmax(model, mb, temperature), mb)
+
+
+def token_logprobs_entropy(
+    model: Any, mb: MicroBatch, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``token_logprobs`` and, from the same forward, float32[B, L-1] the entropy of the
+    temperature-scaled next-token distribution at each position (0 where masked out), both
+    differentiable (the entropy bonus, ``LossConfig.entropy_coef``). Costs one more [B, L, V]
+    tensor than ``token_logprobs``."""
+    logp = _log_softmax(model, mb, temperature)
+    ent = -(logp[:, :-1].exp() * logp[:, :-1]).sum(-1)
+    return _picked(logp, mb), torch.where(mb.mask > 0, ent, torch.zeros_like(ent))

@@ -265,6 +265,8 @@ def step_row(
         "logp_abs_diff": m["logp_abs_diff"],
         "logp_k3_kl": m["logp_k3_kl"],
         "logp_gap_tokens": int(m["logp_gap_tokens"]),
+        # The policy's mean entropy on the trained tokens (computed with an entropy bonus).
+        **({"entropy": m["entropy"]} if "entropy" in m else {}),
         "tokens_per_s": stats.tokens / max(rec.step_s, 1e-9),
         "idle_s": counts.idle_s,
         "buffer_s": buffer_s,

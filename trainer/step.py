@@ -24,7 +24,13 @@ from typing import Any
 
 import torch
 
-from trainer.batch import MicroBatch, TrainSample, pack_micro_batches, token_logprobs
+from trainer.batch import (
+    MicroBatch,
+    TrainSample,
+    pack_micro_batches,
+    token_logprobs,
+    token_logprobs_entropy,
+)
 from trainer.config import TrainerConfig
 
 CrashHook = Callable[[str], None]
@@ -82,6 +88,7 @@ _SUMS = (
     "gap_tokens",
     "reward_sum",
     "reward_sq",
+    "entropy",
 )
 
 
@@ -211,10 +218,14 @@ def _accumulate_gradients(
         defer = dist.enabled and not sync and hasattr(model, "no_sync")
         ctx = model.no_sync() if defer else contextlib.nullcontext()
         with ctx:
+            ent = None
             with _autocast(device), adapter_dropout(model):
-                logp = token_logprobs(model, mb, temperature)
+                if tc.entropy_coef > 0:
+                    logp, ent = token_logprobs_entropy(model, mb, temperature)
+                else:
+                    logp = token_logprobs(model, mb, temperature)
             out = decoupled_ppo_loss(
-                LossInputs(logp, p, mb.behav_logp, mb.advantages, mb.mask, settings=tc)
+                LossInputs(logp, p, mb.behav_logp, mb.advantages, mb.mask, settings=tc, entropy=ent)
             )
             scale = local_denom / g_denom if g_denom > 0 else 0.0
             # DDP (and FSDP2's reduce-scatter) average gradients over ranks; undo it so ranks
@@ -258,6 +269,7 @@ def _add_micro_batch(
             torch.zeros_like(n),
             r.sum(),
             (r**2).sum(),
+            m["entropy"].double() * n if "entropy" in m else torch.zeros_like(n),
         ]
     )
 
@@ -294,6 +306,8 @@ def _step_stats(
         "logp_abs_diff": s["gap_abs"] / s["gap_tokens"] if s["gap_tokens"] else float("nan"),
         "logp_k3_kl": s["gap_k3"] / s["gap_tokens"] if s["gap_tokens"] else float("nan"),
     }
+    if s["entropy"]:
+        metrics["entropy"] = s["entropy"] / tok
     return StepStats(
         loss=s["loss"],
         tokens=int(s["tokens"]),

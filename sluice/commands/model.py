@@ -2,7 +2,7 @@
 
 With ``--task NAME`` the vocabulary size and the BOS/EOS/PAD ids come from the task, so the
 model stops on the task's EOS. With ``--tokenizer chars`` the directory also gets a
-character-level tokenizer with a ChatML chat template (built locally with the ``tokenizers``
+character-level tokenizer with a chat template (``--chat-template``: ChatML or compact) (built locally with the ``tokenizers``
 library) and the vocabulary is the tokenizer's: a model for the ``text`` task.
 """
 
@@ -35,6 +35,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="--tokenizer chars: its characters (default: printable ASCII and newline)",
     )
+    init.add_argument(
+        "--chat-template",
+        choices=("chatml", "compact"),
+        default="chatml",
+        help="--tokenizer chars: chatml (<|im_start|>ROLE\\nCONTENT<|im_end|>\\n) or compact "
+        "(<|im_start|>CONTENT<|im_end|>: short contexts for tiny models)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,7 +61,9 @@ def run(args: argparse.Namespace) -> int:
         if args.task or args.vocab:
             raise SystemExit("sluice model init: --tokenizer chars sets the vocabulary itself")
         try:
-            out = init_tiny_text_model(args.dir, alphabet=args.alphabet, **shape)
+            out = init_tiny_text_model(
+                args.dir, alphabet=args.alphabet, chat_template=args.chat_template, **shape
+            )
         except ValueError as e:
             raise SystemExit(f"sluice model init: {e}") from None
         print(

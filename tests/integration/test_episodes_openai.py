@@ -25,13 +25,17 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("template", ["chatml", "compact"])
 async def test_endpoint_episode_equals_ctx_episode(
     tmp_path: Path,
     cpu_server_factory: Callable[..., ServerHandle],  # noqa: F811
+    template: str,
 ) -> None:
     pytest.importorskip("openai")
     sys.path.insert(0, str(EXAMPLES))
-    model = init_tiny_text_model(tmp_path / "m", alphabet="0123456789*?tol", layers=1, hidden=32)
+    model = init_tiny_text_model(
+        tmp_path / "m", alphabet="0123456789*?tol", chat_template=template, layers=1, hidden=32
+    )
     srv = cpu_server_factory(model, "--dtype", "float64")
     cfg = load_config(
         None,
@@ -82,6 +86,7 @@ async def test_endpoint_episode_equals_ctx_episode(
                 assert x.loss_mask == y.loss_mask and 0 in x.loss_mask
                 assert x.turn_starts == y.turn_starts and len(x.turn_starts) == 2
                 assert x.versions == y.versions
+                assert x.turn_rewards == y.turn_rewards and len(x.turn_rewards or []) == 2
                 np.testing.assert_allclose(x.logprobs, y.logprobs, rtol=0, atol=1e-9)
         assert endpoint.completions == 2 * 3 * 2
         assert endpoint.episodes == {}  # every episode unregistered at its end

@@ -170,3 +170,35 @@ def test_a_single_turn_sample_defaults_to_all_trained_one_turn() -> None:
         np.zeros(0, np.int32), np.zeros(0, np.float32), np.zeros(0, np.int32), 0.0, "abort", 0
     )
     assert empty.num_turns == 0 and empty.num_trained_tokens == 0
+
+
+def test_turn_rewards_round_trip_and_stay_optional() -> None:
+    g = _group()
+    assert b"\xa2tr" not in encode_group(g)  # no scored turns: the header has no "tr" key
+    g.samples[0].turn_rewards = np.array([0.25, 0.75], np.float32)  # sums to its reward 1.0
+    back = decode_group(encode_group(g))
+    assert back.samples[0].turn_rewards is not None
+    assert back.samples[0].turn_rewards.tolist() == [0.25, 0.75]
+    assert back.samples[1].turn_rewards is None
+
+
+@pytest.mark.parametrize(
+    ("tr", "message"),
+    [
+        ([[0.5], None], r"turn rewards \[0.5\] are not 2 floats"),
+        ([[0.5, 1], None], "are not 2 floats"),
+        ([[0.5, 0.25], None], "do not sum to the reward 1.0"),
+        ([[0.5, float("inf")], None], "non-finite"),
+        ([[0.5, 0.5]], "a list of 2 entries"),
+    ],
+)
+def test_turn_rewards_are_checked(tr: list[Any], message: str) -> None:
+    with pytest.raises(CodecError, match=message):
+        decode_group(_with_header(tr=tr))
+
+
+def test_turn_rewards_of_the_wrong_count_are_refused_at_encoding() -> None:
+    g = _group()
+    g.samples[0].turn_rewards = np.array([1.0], np.float32)
+    with pytest.raises(CodecError, match="1 turn rewards for 2 turns"):
+        encode_group(g)

@@ -4,6 +4,8 @@ worker, CPU server and Redis in tests/integration/test_episodes.py."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from rollout_workers.episodes import fill_versions, resolve_episode_fn
@@ -78,3 +80,58 @@ def test_evals_are_refused_with_episodes() -> None:
     rc = RolloutConfig(episode="episode_fns:two_turns", eval_every=5)
     with pytest.raises(TaskError, match=r"rollout\.eval_every: .* set it to 0"):
         episode_runner(None, rc, None)  # type: ignore[arg-type]
+
+
+class _Ctx:
+    """What EpisodeRunner._episode reads of a context: a finished two-turn episode."""
+
+    internal_error = None
+    finish_reason = "stop"
+    turns = 2
+    prompt = type("P", (), {"id": "row-1"})()
+
+    def sample_out(self) -> Any:
+        from rollout_workers.sampler import SampleOut
+
+        return SampleOut(output_ids=[1, 2], logprobs=[0.0, 0.0], versions=[0, 0])
+
+
+def _runner(result: Any) -> Any:
+    from rollout_workers.episodes import EpisodeRunner
+
+    async def episode(ctx: Any, row: Any) -> Any:
+        return result
+
+    return EpisodeRunner.__new__(EpisodeRunner), episode
+
+
+@pytest.mark.parametrize(
+    ("result", "reward", "per_turn"),
+    [(0.75, 0.75, None), ([0.5, 0.25], 0.75, [0.5, 0.25]), ((1, 0.0), 1.0, [1.0, 0.0])],
+)
+async def test_an_episode_returns_one_reward_or_one_per_turn(
+    result: Any, reward: float, per_turn: list[float] | None
+) -> None:
+    runner, fn = _runner(result)
+    runner.fn, runner.timeout_s = fn, 5.0
+    out, r = await runner._episode(_Ctx())
+    assert r == reward and out.turn_rewards == per_turn
+
+
+@pytest.mark.parametrize(
+    ("result", "message"),
+    [
+        ([0.5], r"per-turn rewards must be 2 finite numbers"),
+        ([0.5, float("nan")], "must be 2 finite numbers"),
+        ([0.5, True], "must be 2 finite numbers"),
+        ("1.0", "not a reward"),
+    ],
+)
+async def test_a_bad_return_value_is_an_episode_error(result: Any, message: str) -> None:
+    from rollout_workers.sampler import GroupRejected
+
+    runner, fn = _runner(result)
+    runner.fn, runner.timeout_s = fn, 5.0
+    with pytest.raises(GroupRejected, match=message) as e:
+        await runner._episode(_Ctx())
+    assert e.value.reason == "episode_error"

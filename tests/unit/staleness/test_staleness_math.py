@@ -403,3 +403,23 @@ PureGateMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestPureGate = PureGateMachine.TestCase
+
+
+def test_entropy_bonus_is_subtracted_and_reported() -> None:
+    from staleness import LossInputs, decoupled_ppo_loss
+    from staleness.config import LossConfig
+
+    logp = torch.tensor([[-1.0, -2.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    ent = torch.tensor([[0.5, 1.5, 9.0]])  # the padded position's 9.0 is never read
+    adv = torch.tensor([1.0])
+    plain = decoupled_ppo_loss(LossInputs(logp, logp, logp, adv, mask, settings=LossConfig()))
+    cfg = LossConfig(entropy_coef=0.1)
+    out = decoupled_ppo_loss(LossInputs(logp, logp, logp, adv, mask, settings=cfg, entropy=ent))
+    # token_mean: -(A) - 0.1 * (0.5 + 1.5) / 2
+    assert float(plain.loss) == pytest.approx(-1.0)
+    assert float(out.loss) == pytest.approx(-1.0 - 0.1)
+    assert float(out.stats["entropy"]) == pytest.approx(1.0)
+    assert "entropy" not in plain.stats
+    with pytest.raises(ValueError, match="entropy is required when entropy_coef > 0"):
+        decoupled_ppo_loss(LossInputs(logp, logp, logp, adv, mask, settings=cfg))

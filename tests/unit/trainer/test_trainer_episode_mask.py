@@ -1,6 +1,8 @@
 """An episode's appended tokens (loss mask 0) get exactly zero gradient through the real train
 step; its sampled tokens get a gradient; GRPO advantages are per episode within one prompt's
-group. A model whose logits are one parameter makes each position's gradient visible."""
+group, or per turn when the episodes scored their turns; the entropy bonus's gradient is the
+hand-derived one. A model whose logits are one parameter makes each position's gradient
+visible."""
 
 from __future__ import annotations
 
@@ -32,8 +34,9 @@ class LogitsModel(torch.nn.Module):
         return SimpleNamespace(logits=self.logits[:b, :n])
 
 
-def _group(mask: list[int]) -> TrajectoryGroup:
+def _group(mask: list[int], turn_rewards: list[list[float]] | None = None) -> TrajectoryGroup:
     out = np.array([7, 8, 9, 10, 11], np.int32)
+    scored = turn_rewards or [None, None]
     return TrajectoryGroup(
         run_id="r",
         prompt_id="p",
@@ -48,8 +51,15 @@ def _group(mask: list[int]) -> TrajectoryGroup:
                 i,
                 loss_mask=np.array(mask, np.int32),
                 turn_starts=np.array([0, 3], np.int32),
+                turn_rewards=None if tr is None else np.array(tr, np.float32),
             )
-            for i, r in enumerate([1.0, 0.0])
+            for i, (r, tr) in enumerate(
+                zip(
+                    [1.0, 0.0] if turn_rewards is None else map(sum, turn_rewards),
+                    scored,
+                    strict=True,
+                )
+            )
         ],
         worker_id="w",
         admission_version=0,
@@ -100,3 +110,72 @@ def test_grpo_advantages_are_per_episode_within_the_prompt() -> None:
     adv = [s.advantage for s in samples_from_groups([_group([1, 0, 0, 1, 1])])]
     a = 0.5 / (0.5 + 1e-6)
     assert adv == pytest.approx([a, -a], abs=1e-9)
+
+
+def _grads(samples: list, tc: TrainerConfig, b: int = 2) -> torch.Tensor:
+    """The gradient on the logits of one real train step (lr 0: nothing moves)."""
+    model = LogitsModel(b, 7)
+    grads: list[torch.Tensor] = []
+    model.logits.register_hook(lambda g: grads.append(g.clone()))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    train_step(
+        model,
+        opt,
+        None,
+        samples,
+        tc,
+        temperature=1.0,
+        device=torch.device("cpu"),
+        current_version=0,
+    )
+    return torch.stack(grads).sum(0)
+
+
+def test_scored_turns_give_each_turn_its_own_advantage() -> None:
+    # Turn rewards [0.5, 0.5] and [0.0, 0.25]: returns [1.0, 0.5] and [0.25, 0.25]; baselines
+    # 0.625 and 0.375 -> the call turn (tokens 0-2) +-0.375, the answer turn (3-4) +-0.125.
+    samples = samples_from_groups(
+        [_group([1, 0, 0, 1, 1], [[0.5, 0.5], [0.0, 0.25]])], normalize_std=False
+    )
+    assert [s.reward for s in samples] == [1.0, 0.25]
+    assert samples[0].token_advantages.tolist() == pytest.approx([0.375] * 3 + [0.125] * 2)
+    assert samples[1].token_advantages.tolist() == pytest.approx([-0.375] * 3 + [-0.125] * 2)
+    mb = make_micro_batch(samples)
+    assert mb.advantages.shape == (2, 6)  # per token, in the shifted frame
+    assert mb.advantages[0, 1:].tolist() == pytest.approx([0.375] * 3 + [0.125] * 2)
+
+
+def test_a_turn_whose_returns_are_equal_gets_no_gradient() -> None:
+    # Same answer reward, different calls: the answer turn's tokens (positions 4, 5) get
+    # exactly zero gradient, the call's sampled token (position 1) does not.
+    samples = samples_from_groups(
+        [_group([1, 0, 0, 1, 1], [[0.5, 0.25], [0.0, 0.25]])], normalize_std=False
+    )
+    g = _grads(samples, TrainerConfig())
+    for row in range(2):
+        assert g[row, 1].abs().sum() > 0
+        assert torch.equal(g[row, 4], torch.zeros(V)) and torch.equal(g[row, 5], torch.zeros(V))
+
+
+def test_entropy_bonus_gradient_is_hand_derived() -> None:
+    # Equal rewards: every advantage is 0, so the whole gradient is the entropy bonus's. The
+    # loss is -beta * mean_t H_t over the 3 sampled positions of each row (token_mean over 6),
+    # and dH/dz_v = -p_v (log p_v + H): the gradient on z at a sampled position is
+    # beta / 6 * p_v (log p_v + H).
+    beta = 0.1
+    g = _group([1, 0, 0, 1, 1])
+    for s in g.samples:
+        s.reward = 0.5
+    samples = samples_from_groups([g])
+    assert [s.advantage for s in samples] == [0.0, 0.0]
+    grad = _grads(samples, TrainerConfig(entropy_coef=beta))
+    z = LogitsModel(2, 7).logits.detach()
+    logp = torch.log_softmax(z, -1)
+    p = logp.exp()
+    h = -(p * logp).sum(-1, keepdim=True)
+    want = beta / 6 * p * (logp + h)
+    for row in range(2):
+        for j in (1, 4, 5):
+            assert torch.allclose(grad[row, j], want[row, j], atol=1e-7)
+        for j in (0, 2, 3, 6):
+            assert torch.equal(grad[row, j], torch.zeros(V))
