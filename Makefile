@@ -7,6 +7,9 @@ STAMP := $(VENV)/.sluice-installed
 # A CPU build of torch where no GPU is present (a bare `torch` can pull a multi-GB CUDA build).
 TORCH_CPU_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# The suite runs on this many pytest-xdist processes, a test file per process at a time (its
+# tests share fixtures and run in order); PYTEST_WORKERS=0 runs it in one process.
+PYTEST_WORKERS ?= 2
 DEMO_ARGS ?=
 
 .PHONY: setup demo test test-unit test-fast lint bench redis-server clean
@@ -42,7 +45,7 @@ demo: setup
 	@echo "the sluice command is in $(VENV)/bin: source $(VENV)/bin/activate (or call $(VENV)/bin/sluice)"
 
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-unit: setup
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
