@@ -100,8 +100,12 @@ class EpisodeContext:
         temperature: float,
         min_version: int,
         fmt: ChatFormat | None,
+        tally: list[int] | None = None,
     ) -> None:
         self.prompt = prompt
+        self._tally = tally
+        """``tally[0]`` grows by every token the servers return to this episode (the group's
+        waste if it is handed back; ``Sampler.sample``)."""
         self._sampler = sampler
         self._limits = limits
         self._seed_key = seed_key
@@ -159,6 +163,7 @@ class EpisodeContext:
                 self._temperature,
                 min_version=self._min_version,
                 max_new_tokens=budget,
+                tally=self._tally,
             )
         except Exception as e:  # not CancelledError: a timeout cancels the episode through here
             self.internal_error = e
@@ -308,7 +313,12 @@ class EpisodeRunner:
         self.fmt: ChatFormat | None = getattr(task, "fmt", None)
 
     def context(
-        self, prompt: Prompt, group_id: str, i: int, admission_version: int
+        self,
+        prompt: Prompt,
+        group_id: str,
+        i: int,
+        admission_version: int,
+        tally: list[int] | None = None,
     ) -> EpisodeContext:
         return EpisodeContext(
             self.sampler,
@@ -318,6 +328,7 @@ class EpisodeRunner:
             temperature=self.temperature,
             min_version=admission_version,
             fmt=self.fmt,
+            tally=tally,
         )
 
     async def episode(self, ctx: EpisodeContext) -> tuple[SampleOut, float]:
@@ -366,13 +377,17 @@ class EpisodeRunner:
         return out, float(reward)
 
     async def group(
-        self, prompt: Prompt, group_id: str, admission_version: int
+        self,
+        prompt: Prompt,
+        group_id: str,
+        admission_version: int,
+        tally: list[int] | None = None,
     ) -> tuple[list[SampleOut], list[float]]:
         """``n_samples`` episodes of ``prompt`` and their rewards (``Sampler.group``'s
-        contract)."""
+        contract, ``tally`` included: the tokens the episodes sampled, counted as they come)."""
         done = await all_or_nothing(
             [
-                self.episode(self.context(prompt, group_id, i, admission_version))
+                self.episode(self.context(prompt, group_id, i, admission_version, tally))
                 for i in range(self.n_samples)
             ]
         )

@@ -454,8 +454,10 @@ class RolloutWorker:
         try:
             lease = await self.parts.prompts.lease()
             group_id = uuid.uuid4().hex
-            if self.episodes is not None:  # its tokens are not tallied as waste (yet)
-                outs, rewards = await self.episodes.group(lease.prompt, group_id, admission_version)
+            if self.episodes is not None:
+                outs, rewards = await self.episodes.group(
+                    lease.prompt, group_id, admission_version, tally=tally
+                )
             else:
                 outs, rewards = await self.sampler.group(
                     lease.prompt, group_id, admission_version, tally=tally

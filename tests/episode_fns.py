@@ -35,9 +35,11 @@ async def two_turns(ctx: Any, row: Any) -> float:
 
 
 async def misbehaving(ctx: Any, row: Any) -> float:
-    """By the row id: a third crash, a third hang, a third are one-turn episodes."""
+    """By the row id: a third crash after one turn, a third hang, a third are one-turn
+    episodes."""
     kind = zlib.crc32(row.id.encode()) % 3
     if kind == 0:
+        await ctx.generate()
         raise RuntimeError(f"tool crashed on {row.id}")
     if kind == 1:
         await asyncio.sleep(3600)

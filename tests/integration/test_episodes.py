@@ -95,7 +95,8 @@ async def test_crashing_and_hanging_episodes_hand_their_slots_back(
     server: ServerHandle,  # noqa: F811
 ) -> None:
     """Episodes that raise or outlive episode_timeout_s reject their group (counted by
-    reason); the worker keeps admitting and pushes the good ones; no slot stays held."""
+    reason, the tokens they sampled as waste); the worker keeps admitting and pushes the good
+    ones; no slot stays held."""
     cfg = config(
         redis_url,
         run_name,
@@ -109,6 +110,8 @@ async def test_crashing_and_hanging_episodes_hand_their_slots_back(
     assert await asyncio.wait_for(worker.run(), 60) == 3
     by = worker.counters.rejected_by
     assert by.get("episode_error", 0) >= 1 and by.get("episode_timeout", 0) >= 1
+    # The crashed episodes' sampled tokens count as waste (the worker's and the run's).
+    assert worker.counters.wasted_tokens > 0
     snap = await gate(redis_url, run_name)
     assert snap.inflight_total == 0
     assert snap.admitted == snap.finished + snap.rejected and snap.finished == 3
