@@ -66,16 +66,12 @@ def _group(mask: list[int], turn_rewards: list[list[float]] | None = None) -> Tr
     )
 
 
-@pytest.mark.timeout(30)
-def test_appended_tokens_get_exactly_zero_gradient() -> None:
-    # Output token i sits at shifted position j = P - 1 + i = 1 + i: the appended tokens
-    # (i = 1, 2) are predicted by positions 2 and 3, the sampled ones (0, 3, 4) by 1, 4, 5.
-    samples = samples_from_groups([_group([1, 0, 0, 1, 1])])
-    assert [s.turns for s in samples] == [2, 2]
-    model = LogitsModel(2, 7)
+def _grads(samples: list, tc: TrainerConfig, b: int = 2) -> tuple[torch.Tensor, Any]:
+    """The gradient on the logits of one real train step (lr 0: nothing moves), and the
+    step's statistics."""
+    model = LogitsModel(b, 7)
     grads: list[torch.Tensor] = []
     model.logits.register_hook(lambda g: grads.append(g.clone()))
-    tc = TrainerConfig()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     stats = train_step(
         model,
@@ -87,8 +83,17 @@ def test_appended_tokens_get_exactly_zero_gradient() -> None:
         device=torch.device("cpu"),
         current_version=0,
     )
+    return torch.stack(grads).sum(0), stats
+
+
+@pytest.mark.timeout(30)
+def test_appended_tokens_get_exactly_zero_gradient() -> None:
+    # Output token i sits at shifted position j = P - 1 + i = 1 + i: the appended tokens
+    # (i = 1, 2) are predicted by positions 2 and 3, the sampled ones (0, 3, 4) by 1, 4, 5.
+    samples = samples_from_groups([_group([1, 0, 0, 1, 1])])
+    assert [s.turns for s in samples] == [2, 2]
+    g, stats = _grads(samples, TrainerConfig())
     assert stats.tokens == 2 * 3  # only sampled tokens count
-    g = torch.stack(grads).sum(0)
     for row in range(2):
         assert torch.equal(g[row, 2], torch.zeros(V)) and torch.equal(g[row, 3], torch.zeros(V))
         for j in (1, 4, 5):
@@ -112,25 +117,6 @@ def test_grpo_advantages_are_per_episode_within_the_prompt() -> None:
     assert adv == pytest.approx([a, -a], abs=1e-9)
 
 
-def _grads(samples: list, tc: TrainerConfig, b: int = 2) -> torch.Tensor:
-    """The gradient on the logits of one real train step (lr 0: nothing moves)."""
-    model = LogitsModel(b, 7)
-    grads: list[torch.Tensor] = []
-    model.logits.register_hook(lambda g: grads.append(g.clone()))
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    train_step(
-        model,
-        opt,
-        None,
-        samples,
-        tc,
-        temperature=1.0,
-        device=torch.device("cpu"),
-        current_version=0,
-    )
-    return torch.stack(grads).sum(0)
-
-
 def test_scored_turns_give_each_turn_its_own_advantage() -> None:
     # Turn rewards [0.5, 0.5] and [0.0, 0.25]: returns [1.0, 0.5] and [0.25, 0.25]; baselines
     # 0.625 and 0.375 -> the call turn (tokens 0-2) +-0.375, the answer turn (3-4) +-0.125.
@@ -151,7 +137,7 @@ def test_a_turn_whose_returns_are_equal_gets_no_gradient() -> None:
     samples = samples_from_groups(
         [_group([1, 0, 0, 1, 1], [[0.5, 0.25], [0.0, 0.25]])], normalize_std=False
     )
-    g = _grads(samples, TrainerConfig())
+    g, _ = _grads(samples, TrainerConfig())
     for row in range(2):
         assert g[row, 1].abs().sum() > 0
         assert torch.equal(g[row, 4], torch.zeros(V)) and torch.equal(g[row, 5], torch.zeros(V))
@@ -168,7 +154,7 @@ def test_entropy_bonus_gradient_is_hand_derived() -> None:
         s.reward = 0.5
     samples = samples_from_groups([g])
     assert [s.advantage for s in samples] == [0.0, 0.0]
-    grad = _grads(samples, TrainerConfig(entropy_coef=beta))
+    grad, _ = _grads(samples, TrainerConfig(entropy_coef=beta))
     z = LogitsModel(2, 7).logits.detach()
     logp = torch.log_softmax(z, -1)
     p = logp.exp()
