@@ -8,7 +8,8 @@ STAMP := $(VENV)/.sluice-installed
 TORCH_CPU_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 # The suite runs on this many pytest-xdist processes, a test file per process at a time (its
-# tests share fixtures and run in order); PYTEST_WORKERS=0 runs it in one process.
+# tests share fixtures and run in order); PYTEST_WORKERS=0 runs it in one process. The 15
+# slowest tests are listed at the end.
 PYTEST_WORKERS ?= 2
 DEMO_ARGS ?=
 
@@ -45,7 +46,7 @@ demo: setup
 	@echo "the sluice command is in $(VENV)/bin: source $(VENV)/bin/activate (or call $(VENV)/bin/sluice)"
 
 test: setup
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --durations=15 $(PYTEST_ARGS)
 
 test-unit: setup
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
