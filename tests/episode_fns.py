@@ -34,7 +34,7 @@ async def two_turns(ctx: Any, row: Any) -> float:
     return float(len(second.ids) % 2)
 
 
-async def misbehaving(ctx: Any, row: Any) -> float:
+async def misbehaving(ctx: Any, row: Any) -> Any:
     """By the row id: a third crash after one turn, a third hang, a third are one-turn
     episodes."""
     kind = zlib.crc32(row.id.encode()) % 3
@@ -44,7 +44,7 @@ async def misbehaving(ctx: Any, row: Any) -> float:
     if kind == 1:
         await asyncio.sleep(3600)
     turn = await ctx.generate()
-    return float(len(turn.ids) > 2)
+    return [float(len(turn.ids) > 2)]  # scored per turn (one turn)
 
 
 async def greedy_turns(ctx: Any, row: Any) -> float:

@@ -117,6 +117,9 @@ async def test_crashing_and_hanging_episodes_hand_their_slots_back(
     assert snap.admitted == snap.finished + snap.rejected and snap.finished == 3
     groups = await read_groups(redis_url, run_name, 3)
     assert all(s.num_turns == 1 for g in groups for s in g.samples)
+    # Per-turn rewards travel through the buffer: one per turn, summing to the reward.
+    for s in (s for g in groups for s in g.samples):
+        assert s.turn_rewards is not None and s.turn_rewards.tolist() == [s.reward]
 
 
 @pytest.mark.timeout(60)
