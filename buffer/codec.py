@@ -11,7 +11,8 @@ are the ``TrajectoryGroup`` fields): ``sv`` schema version, ``run`` run id, ``pi
 (not a process id), ``gid`` group id, ``w`` worker id, ``av`` admission version, ``ct`` / ``ft``
 created / finished unix time, ``m`` metadata, and per sample ``r`` rewards, ``f`` finish
 reasons, ``i`` indices; ``tr`` (optional: only when an episode scored its turns) per sample
-``None`` or one finite float per model turn (the sample's ``nt``), summing to its ``r``. Every array is ``{"t": dtype, "n": length}`` under its key (``p``
+``None`` or one finite float per model turn (the sample's ``nt``), summing to its ``r``.
+Every array is ``{"t": dtype, "n": length}`` under its key (``p``
 prompt token ids, ``len`` sample lengths, ``o`` output ids, ``l`` behaviour log-probs, ``v``
 token versions, ``mk`` loss mask (0/1, one per output token), ``nt`` turns per sample, ``ts``
 turn starts, ``nt[i]`` of them for sample ``i``); its bytes are found by position (the arrays tile the data area in that

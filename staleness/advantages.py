@@ -1,4 +1,5 @@
-"""GRPO group-normalised advantages as pure functions: per sample, and per model turn of\nmulti-turn episodes that score their turns."""
+"""GRPO group-normalised advantages as pure functions: per sample, and per model turn of
+multi-turn episodes that score their turns."""
 
 from __future__ import annotations
 

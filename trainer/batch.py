@@ -125,7 +125,6 @@ def _per_turn_advantages(
 
     scored = [g for g in groups if any(s.turn_rewards is not None for s in g.samples)]
     rewards: list[list[float]] = []
-    gids: list[str] = []
     keys: list[tuple[str, int]] = []
     for g in scored:
         for s in g.samples:
@@ -133,8 +132,8 @@ def _per_turn_advantages(
                 rewards.append([float(x) for x in s.turn_rewards])
             else:  # one reward: at the episode's last turn
                 rewards.append([0.0] * (s.num_turns - 1) + [float(s.reward)] if s.num_turns else [])
-            gids.append(g.group_id)
             keys.append((g.group_id, s.index))
+    gids = [gid for gid, _ in keys]
     out: dict[str, dict[int, list[float]]] = {}
     for (gid, i), a in zip(
         keys, turn_advantages(rewards, gids, normalize_std=normalize_std), strict=True

@@ -2,14 +2,17 @@
 
 With ``--task NAME`` the vocabulary size and the BOS/EOS/PAD ids come from the task, so the
 model stops on the task's EOS. With ``--tokenizer chars`` the directory also gets a
-character-level tokenizer with a chat template (``--chat-template``: ChatML or compact) (built locally with the ``tokenizers``
-library) and the vocabulary is the tokenizer's: a model for the ``text`` task.
+character-level tokenizer (built locally with the ``tokenizers`` library) and a chat template
+(``--chat-template``: chatml or compact), and the vocabulary is the tokenizer's: a model for
+the ``text`` task.
 """
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
+
+from inference.tokenizer import CHAT_TEMPLATES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     init.add_argument(
         "--chat-template",
-        choices=("chatml", "compact"),
+        choices=tuple(CHAT_TEMPLATES),
         default="chatml",
         help="--tokenizer chars: chatml (<|im_start|>ROLE\\nCONTENT<|im_end|>\\n) or compact "
         "(<|im_start|>CONTENT<|im_end|>: short contexts for tiny models)",
